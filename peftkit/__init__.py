@@ -1,0 +1,18 @@
+"""peftkit: parameter-efficient fine-tuning with Hugging Face PEFT-compatible checkpoints."""
+from . import methods  # noqa: F401  (registers every method)
+from .auto import (
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
+from .config import PeftConfig, registered_types
+from .methods.lora import LoraConfig
+from .model import PeftModel, get_peft_model
+
+__version__ = "0.1.0"
+__all__ = [
+    "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification", "LoraConfig", "PeftConfig", "PeftModel", "get_peft_model",
+    "registered_types",
+]

@@ -1,0 +1,58 @@
+"""AutoPeftModelFor*: load the base model named in the adapter's config, then the adapter."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+
+from .config import PeftConfig
+from .model import PeftModel
+
+
+class _AutoPeftModel:
+    auto_class_name = ""  # the transformers Auto* class that loads the base
+
+    @classmethod
+    def from_pretrained(cls, adapter_path: Union[str, os.PathLike], adapter_name: str = "default",
+                        is_trainable: bool = False, dtype: Optional[torch.dtype] = None,
+                        device_map: Optional[Union[str, dict]] = None, max_memory: Optional[dict] = None,
+                        allow_pickle: bool = False) -> PeftModel:
+        """Base from ``base_model_name_or_path`` (placed with device_map / max_memory), then the adapter."""
+        import transformers
+
+        config = PeftConfig.from_pretrained(adapter_path)
+        base_path = config.base_model_name_or_path
+        if not base_path:
+            raise ValueError(f"{adapter_path}/adapter_config.json has no base_model_name_or_path; load the base "
+                             "model yourself and call PeftModel.from_pretrained(base, adapter_path)")
+        auto_class = getattr(transformers, cls.auto_class_name)
+        options = {k: v for k, v in {"dtype": dtype, "device_map": device_map, "max_memory": max_memory}.items()
+                   if v is not None}
+        base = auto_class.from_pretrained(base_path, **options)
+        return PeftModel.from_pretrained(base, adapter_path, adapter_name=adapter_name, is_trainable=is_trainable,
+                                         allow_pickle=allow_pickle)
+
+
+class AutoPeftModelForCausalLM(_AutoPeftModel):
+    """Causal LM base + adapter."""
+
+    auto_class_name = "AutoModelForCausalLM"
+
+
+class AutoPeftModelForSeq2SeqLM(_AutoPeftModel):
+    """Seq2seq LM base + adapter."""
+
+    auto_class_name = "AutoModelForSeq2SeqLM"
+
+
+class AutoPeftModelForSequenceClassification(_AutoPeftModel):
+    """Sequence classifier base + adapter (the saved head replaces the fresh one)."""
+
+    auto_class_name = "AutoModelForSequenceClassification"
+
+
+class AutoPeftModelForTokenClassification(_AutoPeftModel):
+    """Token classifier base + adapter."""
+
+    auto_class_name = "AutoModelForTokenClassification"

@@ -1,0 +1,163 @@
+"""Adapter configurations: one dataclass per method, JSON I/O in Hugging Face PEFT's format.
+
+The registry maps a ``peft_type`` string to its config class and its method object. Method files
+register themselves; the core never imports a method.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+logger = logging.getLogger("peftkit")
+
+CONFIG_NAME = "adapter_config.json"
+TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+# Keys other PEFT versions write that carry no meaning for us: dropped on read.
+_INFORMATIONAL_KEYS = {"peft_version", "auto_mapping", "revision"}
+# Keys of features we do not implement, with the value that means "feature off". An adapter that
+# turns one on is refused rather than silently loaded wrong.
+_UNSUPPORTED_FEATURES = {
+    "lora_bias": False, "use_qalora": False, "layer_replication": None, "target_parameters": None,
+    "trainable_token_indices": None, "alora_invocation_tokens": None, "megatron_config": None,
+    "use_bdlora": None, "arrow_config": None,
+}
+
+_REGISTRY: dict[str, tuple[type, Any]] = {}
+
+
+def register(peft_type: str, config_cls: type, method: Any) -> None:
+    """Register a method: ``peft_type`` -> (config class, method object)."""
+    config_cls.peft_type = peft_type
+    _REGISTRY[peft_type] = (config_cls, method)
+
+
+def registered_types() -> list[str]:
+    """The peft_type of every registered method."""
+    return sorted(_REGISTRY)
+
+
+def lookup(peft_type: str) -> tuple[type, Any]:
+    """(config class, method) for ``peft_type``; a clear error for an unknown one."""
+    if peft_type not in _REGISTRY:
+        raise ValueError(
+            f"unknown peft_type {peft_type!r}; peftkit supports {registered_types()}. "
+            "Check the 'peft_type' field of adapter_config.json."
+        )
+    return _REGISTRY[peft_type]
+
+
+def _drop_unknown(cls: type, data: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    kept, ignored = {}, []
+    for key, value in data.items():
+        if key in names:
+            kept[key] = value
+        elif key in _UNSUPPORTED_FEATURES and value not in (_UNSUPPORTED_FEATURES[key], None, {}, [], False):
+            raise ValueError(
+                f"this adapter sets {key}={value!r}, a feature peftkit does not support; "
+                "retrain the adapter without it or load it with the library that wrote it"
+            )
+        elif key not in _INFORMATIONAL_KEYS and key not in _UNSUPPORTED_FEATURES and value not in (None, {}, [], False):
+            ignored.append(key)
+    if ignored:
+        logger.warning("ignoring adapter config fields peftkit does not know: %s", sorted(ignored))
+    return kept
+
+
+@dataclass
+class PeftConfig:
+    """Fields every method shares."""
+
+    peft_type: ClassVar[str] = ""
+    task_type: Optional[str] = None  # one of TASK_TYPES; decides e.g. which head is saved
+    base_model_name_or_path: Optional[str] = None  # where AutoPeftModel* loads the base from
+    inference_mode: bool = False  # True: adapter weights load frozen
+
+    def __post_init__(self) -> None:
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"task_type {self.task_type!r} is not one of {TASK_TYPES}")
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict in PEFT's field names, including ``peft_type``."""
+        data = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        data["peft_type"] = self.peft_type
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PeftConfig":
+        """Build the right subclass from a dict holding ``peft_type``."""
+        data = dict(data)
+        peft_type = data.pop("peft_type", None) or cls.peft_type
+        if not peft_type:
+            raise ValueError("adapter config has no 'peft_type'; cannot tell which method wrote it")
+        config_cls, _ = lookup(peft_type)
+        return config_cls(**_drop_unknown(config_cls, data))
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], subfolder: Optional[str] = None) -> "PeftConfig":
+        """Read ``adapter_config.json`` from a local adapter directory."""
+        directory = os.path.join(path, subfolder) if subfolder else os.fspath(path)
+        file = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(file):
+            hint = "the directory does not exist" if not os.path.isdir(directory) else f"it has no {CONFIG_NAME}"
+            raise FileNotFoundError(
+                f"cannot load an adapter from {directory!r}: {hint}. Pass the directory that "
+                "save_pretrained wrote (peftkit reads local directories only, never a hub)."
+            )
+        try:
+            with open(file, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{file} is not valid JSON ({err}); the file is corrupt, re-save the adapter") from err
+        config = cls.from_dict(data)
+        if cls is not PeftConfig and not isinstance(config, cls):
+            raise TypeError(f"{file} holds a {type(config).__name__}, not a {cls.__name__}")
+        return config
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write ``adapter_config.json`` atomically."""
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, tuple)):
+        return sorted(value) if isinstance(value, set) else list(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+TargetSpec = Optional[Union[str, list[str]]]
+
+
+@dataclass
+class TargetedConfig(PeftConfig):
+    """Fields of the methods that swap modules in by name (LoRA, IA3, bottleneck adapters)."""
+
+    target_modules: TargetSpec = None  # names / dotted suffixes, a full-match regex, or "all-linear"
+    exclude_modules: TargetSpec = None  # same syntax; wins over target_modules
+    layers_to_transform: Optional[Union[int, list[int]]] = None  # only these layer indices
+    layers_pattern: Optional[Union[str, list[str]]] = None  # name of the layer list, e.g. "layers"
+    modules_to_save: Optional[list[str]] = None  # modules trained in full and saved, e.g. a new head
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                setattr(self, name, sorted(value))
+            elif value is not None and not isinstance(value, (str, list)):
+                raise TypeError(f"{name} must be a list of names or a regex string, got {type(value).__name__}")
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("layers_pattern only takes effect with layers_to_transform; set both or neither")
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)

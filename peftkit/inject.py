@@ -1,0 +1,164 @@
+"""ONE injection mechanism: match target module names, swap wrappers in, freeze the rest."""
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Callable, Iterable, Optional
+
+from torch import nn
+
+from .layers import AdapterLayer, ModulesToSaveWrapper
+
+# Used when target_modules is None (the same defaults as Hugging Face PEFT for LoRA-like methods).
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
+    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"],
+    "vit": ["query", "value"], "whisper": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"],
+}
+HEAD_NAMES = ("classifier", "score")  # heads a SEQ_CLS / TOKEN_CLS task trains in full
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear or GPT-2's Conv1D (a linear layer with a transposed weight)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def name_matches(name: str, spec) -> bool:
+    """PEFT's rule: a string is a full-match regex; a list matches exact names or dotted suffixes."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def layer_index(name: str, layers_pattern) -> Optional[int]:
+    """The index of the repeated block ``name`` lives in, as PEFT finds it (last ``<pattern>.<n>.``)."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    regexes = [r".*\.[^.]*\.(\d+)\."] if not patterns else [rf"(?:^|.*\.){re.escape(p)}\.(\d+)\." for p in patterns]
+    for regex in regexes:
+        found = re.match(regex, name)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def _head_names(model: nn.Module, task_type: Optional[str]) -> set[str]:
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if module is out_emb or (task_type in ("SEQ_CLS", "TOKEN_CLS") and name in HEAD_NAMES):
+            heads.add(name)
+    return heads
+
+
+def expand_all_linear(model: nn.Module, task_type: Optional[str], supported: tuple) -> list[str]:
+    """Resolve "all-linear": every linear layer but the output head, as leaf names (full names where needed)."""
+    heads = _head_names(model, task_type)
+    chosen = [n for n, m in model.named_modules() if isinstance(m, supported) and is_linear_like(m)
+              and n not in heads and not any(n.startswith(h + ".") for h in heads)]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in chosen})
+    linear_names = [n for n, m in model.named_modules() if is_linear_like(m)]
+    if {n for n in linear_names if name_matches(n, leaves)} == set(chosen):
+        return leaves
+    return sorted(chosen)
+
+
+def _nearest_error(spec, model: nn.Module) -> ValueError:
+    names = [n for n, _ in model.named_modules() if n]
+    wanted = [spec] if isinstance(spec, str) else list(spec)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    hints = difflib.get_close_matches(str(wanted[0]), leaves, n=3)
+    hint = f"did you mean {' or '.join(repr(h) for h in hints)}? " if hints else ""
+    sample = ", ".join(names[:6])
+    return ValueError(
+        f"target module {wanted if len(wanted) > 1 else wanted[0]!r} not found; {hint}"
+        f"({len(names)} candidates: {sample}, ...)"
+    )
+
+
+def find_targets(model: nn.Module, config) -> list[str]:
+    """Names of the modules ``config`` targets, in model order; an error if none match."""
+    found = []
+    for name, module in model.named_modules():
+        if not name or _inside_adapter(name, model):
+            continue
+        if not name_matches(name, config.target_modules) or name_matches(name, config.exclude_modules):
+            continue
+        if config.layers_to_transform is not None:
+            if layer_index(name, config.layers_pattern) not in config.layers_to_transform:
+                continue
+        found.append(name)
+    if not found:
+        raise _nearest_error(config.target_modules, model)
+    return found
+
+
+def _inside_adapter(name: str, model: nn.Module) -> bool:
+    # names under a wrapper's per-adapter containers are not base modules
+    return any(part in name.split(".") for part in ("lora_A", "lora_B", "modules_to_save", "base_layer"))
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(parent module, attribute name) of the module called ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def replace_modules(model: nn.Module, config, adapter_name: str,
+                    make_layer: Callable[[nn.Module, str], AdapterLayer], targets: Iterable[str]) -> list[str]:
+    """Wrap each target in a layer from ``make_layer`` (or add the adapter to an existing wrapper)."""
+    replaced = []
+    for name in targets:
+        parent, child = get_submodule_parent(model, name)
+        module = getattr(parent, child)
+        if isinstance(module, AdapterLayer):
+            if module.peft_type != config.peft_type:
+                raise ValueError(
+                    f"module {name!r} already holds a {module.peft_type or 'modules_to_save'} adapter; one module "
+                    f"cannot take a {config.peft_type} adapter too. Exclude it with exclude_modules."
+                )
+            module.create_adapter(adapter_name, config, name)
+        else:
+            module = make_layer(module, name)
+            module.create_adapter(adapter_name, config, name)
+            setattr(parent, child, module)
+        replaced.append(name)
+    return replaced
+
+
+def wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str, required: bool) -> list[str]:
+    """Wrap modules whose names end with any of ``names`` so each adapter trains its own copy."""
+    hits = []
+    for name, module in list(model.named_modules()):
+        if not name or _inside_adapter(name, model) or not name_matches(name, names):
+            continue
+        if isinstance(module, ModulesToSaveWrapper):
+            module.create_adapter(adapter_name)
+        elif isinstance(module, AdapterLayer):
+            raise ValueError(f"module {name!r} is both an adapter target and in modules_to_save; pick one")
+        else:
+            parent, child = get_submodule_parent(model, name)
+            wrapper = ModulesToSaveWrapper(module)
+            wrapper.create_adapter(adapter_name)
+            setattr(parent, child, wrapper)
+        hits.append(name)
+    if required and not hits:
+        raise _nearest_error(names, model)
+    return hits
+
+
+def unwrap(model: nn.Module, name: str, merge: bool) -> None:
+    """Put a wrapper's original module (or, for a trained head, its copy) back in its place."""
+    parent, child = get_submodule_parent(model, name)
+    layer = getattr(parent, child)
+    setattr(parent, child, layer.unwrapped(merge) if isinstance(layer, ModulesToSaveWrapper) else layer.base_layer)
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """Every wrapper in the model with its name."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]

@@ -1,0 +1,169 @@
+"""AdapterLayer: the one base class that owns the active / disabled / merged state of a wrapped module."""
+from __future__ import annotations
+
+import copy
+import threading
+import weakref
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+class AdapterLayer(nn.Module):
+    """Wraps ``base_layer`` and keeps each adapter's tensors in dicts keyed by adapter name.
+
+    A method implements ``create_adapter``, ``adapter_forward`` (the delta applied to the base output)
+    and ``delta_weight`` (what merging adds to the base weight). Everything else lives here once.
+    """
+
+    # Attributes holding per-adapter tensors (ParameterDict / ModuleDict keyed by adapter name).
+    adapter_attrs: ClassVar[tuple[str, ...]] = ()
+    peft_type: ClassVar[str] = ""  # the method that owns this wrapper
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # --- what a method provides -------------------------------------------------------------
+    def create_adapter(self, name: str, config, module_name: str) -> None:
+        raise NotImplementedError
+
+    def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """``result`` plus this adapter's effect; ``base_out`` is the base layer's own output."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- shared state logic -----------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this layer holds, in insertion order."""
+        return list(getattr(self, self.adapter_attrs[0]).keys())
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """This adapter's tensors keyed by attribute name (``lora_A``), adapter name left out."""
+        out = {}
+        for attr in self.adapter_attrs:
+            holder = getattr(self, attr)
+            if name in holder:
+                value = holder[name]
+                out[attr] = value if isinstance(value, torch.Tensor) else value.weight
+        return out
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base_out = result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                result = self.adapter_forward(name, x, result, base_out)
+        return result
+
+    def set_active(self, names: list[str]) -> None:
+        """Make ``names`` (those this layer holds) the active adapters."""
+        self.active_adapters = [n for n in names if n in self.adapter_names]
+
+    def delete_adapter(self, name: str) -> None:
+        """Drop one adapter's tensors; unmerge it first if merged."""
+        if name in self.merged_adapters:
+            self.unmerge([name])
+        for attr in self.adapter_attrs:
+            holder = getattr(self, attr)
+            if name in holder:
+                del holder[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    @property
+    def weight_param(self) -> nn.Parameter:
+        """The base weight that merging writes into."""
+        return self.base_layer.weight
+
+    def merge(self, names: list[str], safe: bool = False) -> None:
+        """Add each adapter's delta to the base weight (skipping ones already merged)."""
+        weight = self.weight_param
+        for name in names:
+            if name in self.merged_adapters or name not in self.adapter_names:
+                continue
+            delta = self.delta_weight(name).to(weight.dtype)
+            if safe and not torch.isfinite(weight.data + delta).all():
+                raise ValueError(f"merging adapter {name!r} would put NaN/inf into the base weights; not merged")
+            weight.data += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self, names: list[str] | None = None) -> None:
+        """Subtract merged deltas again, newest first."""
+        weight = self.weight_param
+        for name in reversed(list(self.merged_adapters)):
+            if names is None or name in names:
+                weight.data -= self.delta_weight(name).to(weight.dtype)
+                self.merged_adapters.remove(name)
+
+
+class ModulesToSaveWrapper(AdapterLayer):
+    """A module trained in full per adapter (e.g. a fresh classification head); the original stays intact."""
+
+    adapter_attrs = ("modules_to_save",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.modules_to_save = nn.ModuleDict()
+
+    def create_adapter(self, name: str, config=None, module_name: str = "") -> None:
+        copy_ = copy.deepcopy(self.base_layer)
+        for param in copy_.parameters():
+            param.requires_grad_(True)
+        self.modules_to_save[name] = copy_
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(self.modules_to_save[name].state_dict(keep_vars=True)) if name in self.modules_to_save else {}
+
+    def forward(self, *args, **kwargs):
+        # The first active adapter that owns a copy decides; with none, the original module runs.
+        if not self.disabled:
+            for name in self.active_adapters:
+                return self.modules_to_save[name](*args, **kwargs)
+        return self.base_layer(*args, **kwargs)
+
+    def merge(self, names: list[str], safe: bool = False) -> None:
+        """Nothing to merge: the trained copy replaces the original when unloading."""
+
+    def unmerge(self, names: list[str] | None = None) -> None:
+        """Nothing to unmerge."""
+
+    def unwrapped(self, merge: bool) -> nn.Module:
+        """The module to put back: the active trained copy when merging, else the original."""
+        if merge and self.active_adapters:
+            return self.modules_to_save[self.active_adapters[0]]
+        return self.base_layer
+
+
+# --- dropout shared by layers that read the same input (q/k/v, gate/up) -------------------------
+_shared = threading.local()
+
+
+def new_forward_pass() -> None:
+    """Start a new forward pass: dropout masks are never reused across passes."""
+    _shared.step = getattr(_shared, "step", 0) + 1
+
+
+def shared_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout of ``x`` that reuses the last mask when the same tensor is dropped again in one pass.
+
+    q/k/v (and gate/up) read one hidden state; one mask for all of them saves two mask draws and two
+    (batch, seq, in) activations per block, and is the same regulariser.
+    """
+    step = getattr(_shared, "step", 0)
+    last = getattr(_shared, "last", None)
+    if last is not None and last[0]() is x and last[1] == (p, step, x._version):
+        out = last[2]()
+        if out is not None:
+            return out
+    out = torch.nn.functional.dropout(x, p, training=True)
+    # weak references only: the cache never keeps an activation alive
+    _shared.last = (weakref.ref(x), (p, step, x._version), weakref.ref(out))
+    return out

@@ -1,0 +1,373 @@
+"""LoRA (Hu et al., 2021), with rsLoRA scaling (Kalajdzievski, 2023) and DoRA (Liu et al., 2024).
+
+W' = W + s * B @ A with A: (r, in), B: (out, r), s = alpha / r (rsLoRA: alpha / sqrt(r)). B starts at
+zero, so the model is unchanged at initialisation.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TargetedConfig, register
+from ..inject import DEFAULT_TARGETS, expand_all_linear, find_targets, is_linear_like, replace_modules
+from ..layers import AdapterLayer, shared_dropout
+
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoraConfig(TargetedConfig):
+    """LoRA hyperparameters, field names as in Hugging Face PEFT."""
+
+    r: int = 8  # rank of the update
+    lora_alpha: float = 8  # the update is scaled by lora_alpha / r (or / sqrt(r) with rsLoRA)
+    lora_dropout: float = 0.0  # dropout on the adapter's input
+    fan_in_fan_out: bool = False  # kept for PEFT compatibility; GPT-2's Conv1D is detected by type
+    bias: str = "none"  # "none" | "all" (train every bias) | "lora_only" (biases of adapted layers)
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+    use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output feature
+    init_lora_weights: Union[bool, str] = True  # True: Kaiming A, zero B; "gaussian": N(0, 1/r) A; False: random
+    rank_pattern: dict = field(default_factory=dict)  # {regex of module name: rank}
+    alpha_pattern: dict = field(default_factory=dict)  # {regex of module name: alpha}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ranks = [self.r, *self.rank_pattern.values()]
+        if any(not isinstance(r, int) or isinstance(r, bool) or r <= 0 for r in ranks):
+            raise ValueError(f"LoRA rank r must be a positive integer, got {ranks}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+
+    def rank_for(self, module_name: str) -> int:
+        """Rank of ``module_name``: rank_pattern's first matching key, else r."""
+        return _pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        """Alpha of ``module_name``: alpha_pattern's first matching key, else lora_alpha."""
+        return _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+
+    def scaling_for(self, module_name: str) -> float:
+        """The factor s in W + s B A."""
+        r = self.rank_for(module_name)
+        return self.alpha_for(module_name) / (math.sqrt(r) if self.use_rslora else r)
+
+
+def _pattern_value(pattern: dict, module_name: str, default):
+    # PEFT's rule: key matches the whole name or a dotted suffix of it
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+class LoraLayer(AdapterLayer):
+    """State shared by every LoRA layer kind: ranks, scalings, dropout."""
+
+    peft_type = "LORA"
+    adapter_attrs = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        for attr in self.adapter_attrs:  # lora_A, lora_B (+ DoRA's lora_magnitude_vector)
+            setattr(self, attr, nn.ParameterDict())
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+
+    @property
+    def A(self) -> nn.ParameterDict:
+        """Per-adapter down-projections (``lora_A``; ``lora_embedding_A`` for embeddings)."""
+        return getattr(self, self.adapter_attrs[0])
+
+    @property
+    def B(self) -> nn.ParameterDict:
+        """Per-adapter up-projections."""
+        return getattr(self, self.adapter_attrs[1])
+
+    def create_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
+        if config.use_dora and not self.supports_dora:
+            raise ValueError(f"use_dora is supported on Linear and Conv1D layers; {module_name!r} is a "
+                             f"{type(self.base_layer).__name__}. Exclude it or turn DoRA off.")
+        r = config.rank_for(module_name)
+        weight = self.base_layer.weight
+        a_shape, b_shape = self.lora_shapes(r)
+        kwargs = {"device": _param_device(self.base_layer), "dtype": _adapter_dtype(weight)}
+        self.A[name] = nn.Parameter(torch.empty(a_shape, **kwargs))
+        self.B[name] = nn.Parameter(torch.empty(b_shape, **kwargs))
+        self.scaling[name] = config.scaling_for(module_name)
+        self.dropout[name] = config.lora_dropout
+        self.reset(name, config.init_lora_weights, r)
+        if config.use_dora:
+            self.lora_magnitude_vector[name] = nn.Parameter(self.dora_norm(name).to(kwargs["dtype"]))
+
+    supports_dora = False
+
+    def reset(self, name: str, init: Union[bool, str], r: int) -> None:
+        """Initialise A and B as PEFT does (B = 0 unless init is False)."""
+        a, b = self.A[name], self.B[name]
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(a, std=1 / r)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            if init is False:
+                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(b)
+
+    def dropped(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's input after its dropout (shared with sibling layers reading the same x)."""
+        p = self.dropout[name]
+        return shared_dropout(x, p) if p > 0 and self.training else x
+
+    def lora_shapes(self, r: int) -> tuple[tuple, tuple]:
+        raise NotImplementedError
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self.scaling.pop(name, None)
+        self.dropout.pop(name, None)
+
+
+def _param_device(module: nn.Module) -> torch.device:
+    # an offloaded (meta) base weight runs on its accelerate hook's execution device
+    weight = module.weight
+    if weight.device.type != "meta":
+        return weight.device
+    hook = getattr(module, "_hf_hook", None)
+    return torch.device(getattr(hook, "execution_device", None) or "cpu")
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # adapters of a low-precision or quantised base are kept in float32, as in PEFT
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class LoraLinear(LoraLayer):
+    """LoRA for nn.Linear and GPT-2's Conv1D (weight stored as (in, out))."""
+
+    supports_dora = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.transposed = not isinstance(base_layer, nn.Linear)  # Conv1D
+        out_f, in_f = self.base_weight().shape
+        self.in_features, self.out_features = in_f, out_f
+        self._weight_sq: Optional[tuple] = None
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as (out, in), a view of the live tensor."""
+        w = self.base_layer.weight
+        return w.t() if self.transposed else w
+
+    def lora_shapes(self, r: int) -> tuple[tuple, tuple]:
+        return (r, self.in_features), (self.out_features, r)
+
+    def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        a, b, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        xd = self.dropped(name, x).to(a.dtype)
+        h = F.linear(xd, a)  # (..., r)
+        if name in self.lora_magnitude_vector:
+            return self._dora_forward(name, x, xd, h, result, base_out)
+        if result.dtype != a.dtype:
+            return result + (F.linear(h, b) * s).to(result.dtype)
+        # one fused kernel: result + s * h @ B^T  -> (..., out)
+        out = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), b.t(), alpha=s)
+        return out.view(result.shape)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = (self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]  # (out, in)
+        return delta.t() if self.transposed else delta
+
+    # --- DoRA, Liu et al. 2024, Eq. 5; the norm is a constant in backprop (Sec. 4.3) ----------
+    def dora_norm(self, name: str) -> torch.Tensor:
+        """Row norms of W + s B A, (out,), computed without forming the (out, in) matrix."""
+        with torch.no_grad():
+            a = self.lora_A[name].float()
+            b = self.lora_B[name].float()
+            s = self.scaling[name]
+            w = self.base_weight()
+            wa = (w @ a.t().to(w.dtype)).float()  # (out, r)
+            aat = a @ a.t()  # (r, r)
+            sq = self._row_sq() + 2 * s * (wa * b).sum(1) + s * s * ((b @ aat) * b).sum(1)
+            return sq.clamp_min(0).sqrt()
+
+    def _row_sq(self) -> torch.Tensor:
+        # ||W_o||^2 per row, cached until the base weight changes (e.g. a merge)
+        w = self.base_layer.weight
+        key = (w.data_ptr(), w._version)
+        if self._weight_sq is None or self._weight_sq[0] != key:
+            self._weight_sq = (key, self.base_weight().float().pow(2).sum(1))
+        return self._weight_sq[1]
+
+    def _dora_forward(self, name, x, xd, h, result, base_out):
+        # out = result - W xd + m/||W + sBA|| * (W xd + s B A xd)   (PEFT's form, also with dropout)
+        mag = (self.lora_magnitude_vector[name] / self.dora_norm(name)).to(h.dtype)
+        bias = self.base_layer.bias
+        if xd is x and result is base_out:
+            wx = base_out - bias if bias is not None else base_out
+        else:
+            wx = F.linear(xd.to(base_out.dtype), self.base_weight())
+        t = torch.addmm(wx.reshape(-1, self.out_features).to(h.dtype), h.reshape(-1, h.shape[-1]),
+                        self.lora_B[name].t(), alpha=self.scaling[name]).view(wx.shape)
+        if xd is x and result is base_out:
+            out = t * mag
+            return (out + bias if bias is not None else out).to(result.dtype)
+        return result + (t * mag - wx).to(result.dtype)
+
+    def merge(self, names: list[str], safe: bool = False) -> None:
+        plain = [n for n in names if n not in self.lora_magnitude_vector]
+        super().merge(plain, safe)
+        for name in names:
+            if name in self.lora_magnitude_vector and name not in self.merged_adapters:
+                self._dora_merge(name, safe)
+
+    def _dora_merge(self, name: str, safe: bool) -> None:
+        with torch.no_grad():
+            norm = self.dora_norm(name)
+            w = self.base_weight()
+            new = (self.lora_magnitude_vector[name].float() / norm)[:, None] * (
+                w.float() + self.scaling[name] * (self.lora_B[name] @ self.lora_A[name]).float())
+            if safe and not torch.isfinite(new).all():
+                raise ValueError(f"merging adapter {name!r} would put NaN/inf into the base weights; not merged")
+            self._dora_merged_norm = getattr(self, "_dora_merged_norm", {})
+            self._dora_merged_norm[name] = norm
+            w.copy_(new.to(w.dtype))
+        self.merged_adapters.append(name)
+
+    def unmerge(self, names: Optional[list[str]] = None) -> None:
+        for name in reversed(list(self.merged_adapters)):
+            if names is not None and name not in names:
+                continue
+            if name not in self.lora_magnitude_vector:
+                super().unmerge([name])
+                continue
+            with torch.no_grad():
+                w = self.base_weight()
+                norm = self._dora_merged_norm.pop(name)
+                old = w.float() * (norm / self.lora_magnitude_vector[name].float())[:, None] - self.scaling[name] * (
+                    self.lora_B[name] @ self.lora_A[name]).float()
+                w.copy_(old.to(w.dtype))
+            self.merged_adapters.remove(name)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA for nn.Embedding; PEFT's layout: A (r, num_embeddings), B (embedding_dim, r)."""
+
+    adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
+
+    def lora_shapes(self, r: int) -> tuple[tuple, tuple]:
+        num, dim = self.base_layer.weight.shape
+        return (r, num), (dim, r)
+
+    def reset(self, name: str, init: Union[bool, str], r: int) -> None:
+        # reversed w.r.t. Linear: A = 0, B random keeps the output unchanged
+        with torch.no_grad():
+            nn.init.zeros_(self.A[name]) if init is not False else nn.init.normal_(self.A[name])
+            nn.init.normal_(self.B[name])
+
+    def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        h = F.embedding(x, self.A[name].t(), base.padding_idx, base.max_norm, base.norm_type,
+                        base.scale_grad_by_freq, base.sparse)  # (..., r)
+        return result + (h @ self.B[name].t() * self.scaling[name]).to(result.dtype)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return (self.B[name] @ self.A[name]).t() * self.scaling[name]  # (num, dim)
+
+
+class LoraConv(LoraLayer):
+    """LoRA for nn.Conv1d / nn.Conv2d: A is a conv with the base's kernel, B a 1x1 conv (PEFT's layout)."""
+
+    def lora_shapes(self, r: int) -> tuple[tuple, tuple]:
+        base = self.base_layer
+        ones = (1,) * len(base.kernel_size)
+        return (r, base.in_channels, *base.kernel_size), (base.out_channels, r, *ones)
+
+    def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        conv = F.conv1d if isinstance(self.base_layer, nn.Conv1d) else F.conv2d
+        xd = self.dropped(name, x).to(self.A[name].dtype)
+        h = self.base_layer._conv_forward(xd, self.A[name], None)  # base stride / padding / padding_mode
+        return result + (conv(h, self.B[name]) * self.scaling[name]).to(result.dtype)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        b = self.B[name].flatten(1)  # (out, r)
+        return torch.einsum("or,ri...->oi...", b, self.A[name]) * self.scaling[name]
+
+
+def _layer_class(module: nn.Module, name: str) -> type:
+    if is_linear_like(module):
+        return LoraLinear
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if module.groups != 1 or any(d != 1 for d in module.dilation):
+            raise ValueError(f"target {name!r}: LoRA supports convolutions with groups=1 and dilation=1 only")
+        return LoraConv
+    raise ValueError(
+        f"target module {name!r} is a {type(module).__name__}; LoRA wraps Linear, Embedding, Conv1d, Conv2d and "
+        "GPT-2 Conv1D layers. Name those leaf layers in target_modules (e.g. 'q_proj', not 'self_attn')."
+    )
+
+
+class LoraMethod:
+    """How LoRA enters a model: resolve targets, wrap them, name the extra trainable tensors."""
+
+    config_cls = LoraConfig
+
+    def inject(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+        """Wrap the targets of ``config`` with LoRA layers for ``adapter_name``."""
+        resolve_targets(model, config)
+        targets = find_targets(model, config)
+        for name in targets:
+            module = model.get_submodule(name)
+            _layer_class(module.base_layer if isinstance(module, LoraLayer) else module, name)
+        return replace_modules(model, config, adapter_name, _make_layer, targets)
+
+    def extra_tensors(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Biases trained and saved with the adapter, by their paths in the model."""
+        if config.bias == "none":
+            return {}
+        out = {}
+        for mod_name, module in model.named_modules():
+            if config.bias == "lora_only" and not (isinstance(module, LoraLayer) and adapter_name in module.scaling):
+                continue
+            owner = module.base_layer if isinstance(module, LoraLayer) else module
+            prefix = f"{mod_name}.base_layer" if isinstance(module, LoraLayer) else mod_name
+            bias = getattr(owner, "bias", None)
+            if isinstance(bias, nn.Parameter) and (config.bias == "lora_only" or not _is_adapter_internal(mod_name)):
+                out[f"{prefix}.bias" if prefix else "bias"] = bias
+        return out
+
+
+def _is_adapter_internal(name: str) -> bool:
+    parts = name.split(".")
+    return "base_layer" in parts or "modules_to_save" in parts
+
+
+def _make_layer(module: nn.Module, name: str) -> LoraLayer:
+    return _layer_class(module, name)(module)
+
+
+def resolve_targets(model: nn.Module, config) -> None:
+    """Replace None / "all-linear" in ``config.target_modules`` by explicit names (saved with the adapter)."""
+    if config.target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(f"no default target_modules for model type {model_type!r}; set target_modules, "
+                             "e.g. target_modules='all-linear' or a list such as ['q_proj', 'v_proj']")
+        config.target_modules = list(DEFAULT_TARGETS[model_type])
+    elif isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+        config.target_modules = expand_all_linear(model, config.task_type, (nn.Module,))
+
+
+register("LORA", LoraConfig, LoraMethod())

@@ -1,0 +1,285 @@
+"""PeftModel: holds the base model and its named adapters; save / load / merge / switch."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .config import PeftConfig, lookup
+from .inject import HEAD_NAMES, adapter_layers, unwrap, wrap_modules_to_save
+from .layers import AdapterLayer, new_forward_pass
+
+BASE_ADAPTER = "__base__"  # reserved: "no adapter" in mixed batches
+
+
+class PeftModel(nn.Module):
+    """A base model with one or more named adapters, of which one or more are active."""
+
+    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self._active: list[str] = []
+        # restored by unload() / a failed load, so the user's model comes back as it was
+        self._grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str):
+        # attribute access falls through to the wrapped model (config, device, generation_config, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # --- running ------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        """Call the base model (with the active adapters in place)."""
+        new_forward_pass()
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """``base_model.generate`` with the active adapters in place."""
+        return self.base_model.generate(*args, **kwargs)
+
+    # --- adapters -----------------------------------------------------------------------------
+    @property
+    def active_adapter(self) -> Optional[str]:
+        """The first active adapter's name."""
+        return self._active[0] if self._active else None
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """Names of the active adapters."""
+        return list(self._active)
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """Inject a new adapter (not activated); the model is left unchanged if this fails."""
+        self._check_new_name(adapter_name)
+        config = copy.deepcopy(peft_config)  # targets get resolved in place; the caller's object stays
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(getattr(self.base_model, "config", None), "_name_or_path", None) or None
+        _, method = lookup(config.peft_type)
+        try:
+            method.inject(self.base_model, config, adapter_name)
+            self._wrap_heads(config, adapter_name)
+        except Exception:
+            self._remove(adapter_name)
+            raise
+        self.peft_config[adapter_name] = config
+        self._update_trainable()
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name or "." in name or name == BASE_ADAPTER:
+            raise ValueError(f"adapter name {name!r} is invalid: use a non-empty name without dots, not {BASE_ADAPTER!r}")
+        if name in self.peft_config:
+            raise ValueError(f"an adapter named {name!r} already exists; delete_adapter({name!r}) first or pick another name")
+
+    def _wrap_heads(self, config: PeftConfig, adapter_name: str) -> None:
+        user = list(getattr(config, "modules_to_save", None) or [])
+        if user:
+            wrap_modules_to_save(self.base_model, user, adapter_name, required=True)
+        if config.task_type in ("SEQ_CLS", "TOKEN_CLS") and hasattr(config, "modules_to_save"):
+            heads = [h for h in HEAD_NAMES if h not in user]
+            wrap_modules_to_save(self.base_model, heads, adapter_name, required=False)
+            config.modules_to_save = user + heads  # as PEFT records it
+
+    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+        """Make one adapter (or several, applied together) active; only active ones train."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}")
+        self._active = names
+        for _, layer in adapter_layers(self.base_model):
+            layer.set_active(names)
+        self._update_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; layers left without adapters are unwrapped."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}")
+        self._remove(adapter_name)
+        del self.peft_config[adapter_name]
+        remaining = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]
+        if remaining:
+            self.set_adapter(remaining)
+        else:
+            self._active = []
+            self._update_trainable()
+
+    def _remove(self, adapter_name: str) -> None:
+        for name, layer in adapter_layers(self.base_model):
+            if adapter_name in layer.adapter_names:
+                layer.delete_adapter(adapter_name)
+            if not layer.adapter_names:
+                unwrap(self.base_model, name, merge=False)
+        if not self.peft_config:
+            self._restore_grads()
+
+    def _restore_grads(self) -> None:
+        for name, param in self.base_model.named_parameters():
+            if name in self._grad_before:
+                param.requires_grad_(self._grad_before[name])
+
+    def adapter_parameters(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The tensors one adapter saves, keyed as on disk (live tensors)."""
+        config = self.peft_config[adapter_name]
+        _, method = lookup(config.peft_type)
+        extras = method.extra_tensors(self.base_model, config, adapter_name)
+        return checkpoint.adapter_tensors(self.base_model, adapter_name, extras)
+
+    def _update_trainable(self) -> None:
+        for param in self.base_model.parameters():
+            param.requires_grad_(False)
+        for name in self._active:
+            if self.peft_config[name].inference_mode:
+                continue
+            for tensor in self.adapter_parameters(name).values():
+                if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
+                    tensor.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run exactly the base model inside the block (merged adapters are unmerged, then merged back)."""
+        layers = [layer for _, layer in adapter_layers(self.base_model)]
+        merged = [(layer, list(layer.merged_adapters)) for layer in layers]
+        for layer in layers:
+            layer.unmerge()
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer, names in merged:
+                layer.disabled = False
+                layer.merge(names)
+
+    # --- merging ------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Write the adapters' deltas into the base weights (undo with unmerge_adapter)."""
+        names = list(adapter_names) if adapter_names is not None else list(self._active)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}")
+        for _, layer in adapter_layers(self.base_model):
+            layer.merge(names, safe=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Restore the base weights from every merged adapter."""
+        for _, layer in adapter_layers(self.base_model):
+            layer.unmerge()
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """Merge the active (or given) adapters and return the plain base model."""
+        self.merge_adapter(adapter_names, safe_merge)
+        return self._unload(merge=True)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the original base model."""
+        self.unmerge_adapter()
+        return self._unload(merge=False)
+
+    def _unload(self, merge: bool) -> nn.Module:
+        for name, _ in adapter_layers(self.base_model):
+            unwrap(self.base_model, name, merge)
+        self.peft_config.clear()
+        self._active = []
+        self._restore_grads()
+        return self.base_model
+
+    # --- counting -----------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters)."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        """Print the counts in PEFT's format."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # --- saving and loading -------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None,
+                        safe_serialization: bool = True) -> None:
+        """Write each adapter in PEFT's layout: "default" at the top, others in a subfolder of their name."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}")
+        for name in names:
+            directory = save_directory if name == "default" else os.path.join(save_directory, name)
+            tensors = self.adapter_parameters(name)
+            if safe_serialization:
+                checkpoint.save_tensors(tensors, directory)
+            else:
+                checkpoint.save_pickle(tensors, directory)
+            config = copy.deepcopy(self.peft_config[name])
+            config.inference_mode = True
+            config.save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike], adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[PeftConfig] = None,
+                        subfolder: Optional[str] = None, allow_pickle: bool = False,
+                        device_map: Optional[Union[str, dict]] = None,
+                        max_memory: Optional[dict] = None) -> "PeftModel":
+        """Load a saved adapter onto ``model``; on any error ``model`` is left exactly as it was."""
+        directory = checkpoint.find_adapter_dir(os.fspath(model_id), subfolder)
+        config = copy.deepcopy(config) if config is not None else PeftConfig.from_pretrained(directory)
+        tensors = checkpoint.load_tensors(directory, allow_pickle)  # read before touching the model
+        config.inference_mode = not is_trainable
+        peft_model = cls(model, config, adapter_name)
+        try:
+            peft_model._fill(adapter_name, tensors, directory)
+        except Exception:
+            peft_model.unload()
+            raise
+        if device_map is not None or max_memory is not None:
+            peft_model._dispatch(device_map, max_memory)
+        return peft_model
+
+    def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
+                     subfolder: Optional[str] = None, allow_pickle: bool = False) -> None:
+        """Load another saved adapter under ``adapter_name`` (not activated; see set_adapter)."""
+        directory = checkpoint.find_adapter_dir(os.fspath(model_id), subfolder)
+        config = PeftConfig.from_pretrained(directory)
+        tensors = checkpoint.load_tensors(directory, allow_pickle)
+        config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, config)
+        try:
+            self._fill(adapter_name, tensors, directory)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+        self.set_adapter(self._active or [adapter_name])
+
+    def _fill(self, adapter_name: str, tensors: dict[str, torch.Tensor], directory: str) -> None:
+        expected = self.adapter_parameters(adapter_name)
+        checkpoint.check_fit(expected, tensors, directory)
+        checkpoint.copy_into(expected, tensors)
+
+    def _dispatch(self, device_map, max_memory: Optional[dict]) -> None:
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        if getattr(self.base_model, "hf_device_map", None) is not None:
+            return  # already placed by from_pretrained(device_map=...); adapters sit beside their layers
+        if device_map in (None, "auto", "balanced", "sequential") or max_memory is not None:
+            no_split = getattr(self.base_model, "_no_split_modules", None) or []
+            device_map = infer_auto_device_map(self, max_memory=max_memory, no_split_module_classes=no_split)
+        dispatch_model(self, device_map=device_map)
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+    """Wrap ``model`` with a new trainable adapter described by ``peft_config``."""
+    if isinstance(model, PeftModel):
+        raise ValueError("model is already a PeftModel; use model.add_adapter(name, config) to add another adapter")
+    return PeftModel(model, peft_config, adapter_name)
