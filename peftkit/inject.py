@@ -69,15 +69,13 @@ def expand_all_linear(model: nn.Module, task_type: Optional[str], supported: tup
 
 
 def _nearest_error(spec, model: nn.Module) -> ValueError:
-    names = [n for n, _ in model.named_modules() if n]
+    leaves = [n for n, m in model.named_modules() if n and not any(True for _ in m.children())]
     wanted = [spec] if isinstance(spec, str) else list(spec)
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    hints = difflib.get_close_matches(str(wanted[0]), leaves, n=3)
-    hint = f"did you mean {' or '.join(repr(h) for h in hints)}? " if hints else ""
-    sample = ", ".join(names[:6])
+    hints = difflib.get_close_matches(str(wanted[0]), sorted({n.rsplit(".", 1)[-1] for n in leaves}), n=1, cutoff=0.7)
+    hint = f"did you mean {hints[0]!r}? " if hints else ""
     return ValueError(
         f"target module {wanted if len(wanted) > 1 else wanted[0]!r} not found; {hint}"
-        f"({len(names)} candidates: {sample}, ...)"
+        f"({len(leaves)} candidates: {', '.join(leaves[:4])}, ...)"
     )
 
 
@@ -124,9 +122,10 @@ def replace_modules(model: nn.Module, config, adapter_name: str,
                 )
             module.create_adapter(adapter_name, config, name)
         else:
-            module = make_layer(module, name)
-            module.create_adapter(adapter_name, config, name)
-            setattr(parent, child, module)
+            layer = make_layer(module, name)
+            layer.train(module.training)  # a new wrapper follows the mode of what it wraps
+            layer.create_adapter(adapter_name, config, name)
+            setattr(parent, child, layer)
         replaced.append(name)
     return replaced
 
@@ -144,6 +143,7 @@ def wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str, 
         else:
             parent, child = get_submodule_parent(model, name)
             wrapper = ModulesToSaveWrapper(module)
+            wrapper.train(module.training)
             wrapper.create_adapter(adapter_name)
             setattr(parent, child, wrapper)
         hits.append(name)

@@ -23,6 +23,7 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
         self.base_model = model
+        self.train(model.training)
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
         # restored by unload() / a failed load, so the user's model comes back as it was

@@ -1,0 +1,31 @@
+"""Tiny models built from configs in-process: no downloads."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    """A 2-layer Llama with grouped-query attention, random weights, fixed seed."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def randomize_adapters(model, std: float = 0.2, seed: int = 1) -> None:
+    """Give every adapter tensor random values (LoRA's B starts at zero, which would hide bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std + (1.0 if "magnitude" in name else 0.0))
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))

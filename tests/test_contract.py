@@ -1,0 +1,115 @@
+"""The contract every registered method keeps, checked on a tiny Llama."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from peftkit import LoraConfig, PeftConfig, PeftModel, get_peft_model, registered_types
+from conftest import randomize_adapters, tiny_llama
+
+# Every registered method needs examples here; a method added without them fails test_every_method_has_examples.
+EXAMPLES = {
+    "LORA": {
+        "lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "lora-all-linear-dropout": LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1),
+        "dora": LoraConfig(r=4, target_modules="all-linear", use_dora=True),
+        "rslora-patterns": LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules=r".*\.(q|k|v|o)_proj",
+                                      rank_pattern={"k_proj": 2}, alpha_pattern={"o_proj": 3}),
+        "embedding-bias": LoraConfig(r=4, target_modules=["embed_tokens", "down_proj"], bias="lora_only"),
+        "layers": LoraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="layers"),
+    },
+}
+CASES = [(t, k) for t in EXAMPLES for k in EXAMPLES[t]]
+
+
+def test_every_method_has_examples():
+    assert sorted(EXAMPLES) == registered_types()
+
+
+def _make(case):
+    peft_type, key = case
+    return get_peft_model(tiny_llama(), EXAMPLES[peft_type][key])
+
+
+def _adapter_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(params=CASES, ids=[f"{t}-{k}" for t, k in CASES])
+def case(request):
+    return request.param
+
+
+def test_output_unchanged_at_init(case, ids):
+    base_out = tiny_llama()(ids).logits
+    model = _make(case)
+    torch.testing.assert_close(model(ids).logits, base_out, atol=1e-6, rtol=0)
+
+
+def test_only_adapter_parameters_trainable(case):
+    model = _make(case)
+    trainable = _adapter_names(model)
+    assert trainable, "nothing is trainable"
+    config = model.peft_config["default"]
+    for name in trainable:
+        assert "lora_" in name or (config.bias != "none" and name.endswith("bias")), name
+    trainable_count, total = model.get_nb_trainable_parameters()
+    assert trainable_count == sum(p.numel() for p in model.parameters() if p.requires_grad) < total
+
+
+def test_one_step_changes_only_adapter(case, ids):
+    model = _make(case).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= _adapter_names(model)
+
+
+def test_save_load_reproduces_outputs(case, ids, tmp_path):
+    model = _make(case)
+    randomize_adapters(model)
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-6, rtol=0)
+    assert not any(p.requires_grad for p in loaded.parameters()), "inference load must be frozen"
+    trainable = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    assert _adapter_names(trainable) == _adapter_names(model)
+
+
+def test_merged_equals_unmerged(case, ids):
+    model = _make(case)
+    randomize_adapters(model)
+    expected = model(ids).logits
+    model.merge_adapter()
+    torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    plain = model.merge_and_unload()
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(plain(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_disabled_equals_base(case, ids):
+    base_out = tiny_llama()(ids).logits
+    model = _make(case)
+    randomize_adapters(model)
+    assert not torch.allclose(model(ids).logits, base_out, atol=1e-4)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(ids).logits, base_out, atol=1e-6, rtol=0)
+    model.merge_adapter()
+    with model.disable_adapter():
+        torch.testing.assert_close(model(ids).logits, base_out, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(ids).logits, base_out, atol=1e-4), "merge must come back after the block"
+
+
+def test_config_json_round_trip(case, tmp_path):
+    model = _make(case)
+    config = model.peft_config["default"]
+    again = PeftConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert type(again) is type(config) and dataclasses.asdict(again) == dataclasses.asdict(config)
+    config.save_pretrained(str(tmp_path))
+    assert PeftConfig.from_pretrained(tmp_path) == config

@@ -1,0 +1,128 @@
+"""Several named adapters on one base: switch, combine, delete, save and load them all."""
+import os
+
+import pytest
+import torch
+
+from peftkit import LoraConfig, PeftModel, get_peft_model
+from peftkit.layers import new_forward_pass, shared_dropout
+from conftest import randomize_adapters, tiny_llama
+
+CFG_A = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+CFG_B = LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj", "down_proj"])
+
+
+def _two_adapters():
+    model = get_peft_model(tiny_llama(), CFG_A)
+    model.add_adapter("b", CFG_B)
+    randomize_adapters(model)
+    return model
+
+
+def test_switching_adapters_equals_single_adapter_models(ids):
+    model = _two_adapters()
+    out_a = model(ids).logits
+    model.set_adapter("b")
+    out_b = model(ids).logits
+    assert model.active_adapter == "b" and model.active_adapters == ["b"]
+    assert not torch.allclose(out_a, out_b, atol=1e-4)
+    only_b = get_peft_model(tiny_llama(), CFG_B, adapter_name="b")
+    only_b.load_state_dict(model.state_dict(), strict=False)
+    torch.testing.assert_close(only_b(ids).logits, out_b)
+
+
+def test_only_the_active_adapter_trains():
+    model = _two_adapters()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".default") for n in trainable)
+    model.set_adapter("b")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".b") for n in trainable)
+
+
+def test_two_active_adapters_add_up(ids):
+    model = _two_adapters()
+    model.set_adapter(["default", "b"])
+    both = model(ids).logits
+    model.merge_adapter()
+    torch.testing.assert_close(model(ids).logits, both, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    model.set_adapter("default")
+    assert not torch.allclose(model(ids).logits, both, atol=1e-4)
+
+
+def test_delete_adapter_unwraps_layers_it_alone_used(ids):
+    model = _two_adapters()
+    model.set_adapter("b")
+    model.delete_adapter("b")
+    assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
+    assert type(model.base_model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert "b" not in model.base_model.model.layers[0].self_attn.v_proj.adapter_names
+    with pytest.raises(ValueError, match="no adapter named 'b'"):
+        model.delete_adapter("b")
+
+
+def test_save_all_adapters_in_peft_layout_and_load_back(ids, tmp_path):
+    model = _two_adapters()
+    out_a = model(ids).logits
+    model.set_adapter("b")
+    out_b = model(ids).logits
+    model.save_pretrained(tmp_path)
+    assert {"adapter_config.json", "adapter_model.safetensors", "b"} <= set(os.listdir(tmp_path))
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    loaded.load_adapter(tmp_path / "b", adapter_name="b")
+    assert loaded.active_adapter == "default"
+    torch.testing.assert_close(loaded(ids).logits, out_a)
+    loaded.set_adapter("b")
+    torch.testing.assert_close(loaded(ids).logits, out_b)
+
+
+def test_unload_gives_back_the_original_model(ids):
+    base = tiny_llama()
+    base.lm_head.weight.requires_grad_(False)
+    grads = {n: p.requires_grad for n, p in base.named_parameters()}
+    expected = base(ids).logits
+    model = get_peft_model(base, CFG_A)
+    randomize_adapters(model)
+    model.merge_adapter()
+    plain = model.unload()
+    assert plain is base
+    assert {n: p.requires_grad for n, p in plain.named_parameters()} == grads
+    torch.testing.assert_close(plain(ids).logits, expected, atol=1e-6, rtol=0)
+
+
+def test_print_trainable_parameters(capsys):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    model.print_trainable_parameters()
+    trainable, total = model.get_nb_trainable_parameters()
+    # q_proj is 32 -> 32 in each of 2 layers: (4*32 + 32*4) * 2
+    assert trainable == 512
+    assert capsys.readouterr().out.strip() == (
+        f"trainable params: 512 || all params: {total:,d} || trainable%: {100 * 512 / total:.4f}")
+
+
+def test_caller_config_is_not_mutated():
+    config = LoraConfig(target_modules="all-linear")
+    model = get_peft_model(tiny_llama(), config)
+    assert config.target_modules == "all-linear"
+    assert model.peft_config["default"].target_modules == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                                           "up_proj", "v_proj"]
+
+
+def test_dropout_mask_shared_within_a_pass_not_across():
+    x = torch.randn(4, 50)
+    new_forward_pass()
+    first = shared_dropout(x, 0.5)
+    assert shared_dropout(x, 0.5) is first  # q, k and v reuse one mask
+    assert shared_dropout(x.clone(), 0.5) is not first
+    new_forward_pass()
+    assert not torch.equal(shared_dropout(x, 0.5), first)
+
+
+def test_dropout_trains_and_is_off_in_eval(ids):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.5))
+    randomize_adapters(model)
+    model.train()
+    assert not torch.allclose(model(ids).logits, model(ids).logits)
+    model.eval()
+    torch.testing.assert_close(model(ids).logits, model(ids).logits)

@@ -1,0 +1,184 @@
+"""Loading is safe and strict; saving is atomic; bad input gets a clear error."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from peftkit import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peftkit import checkpoint
+from conftest import randomize_adapters, tiny_llama
+
+
+def _saved(tmp_path, **kw):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **kw))
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def _snapshot(model):
+    return ([n for n, _ in model.named_modules()], {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()})
+
+
+def _assert_untouched(model, snap):
+    names, params = snap
+    assert [n for n, _ in model.named_modules()] == names
+    now = dict(model.named_parameters())
+    assert now.keys() == params.keys()
+    for n, (value, grad) in params.items():
+        assert torch.equal(now[n], value) and now[n].requires_grad == grad, n
+
+
+def test_shape_mismatch_names_key_and_shapes_and_leaves_model_as_it_was(tmp_path):
+    _saved(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["r"] = 8
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    base = tiny_llama()
+    base.lm_head.weight.requires_grad_(False)  # a user's own freezing must survive the failed load
+    snap = _snapshot(base)
+    with pytest.raises(ValueError, match=r"lora_A\.weight' has shape \(4, 32\) but the model expects \(8, 32\)"):
+        PeftModel.from_pretrained(base, tmp_path)
+    _assert_untouched(base, snap)
+
+
+def test_missing_and_unexpected_keys_are_refused(tmp_path):
+    _saved(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    first = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != first}, file)
+    with pytest.raises(ValueError, match="lacks tensor"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    tensors["base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 32)
+    save_file(tensors, file)
+    with pytest.raises(ValueError, match=r"layers\.9.*matches no module"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_failed_load_adapter_keeps_existing_adapters(tmp_path, ids):
+    _saved(tmp_path / "a")
+    bad = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "k_proj"]))
+    bad.save_pretrained(tmp_path / "b")
+    cfg = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    cfg["r"] = 3
+    (tmp_path / "b" / "adapter_config.json").write_text(json.dumps(cfg))
+    model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a")
+    expected = model(ids).logits
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="shape"):
+        model.load_adapter(tmp_path / "b", adapter_name="b")
+    _assert_untouched(model, snap)
+    assert list(model.peft_config) == ["default"] and model.active_adapters == ["default"]
+    torch.testing.assert_close(model(ids).logits, expected)
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    _saved(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    base = tiny_llama()
+    snap = _snapshot(base)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        PeftModel.from_pretrained(base, tmp_path)
+    _assert_untouched(base, snap)
+
+
+def test_corrupt_json_unknown_type_missing_dir(tmp_path):
+    _saved(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        PeftConfig.from_pretrained(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "NOPE", "r": 4}))
+    with pytest.raises(ValueError, match=r"unknown peft_type 'NOPE'.*LORA"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        PeftConfig.from_pretrained(tmp_path / "nowhere")
+
+
+def test_unsupported_feature_in_foreign_config_is_refused(tmp_path):
+    _saved(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg.update(use_qalora=True)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="use_qalora=True"):
+        PeftConfig.from_pretrained(tmp_path)
+
+
+def test_pickle_needs_opt_in(tmp_path, ids):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert os.listdir(tmp_path) and not (tmp_path / "adapter_model.safetensors").exists()
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, allow_pickle=True)
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_malicious_pickle_is_not_executed(tmp_path):
+    _saved(tmp_path)
+    os.remove(tmp_path / "adapter_model.safetensors")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    torch.save({"x": Evil()}, tmp_path / "adapter_model.bin")
+    with pytest.raises(ValueError, match="cannot read"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path, allow_pickle=True)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_crash_while_saving_keeps_previous_adapter(tmp_path, monkeypatch):
+    _saved(tmp_path)
+    before = (tmp_path / "adapter_model.safetensors").read_bytes()
+    model = get_peft_model(tiny_llama(seed=5), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(model, seed=7)
+
+    def crash(data, path, metadata=None):
+        with open(path, "wb") as fh:
+            fh.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_target_not_found_suggests_names():
+    with pytest.raises(ValueError, match=r"target module 'qproj' not found; did you mean 'q_proj'\?.*candidates"):
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["qproj"]))
+
+
+def test_container_target_is_refused():
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn' is a LlamaAttention; LoRA wraps"):
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["self_attn"]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"r": 0}, "positive integer"), ({"lora_dropout": 1.0}, r"\[0, 1\)"), ({"bias": "some"}, "bias must be"),
+    ({"init_lora_weights": "pissa"}, "init_lora_weights"), ({"task_type": "CLS"}, "task_type"),
+    ({"layers_pattern": "layers"}, "layers_to_transform"), ({"rank_pattern": {"q": -1}}, "positive integer"),
+])
+def test_invalid_config_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoraConfig(**kwargs)
+
+
+def test_get_peft_model_twice_and_bad_names():
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="already a PeftModel"):
+        get_peft_model(model, LoraConfig(target_modules=["q_proj"]))
+    for bad in ("", "a.b", "__base__", "default"):
+        with pytest.raises(ValueError, match="adapter name|already exists"):
+            model.add_adapter(bad, LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"no adapter named 'x'; this model has \['default'\]"):
+        model.set_adapter("x")
