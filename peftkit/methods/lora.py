@@ -152,6 +152,44 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+class _FusedLoraLinear(torch.autograd.Function):
+    """y = x W^T + b + s (xd A^T) B^T for a frozen W, in one output buffer.
+
+    Backward writes the base and the LoRA input gradients into one buffer too (g W + (s g B) A), so
+    the adapter costs its four rank-r matmuls and nothing else. xd is None when there is no dropout.
+    """
+
+    @staticmethod
+    def forward(ctx, x, xd, weight, bias, a, b, s):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        xd2 = x2 if xd is None else xd.reshape(-1, xd.shape[-1])
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, out)
+        h = xd2 @ a.t()  # (N, r)
+        y.addmm_(h, b.t(), alpha=s)
+        ctx.save_for_backward(xd2, weight, a, b, h)
+        ctx.s, ctx.x_shape, ctx.dropped = s, x.shape, xd is not None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        xd2, weight, a, b, h = ctx.saved_tensors
+        need_x, need_xd, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        gh = (g2 @ b).mul_(ctx.s)  # (N, r)
+        ga = gh.t() @ xd2 if need_a else None  # (r, in)
+        gb = (g2.t() @ h).mul_(ctx.s) if need_b else None  # (out, r)
+        gx = gxd = None
+        if need_x:
+            gx = g2 @ weight  # (N, in)
+            if not ctx.dropped:
+                gx.addmm_(gh, a)
+            gx = gx.view(ctx.x_shape)
+        if ctx.dropped and need_xd:
+            gxd = (gh @ a).view(ctx.x_shape)
+        gbias = g2.sum(0) if need_bias else None
+        return gx, gxd, None, gbias, ga, gb, None
+
+
 class LoraLinear(LoraLayer):
     """LoRA for nn.Linear and GPT-2's Conv1D (weight stored as (in, out))."""
 
@@ -171,6 +209,26 @@ class LoraLinear(LoraLayer):
 
     def lora_shapes(self, r: int) -> tuple[tuple, tuple]:
         return (r, self.in_features), (self.out_features, r)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = None if args or kwargs else self._fusable(x)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        xd = self.dropped(name, x)
+        base = self.base_layer
+        return _FusedLoraLinear.apply(x, None if xd is x else xd, base.weight, base.bias,
+                                      self.lora_A[name], self.lora_B[name], self.scaling[name])
+
+    def _fusable(self, x: torch.Tensor) -> Optional[str]:
+        # the fused kernel serves the common training case: one plain LoRA on a frozen, hook-free nn.Linear
+        if self.disabled or len(self.active_adapters) != 1 or self.merged_adapters:
+            return None
+        name, base = self.active_adapters[0], self.base_layer
+        if (type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")
+                or base.weight.requires_grad or name in self.lora_magnitude_vector
+                or not (x.dtype == base.weight.dtype == self.lora_A[name].dtype)):
+            return None
+        return name
 
     def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         a, b, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
@@ -288,6 +346,12 @@ class LoraEmbedding(LoraLayer):
 class LoraConv(LoraLayer):
     """LoRA for nn.Conv1d / nn.Conv2d: A is a conv with the base's kernel, B a 1x1 conv (PEFT's layout)."""
 
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        # model code reads the conv's geometry off the module (Whisper's encoder: conv1.stride[0])
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+            setattr(self, attr, getattr(base_layer, attr))
+
     def lora_shapes(self, r: int) -> tuple[tuple, tuple]:
         base = self.base_layer
         ones = (1,) * len(base.kernel_size)
@@ -337,21 +401,23 @@ class LoraMethod:
         """Biases trained and saved with the adapter, by their paths in the model."""
         if config.bias == "none":
             return {}
+        if config.bias == "all":
+            # PEFT's rule: every state-dict entry named "bias", a trained head's original and copy included
+            return {name: tensor for name, tensor in model.state_dict(keep_vars=True).items()
+                    if name.rsplit(".", 1)[-1] == "bias" and not _in_other_copy(name, adapter_name)}
         out = {}
         for mod_name, module in model.named_modules():
-            if config.bias == "lora_only" and not (isinstance(module, LoraLayer) and adapter_name in module.scaling):
-                continue
-            owner = module.base_layer if isinstance(module, LoraLayer) else module
-            prefix = f"{mod_name}.base_layer" if isinstance(module, LoraLayer) else mod_name
-            bias = getattr(owner, "bias", None)
-            if isinstance(bias, nn.Parameter) and (config.bias == "lora_only" or not _is_adapter_internal(mod_name)):
-                out[f"{prefix}.bias" if prefix else "bias"] = bias
+            if isinstance(module, LoraLayer) and adapter_name in module.scaling:
+                bias = getattr(module.base_layer, "bias", None)
+                if isinstance(bias, nn.Parameter):
+                    out[f"{mod_name}.base_layer.bias"] = bias
         return out
 
 
-def _is_adapter_internal(name: str) -> bool:
+def _in_other_copy(name: str, adapter_name: str) -> bool:
+    # inside another adapter's trained copy of a head: "classifier.modules_to_save.<other>.bias"
     parts = name.split(".")
-    return "base_layer" in parts or "modules_to_save" in parts
+    return any(p == "modules_to_save" and parts[i + 1] != adapter_name for i, p in enumerate(parts[:-1]))
 
 
 def _make_layer(module: nn.Module, name: str) -> LoraLayer:

@@ -1,0 +1,103 @@
+"""LoRA layer maths: the fused training kernel, DoRA's norm, conv and embedding deltas."""
+import pytest
+import torch
+from torch import nn
+
+from peftkit import LoraConfig, get_peft_model
+from peftkit.layers import new_forward_pass
+
+
+class Net(nn.Module):
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.proj = nn.Linear(12, 10, bias=bias)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _grads(model, x, seed):
+    model.zero_grad()
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    new_forward_pass()
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    named = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.detach(), x.grad, named
+
+
+@pytest.mark.parametrize("bias_mode, dropout", [("none", 0.0), ("lora_only", 0.0), ("none", 0.3), ("lora_only", 0.3)])
+def test_fused_kernel_matches_the_plain_autograd_path(bias_mode, dropout):
+    torch.manual_seed(0)
+    model = get_peft_model(Net(bias=True), LoraConfig(r=3, lora_alpha=6, target_modules=["proj"],
+                                                      lora_dropout=dropout, bias=bias_mode)).train()
+    with torch.no_grad():
+        model.base_model.proj.lora_B["default"].normal_()
+    layer = model.base_model.proj
+    x = torch.randn(2, 5, 12)
+    assert layer._fusable(x) == "default"
+    fused = _grads(model, x, seed=11)
+    layer.base_layer.register_forward_hook(lambda mod, inp, out: None)  # a hook forces the plain path
+    assert layer._fusable(x) is None
+    plain = _grads(model, x, seed=11)
+    torch.testing.assert_close(fused[0], plain[0])
+    torch.testing.assert_close(fused[1], plain[1])
+    assert fused[2].keys() == plain[2].keys() and len(fused[2]) == (3 if bias_mode == "lora_only" else 2)
+    for name in fused[2]:
+        torch.testing.assert_close(fused[2][name], plain[2][name], msg=name)
+
+
+def test_lora_delta_formula_and_rslora_scaling():
+    torch.manual_seed(0)
+    base = Net(bias=False)
+    w = base.proj.weight.detach().clone()
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["proj"]))
+    layer = model.base_model.proj
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    a, b = layer.lora_A["default"].detach(), layer.lora_B["default"].detach()
+    x = torch.randn(3, 12)
+    assert layer.scaling["default"] == pytest.approx(8 / 2)  # alpha / sqrt(r)
+    torch.testing.assert_close(model(x), x @ (w + 4.0 * b @ a).t())
+
+
+def test_dora_norm_equals_the_explicit_matrix_norm_and_forward_matches_the_paper():
+    torch.manual_seed(0)
+    base = Net(bias=True)
+    w, bias = base.proj.weight.detach().clone(), base.proj.bias.detach().clone()
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["proj"]))
+    layer = model.base_model.proj
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+        layer.lora_magnitude_vector["default"].uniform_(0.5, 2.0)
+    a, b = layer.lora_A["default"].detach(), layer.lora_B["default"].detach()
+    m = layer.lora_magnitude_vector["default"].detach()
+    v = w + 2.0 * b @ a
+    torch.testing.assert_close(layer.dora_norm("default"), v.norm(dim=1))
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(model(x), x @ (m[:, None] * v / v.norm(dim=1, keepdim=True)).t() + bias)
+
+
+def test_conv_and_embedding_deltas_equal_merged_weights():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(20, 6), nn.Conv1d(6, 8, 3, padding=1))
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.conv = net[0], net[1]
+
+        def forward(self, ids):
+            return self.conv(self.emb(ids).transpose(1, 2))
+
+    model = get_peft_model(Wrap(), LoraConfig(r=2, target_modules=["emb", "conv"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora" in name:
+                p.normal_()
+    ids = torch.randint(0, 20, (2, 7))
+    expected = model(ids)
+    merged = model.merge_and_unload()
+    assert type(merged.conv) is nn.Conv1d and type(merged.emb) is nn.Embedding
+    torch.testing.assert_close(merged(ids), expected, atol=1e-5, rtol=1e-5)
