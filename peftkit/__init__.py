@@ -7,12 +7,14 @@ from .auto import (
     AutoPeftModelForTokenClassification,
 )
 from .config import PeftConfig, registered_types
+from .methods.adapter import AdapterConfig
+from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .model import PeftModel, get_peft_model
 
 __version__ = "0.1.0"
 __all__ = [
-    "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
-    "AutoPeftModelForTokenClassification", "LoraConfig", "PeftConfig", "PeftModel", "get_peft_model",
+    "AdapterConfig", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification", "IA3Config", "LoraConfig", "PeftConfig", "PeftModel", "get_peft_model",
     "registered_types",
 ]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from typing import Optional
 
@@ -11,12 +12,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .inject import adapter_layers
+from .layers import ModulesToSaveWrapper
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 DISK_PREFIX = "base_model.model."  # PEFT's PeftModel.base_model (tuner) .model (user model)
 # Internal per-adapter attributes that PEFT stores as an nn.Linear/nn.Conv weight: the key gets ".weight".
 _MODULE_WEIGHT_ATTRS = {"lora_A", "lora_B"}
+# PEFT saves the full base weight of a targeted input/output embedding beside the adapter (its
+# save_embedding_layers="auto"), so an adapter trained on a resized vocabulary carries the new rows.
+EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 
 
 def disk_key(path: str) -> str:
@@ -28,11 +33,44 @@ def disk_key(path: str) -> str:
 
 def adapter_tensors(model: nn.Module, adapter_name: str, extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every tensor of one adapter under its on-disk key (the live tensors, not copies)."""
-    out = {disk_key(path): tensor for path, tensor in extras.items()}
+    heads = [path for path, layer in adapter_layers(model) if isinstance(layer, ModulesToSaveWrapper)]
+    out = {disk_key(_head_inner_path(path, heads, adapter_name)): tensor for path, tensor in extras.items()}
     for path, layer in adapter_layers(model):
         for attr, tensor in layer.adapter_tensors(adapter_name).items():
             out[disk_key(f"{path}.{attr}")] = tensor
     return out
+
+
+def _head_inner_path(path: str, heads: list[str], adapter_name: str) -> str:
+    # PEFT's names inside a trained head: original_module (ours: base_layer), modules_to_save without the adapter
+    for head in heads:
+        for inner, disk in ((f"{head}.base_layer.", f"{head}.original_module."),
+                            (f"{head}.modules_to_save.{adapter_name}.", f"{head}.modules_to_save.")):
+            if path.startswith(inner):
+                return disk + path[len(inner):]
+    return path
+
+
+def embedding_tensors(model: nn.Module, target_modules) -> dict[str, torch.Tensor]:
+    """Base weights of the wrapped input/output embeddings, keyed as PEFT saves them; empty unless targeted."""
+    if not _targets_embedding(model, target_modules):
+        return {}
+    getters = [getattr(model, g, None) for g in ("get_input_embeddings", "get_output_embeddings")]
+    embeddings = [get() for get in getters if callable(get)]
+    out = {}
+    for path, layer in adapter_layers(model):
+        if any(layer is e for e in embeddings) and not isinstance(layer, ModulesToSaveWrapper):
+            for name, tensor in layer.base_layer.state_dict(keep_vars=True).items():
+                out[disk_key(f"{path}.base_layer.{name}")] = tensor
+    return out
+
+
+def _targets_embedding(model: nn.Module, target_modules) -> bool:
+    # PEFT's test: a list naming embed_tokens / lm_head, or a regex matching a module called so
+    if isinstance(target_modules, str):
+        return any(re.fullmatch(target_modules, n) for n, _ in model.named_modules()
+                   if n.rsplit(".", 1)[-1] in EMBEDDING_NAMES)
+    return any(n in (target_modules or ()) for n in EMBEDDING_NAMES)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], directory: str) -> str:

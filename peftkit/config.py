@@ -17,8 +17,9 @@ logger = logging.getLogger("peftkit")
 CONFIG_NAME = "adapter_config.json"
 TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
-# Keys other PEFT versions write that carry no meaning for us: dropped on read.
-_INFORMATIONAL_KEYS = {"peft_version", "auto_mapping", "revision"}
+# Keys other PEFT versions write that carry no meaning for us: dropped on read. PEFT writes
+# megatron_core and qalora_group_size always; they only matter with megatron_config / use_qalora.
+_INFORMATIONAL_KEYS = {"peft_version", "auto_mapping", "revision", "megatron_core", "qalora_group_size"}
 # Keys of features we do not implement, with the value that means "feature off". An adapter that
 # turns one on is refused rather than silently loaded wrong.
 _UNSUPPORTED_FEATURES = {

@@ -15,7 +15,8 @@ DEFAULT_TARGETS = {
     "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
     "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"],
-    "vit": ["query", "value"], "whisper": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "vit": ["query", "value", "q_proj", "v_proj"],  # transformers >= 5 names ViT's attention q_proj / v_proj
+    "whisper": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"],
 }
 HEAD_NAMES = ("classifier", "score")  # heads a SEQ_CLS / TOKEN_CLS task trains in full
@@ -81,9 +82,9 @@ def _nearest_error(spec, model: nn.Module) -> ValueError:
 
 def find_targets(model: nn.Module, config) -> list[str]:
     """Names of the modules ``config`` targets, in model order; an error if none match."""
-    found = []
+    found, inside = [], _wrapper_prefixes(model)
     for name, module in model.named_modules():
-        if not name or _inside_adapter(name, model):
+        if not name or name.startswith(inside):
             continue
         if not name_matches(name, config.target_modules) or name_matches(name, config.exclude_modules):
             continue
@@ -96,9 +97,9 @@ def find_targets(model: nn.Module, config) -> list[str]:
     return found
 
 
-def _inside_adapter(name: str, model: nn.Module) -> bool:
-    # names under a wrapper's per-adapter containers are not base modules
-    return any(part in name.split(".") for part in ("lora_A", "lora_B", "modules_to_save", "base_layer"))
+def _wrapper_prefixes(model: nn.Module) -> tuple[str, ...]:
+    # modules inside a wrapper (its base_layer, per-adapter containers) are never targets themselves
+    return tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, AdapterLayer))
 
 
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -132,9 +133,9 @@ def replace_modules(model: nn.Module, config, adapter_name: str,
 
 def wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str, required: bool) -> list[str]:
     """Wrap modules whose names end with any of ``names`` so each adapter trains its own copy."""
-    hits = []
+    hits, inside = [], _wrapper_prefixes(model)
     for name, module in list(model.named_modules()):
-        if not name or _inside_adapter(name, model) or not name_matches(name, names):
+        if not name or name.startswith(inside) or not name_matches(name, names):
             continue
         if isinstance(module, ModulesToSaveWrapper):
             module.create_adapter(adapter_name)

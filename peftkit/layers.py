@@ -83,6 +83,11 @@ class AdapterLayer(nn.Module):
         """The base weight that merging writes into."""
         return self.base_layer.weight
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight: model code reads it off the wrapped module (T5: ``self.wo.weight.dtype``)."""
+        return self.base_layer.weight
+
     def merge(self, names: list[str], safe: bool = False) -> None:
         """Add each adapter's delta to the base weight (skipping ones already merged)."""
         weight = self.weight_param

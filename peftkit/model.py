@@ -169,6 +169,16 @@ class PeftModel(nn.Module):
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}")
+            peft_type = self.peft_config[name].peft_type
+            if not getattr(lookup(peft_type)[1], "mergeable", True):  # refused before any weight changes
+                raise ValueError(f"adapter {name!r} is a {peft_type} adapter, which cannot be merged into the base "
+                                 "weights (it is not a weight update); use unload() to remove it, or keep the PeftModel")
+        # a disk-offloaded base weight is a "meta" placeholder: adding to it would be silently lost
+        offloaded = [n for n, layer in adapter_layers(self.base_model)
+                     if getattr(getattr(layer.base_layer, "weight", None), "is_meta", False)]
+        if offloaded:
+            raise ValueError(f"cannot merge into {offloaded[0]!r} ({len(offloaded)} layers in all): its base weight is "
+                             "offloaded (on 'meta'). Load the base without disk offload to merge, or run unmerged.")
         for _, layer in adapter_layers(self.base_model):
             layer.merge(names, safe=safe_merge)
 
@@ -219,6 +229,7 @@ class PeftModel(nn.Module):
         for name in names:
             directory = save_directory if name == "default" else os.path.join(save_directory, name)
             tensors = self.adapter_parameters(name)
+            tensors.update(self._embedding_tensors(name))  # as PEFT: full weights of targeted embeddings
             if safe_serialization:
                 checkpoint.save_tensors(tensors, directory)
             else:
@@ -241,11 +252,11 @@ class PeftModel(nn.Module):
         peft_model = cls(model, config, adapter_name)
         try:
             peft_model._fill(adapter_name, tensors, directory)
+            if device_map is not None or max_memory is not None:
+                peft_model._dispatch(device_map, max_memory)
         except Exception:
             peft_model.unload()
             raise
-        if device_map is not None or max_memory is not None:
-            peft_model._dispatch(device_map, max_memory)
         return peft_model
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
@@ -265,8 +276,13 @@ class PeftModel(nn.Module):
 
     def _fill(self, adapter_name: str, tensors: dict[str, torch.Tensor], directory: str) -> None:
         expected = self.adapter_parameters(adapter_name)
+        # embedding weights saved beside the adapter (PEFT does so by default) are optional; load them if there
+        expected.update({k: v for k, v in self._embedding_tensors(adapter_name).items() if k in tensors})
         checkpoint.check_fit(expected, tensors, directory)
         checkpoint.copy_into(expected, tensors)
+
+    def _embedding_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        return checkpoint.embedding_tensors(self.base_model, getattr(self.peft_config[adapter_name], "target_modules", None))
 
     def _dispatch(self, device_map, max_memory: Optional[dict]) -> None:
         from accelerate import dispatch_model, infer_auto_device_map
@@ -276,6 +292,13 @@ class PeftModel(nn.Module):
         if device_map in (None, "auto", "balanced", "sequential") or max_memory is not None:
             no_split = getattr(self.base_model, "_no_split_modules", None) or []
             device_map = infer_auto_device_map(self, max_memory=max_memory, no_split_module_classes=no_split)
+        on_disk = sorted(name for name, device in device_map.items() if device == "disk")
+        if on_disk:  # accelerate would ask for an offload_dir, which this API does not take
+            raise ValueError(
+                f"this device_map / max_memory puts {on_disk} on 'disk', and PeftModel.from_pretrained takes no "
+                "offload folder. Load the base with transformers' from_pretrained(device_map=..., max_memory=..., "
+                "offload_folder=...), then call PeftModel.from_pretrained(base, adapter_path)."
+            )
         dispatch_model(self, device_map=device_map)
 
 

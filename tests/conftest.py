@@ -17,8 +17,11 @@ def randomize_adapters(model, std: float = 0.2, seed: int = 1) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * std + (1.0 if "magnitude" in name else 0.0))
+            if "lora_" in name or "ia3_l" in name:
+                centre = 1.0 if "magnitude" in name or "ia3_l" in name else 0.0  # scales (DoRA m, IA3 l) sit near 1
+                param.copy_(torch.randn(param.shape, generator=gen) * std + centre)
+            elif ".adapter_down." in name or ".adapter_up." in name:  # bottleneck projections (up starts at 0)
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from peftkit import LoraConfig, PeftConfig, PeftModel, get_peft_model, registered_types
+from peftkit import AdapterConfig, IA3Config, LoraConfig, PeftConfig, PeftModel, get_peft_model, registered_types
+from peftkit.config import lookup
 from conftest import randomize_adapters, tiny_llama
 
 # Every registered method needs examples here; a method added without them fails test_every_method_has_examples.
@@ -18,6 +19,19 @@ EXAMPLES = {
                                       rank_pattern={"k_proj": 2}, alpha_pattern={"o_proj": 3}),
         "embedding-bias": LoraConfig(r=4, target_modules=["embed_tokens", "down_proj"], bias="lora_only"),
         "layers": LoraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="layers"),
+    },
+    "IA3": {
+        "ia3-llama-defaults": IA3Config(),  # k_proj, v_proj scaled at the output; down_proj at the input
+        "ia3-regex-layers": IA3Config(target_modules=r".*\.(q_proj|up_proj|down_proj)", feedforward_modules=r".*up_proj",
+                                      layers_to_transform=[0], layers_pattern="layers"),
+        "ia3-all-linear-two-ff": IA3Config(target_modules="all-linear", feedforward_modules=["o_proj", "down_proj"]),
+    },
+    "BOTTLENECK": {
+        "houlsby": AdapterConfig(adapter_type="houlsby", bottleneck_size=4),  # after self_attn and mlp
+        "pfeiffer": AdapterConfig(adapter_type="pfeiffer", reduction_factor=8, non_linearity="gelu"),
+        "parallel": AdapterConfig(adapter_type="parallel", bottleneck_size=4, scaling=2.0, non_linearity="silu"),
+        "parallel-attn-layers": AdapterConfig(adapter_type="parallel", attn_modules=["self_attn"], bottleneck_size=3,
+                                              non_linearity="tanh", layers_to_transform=[1], layers_pattern="layers"),
     },
 }
 CASES = [(t, k) for t in EXAMPLES for k in EXAMPLES[t]]
@@ -53,7 +67,8 @@ def test_only_adapter_parameters_trainable(case):
     assert trainable, "nothing is trainable"
     config = model.peft_config["default"]
     for name in trainable:
-        assert "lora_" in name or (config.bias != "none" and name.endswith("bias")), name
+        adapter_named = "lora_" in name or "ia3_l" in name or ".adapter_" in name  # .adapter_down / .adapter_up
+        assert adapter_named or (config.bias != "none" and name.endswith("bias")), name
     trainable_count, total = model.get_nb_trainable_parameters()
     assert trainable_count == sum(p.numel() for p in model.parameters() if p.requires_grad) < total
 
@@ -80,16 +95,32 @@ def test_save_load_reproduces_outputs(case, ids, tmp_path):
     assert _adapter_names(trainable) == _adapter_names(model)
 
 
+def _mergeable(case):
+    # a method object says mergeable = False when no weight update equals it (a nonlinear bottleneck adapter)
+    return getattr(lookup(case[0])[1], "mergeable", True)
+
+
+def _assert_merge_refused(model, ids, expected):
+    for merge in (model.merge_adapter, model.merge_and_unload):
+        with pytest.raises(ValueError, match="cannot be merged"):
+            merge()
+        torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)  # nothing was half-merged
+    plain = model.unload()  # removing without merging still works
+    torch.testing.assert_close(plain(ids).logits, tiny_llama()(ids).logits, atol=1e-6, rtol=0)
+
+
 def test_merged_equals_unmerged(case, ids):
     model = _make(case)
     randomize_adapters(model)
     expected = model(ids).logits
+    if not _mergeable(case):
+        return _assert_merge_refused(model, ids, expected)
     model.merge_adapter()
     torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
     model.unmerge_adapter()
     torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
     plain = model.merge_and_unload()
-    assert not any("lora" in n for n, _ in plain.named_parameters())
+    assert not any("lora" in n or "ia3" in n for n, _ in plain.named_parameters())
     torch.testing.assert_close(plain(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -100,6 +131,8 @@ def test_disabled_equals_base(case, ids):
     assert not torch.allclose(model(ids).logits, base_out, atol=1e-4)
     with model.disable_adapter():
         torch.testing.assert_close(model(ids).logits, base_out, atol=1e-6, rtol=0)
+    if not _mergeable(case):
+        return  # test_merged_equals_unmerged checks that merging refuses
     model.merge_adapter()
     with model.disable_adapter():
         torch.testing.assert_close(model(ids).logits, base_out, atol=1e-5, rtol=1e-5)

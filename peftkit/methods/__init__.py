@@ -1,2 +1,4 @@
 """One file per method; importing a method module registers it."""
 from . import lora  # noqa: F401  (registers LORA)
+from . import adapter  # noqa: F401  (registers BOTTLENECK)
+from . import ia3  # noqa: F401  (registers IA3)

@@ -392,9 +392,11 @@ class LoraMethod:
         """Wrap the targets of ``config`` with LoRA layers for ``adapter_name``."""
         resolve_targets(model, config)
         targets = find_targets(model, config)
-        for name in targets:
-            module = model.get_submodule(name)
+        modules = [model.get_submodule(name) for name in targets]
+        for name, module in zip(targets, modules):
             _layer_class(module.base_layer if isinstance(module, LoraLayer) else module, name)
+        if any(type(m).__name__ == "Conv1D" for m in modules):
+            config.fan_in_fan_out = True  # as PEFT records it for GPT-2, so its loader does not warn
         return replace_modules(model, config, adapter_name, _make_layer, targets)
 
     def extra_tensors(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> dict[str, torch.Tensor]:

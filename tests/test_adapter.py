@@ -1,0 +1,227 @@
+"""Bottleneck adapters: placement on real architectures, the residual maths, training, errors, save / load."""
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration,
+                          ViTConfig, ViTModel)
+
+from peftkit import AdapterConfig, PeftModel, get_peft_model
+from peftkit.methods.adapter import BottleneckLayer
+from conftest import randomize_adapters, tiny_llama
+
+IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+def tiny_t5():
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1,
+                                               num_heads=4, decoder_start_token_id=0)).eval()
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=48)).eval()
+
+
+def tiny_vit():
+    torch.manual_seed(0)
+    return ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                              image_size=8, patch_size=4)).eval()
+
+
+PIXELS = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+# arch -> (builder, inputs, {adapter_type: suffixes of the wrapped modules})
+ARCHS = {
+    "llama": (tiny_llama, {"input_ids": IDS}, {"houlsby": {"self_attn", "mlp"}, "pfeiffer": {"mlp"}}),
+    "gpt2": (tiny_gpt2, {"input_ids": IDS}, {"houlsby": {"attn", "mlp"}, "pfeiffer": {"mlp"}}),
+    "t5": (tiny_t5, {"input_ids": IDS, "decoder_input_ids": IDS[:, :4]},
+           {"houlsby": {"SelfAttention", "DenseReluDense"}, "pfeiffer": {"DenseReluDense"}}),
+    "bert": (tiny_bert, {"input_ids": IDS}, {"houlsby": {"attention.output.dense", "output.dense"},
+                                             "pfeiffer": {"output.dense"}}),
+    "vit": (tiny_vit, {"pixel_values": PIXELS}, {"houlsby": {"attention", "mlp"}, "pfeiffer": {"mlp"}}),
+}
+CASES = [(a, t) for a in ARCHS for t in ("houlsby", "pfeiffer", "parallel") if (a, t) != ("bert", "parallel")]
+
+
+def _wrapped(model):
+    return [n for n, m in model.named_modules() if isinstance(m, BottleneckLayer)]
+
+
+@pytest.mark.parametrize("arch, adapter_type", CASES)
+def test_unchanged_at_init_and_on_the_forward_path(arch, adapter_type):
+    build, inputs, sites = ARCHS[arch]
+    base_out = build()(**inputs)[0]
+    model = get_peft_model(build(), AdapterConfig(adapter_type=adapter_type, bottleneck_size=4))
+    wrapped = _wrapped(model)
+    expected = sites.get(adapter_type, sites["pfeiffer"])  # parallel sits beside the FFN block
+    assert len(wrapped) == (4 if adapter_type == "houlsby" else 2)
+    assert all(any(n == s or n.endswith("." + s) for s in expected) for n in wrapped), wrapped
+    torch.testing.assert_close(model(**inputs)[0], base_out, atol=1e-6, rtol=0)
+    randomize_adapters(model)
+    assert not torch.allclose(model(**inputs)[0], base_out, atol=1e-4), "adapters are not on the forward path"
+    with model.disable_adapter():
+        torch.testing.assert_close(model(**inputs)[0], base_out, atol=1e-6, rtol=0)
+
+
+def test_bert_hook_points_are_the_output_projections_before_add_and_norm():
+    model = get_peft_model(tiny_bert(), AdapterConfig(bottleneck_size=4))
+    sites = ("attention.output.dense", "output.dense")
+    assert _wrapped(model.base_model) == [f"encoder.layer.{i}.{s}" for i in (0, 1) for s in sites]
+
+
+class Block(nn.Module):
+    """Returns a tuple, like an attention block, and takes a keyword argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 4)
+
+    def forward(self, x, scale=1.0):
+        return self.proj(x) * scale, "extra"
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = Block()
+
+    def forward(self, x, scale=1.0):
+        return self.block(x, scale=scale)
+
+
+@pytest.mark.parametrize("adapter_type", ["pfeiffer", "parallel"])
+def test_residual_equals_the_hand_computed_formula(adapter_type):
+    model = get_peft_model(Tiny(), AdapterConfig(adapter_type=adapter_type, ffn_modules=["block"], bottleneck_size=3,
+                                                  non_linearity="tanh", scaling=0.5))
+    layer = model.base_model.block
+    down, up = layer.adapter_down["default"], layer.adapter_up["default"]
+    assert tuple(down.weight.shape) == ((3, 6) if adapter_type == "parallel" else (3, 4))
+    assert not up.weight.any() and not up.bias.any(), "the up-projection starts at zero"
+    x = torch.randn(5, 6)
+    h = model.base_model.block.base_layer.proj(x) * 2.0
+    torch.testing.assert_close(model(x, scale=2.0)[0], h)
+    randomize_adapters(model)
+    out, extra = model(x, scale=2.0)
+    source = x if adapter_type == "parallel" else h  # He et al.: the block's input; Houlsby / Pfeiffer: its output
+    expected = h + 0.5 * (torch.tanh(source @ down.weight.T + down.bias) @ up.weight.T + up.bias)
+    torch.testing.assert_close(out, expected)
+    assert extra == "extra", "the rest of a tuple output passes through"
+
+
+def test_adamw_lowers_the_loss_and_changes_only_adapter_weights():
+    model = get_peft_model(tiny_llama(), AdapterConfig(bottleneck_size=8)).train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapter_down." in n or ".adapter_up." in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(IDS, labels=IDS).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable
+    assert any(".adapter_down." in n for n in changed) and any(".adapter_up." in n for n in changed)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"reduction_factor": 8, "bottleneck_size": 4}, "not both"),
+    ({"bottleneck_size": 0}, "positive integer"),
+    ({"bottleneck_size": 2.5}, "positive integer"),
+    ({"reduction_factor": -2}, "positive number"),
+    ({"non_linearity": "swish"}, "non_linearity must be one of"),
+    ({"adapter_type": "serial"}, "adapter_type must be one of"),
+    ({"target_modules": ["mlp"]}, "not target_modules"),
+    ({"adapter_type": "pfeiffer", "attn_modules": ["self_attn"]}, "feed-forward block only"),
+    ({"scaling": float("nan")}, "finite"),
+    ({"ffn_modules": 3}, "list of module names"),
+])
+def test_bad_configs_are_refused(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        AdapterConfig(**kwargs)
+
+
+def test_size_defaults_and_reduction_factor():
+    assert AdapterConfig().reduction_factor == 16 and AdapterConfig(bottleneck_size=4).reduction_factor is None
+    model = get_peft_model(tiny_llama(), AdapterConfig(adapter_type="pfeiffer", reduction_factor=8))
+    assert tuple(model.base_model.model.layers[0].mlp.adapter_down["default"].weight.shape) == (4, 32)
+
+
+@pytest.mark.parametrize("build, config, match", [
+    (tiny_llama, AdapterConfig(adapter_type="pfeiffer", ffn_modules=["mlpp"]),
+     r"ffn_modules=\['mlpp'\].*did you mean 'mlp'"),
+    (Tiny, AdapterConfig(adapter_type="parallel"), "no default hook points for model type None"),
+    (Tiny, AdapterConfig(ffn_modules=["block"]), "no default hook points"),  # houlsby also needs attn_modules
+    (tiny_bert, AdapterConfig(ffn_modules=["output.dense"]), "matches both attn_modules and ffn_modules"),
+    (tiny_bert, AdapterConfig(adapter_type="parallel"), "no default ffn_modules for adapter_type='parallel'"),
+    (tiny_llama, AdapterConfig(adapter_type="pfeiffer", ffn_modules=["mlp", "down_proj"]), "hook points nest"),
+    (tiny_llama, AdapterConfig(adapter_type="pfeiffer", ffn_modules=["act_fn"]), "without linear layers"),
+])
+def test_bad_hook_points_fail_at_get_peft_model_and_leave_the_model_alone(build, config, match):
+    base = build()
+    with pytest.raises(ValueError, match=match):
+        get_peft_model(base, config)
+    assert not _wrapped(base) and all(p.requires_grad for p in base.parameters())
+
+
+def test_defaults_are_resolved_into_the_saved_config_only():
+    user = AdapterConfig(bottleneck_size=4)
+    model = get_peft_model(tiny_bert(), user)
+    assert user.attn_modules is None and user.ffn_modules is None
+    config = model.peft_config["default"]
+    assert config.attn_modules == ["attention.output.dense"] and config.ffn_modules == r".*\.layer\.\d+\.output\.dense"
+
+
+def test_merge_is_refused_and_unload_restores_the_base():
+    base_out = tiny_llama()(IDS).logits
+    model = get_peft_model(tiny_llama(), AdapterConfig(bottleneck_size=4))
+    randomize_adapters(model)
+    adapted = model(IDS).logits
+    with pytest.raises(ValueError, match="cannot be merged.*unload"):
+        model.merge_and_unload()
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.base_model.model.layers[0].mlp.merge(["default"])  # the layer refuses too, not only PeftModel
+    torch.testing.assert_close(model(IDS).logits, adapted, atol=0, rtol=0)
+    plain = model.unload()
+    assert not _wrapped(plain)
+    torch.testing.assert_close(plain(IDS).logits, base_out, atol=1e-6, rtol=0)
+
+
+def test_named_adapters_save_load_keys_and_delete(tmp_path):
+    model = get_peft_model(tiny_llama(), AdapterConfig(bottleneck_size=4))
+    model.add_adapter("ffn", AdapterConfig(adapter_type="parallel", bottleneck_size=2, scaling=4.0))
+    randomize_adapters(model)
+    outs = {}
+    for names in ("default", "ffn", ["default", "ffn"]):
+        model.set_adapter(names)
+        outs[str(names)] = model(IDS).logits
+    assert not torch.allclose(outs["default"], outs["ffn"])
+    assert not torch.allclose(outs["ffn"], outs[str(["default", "ffn"])]), "both adapters act when both are active"
+    model.save_pretrained(tmp_path)
+    parts = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    blocks = ("self_attn", "mlp")
+    assert keys == {f"base_model.model.model.layers.{i}.{m}.{p}" for i in (0, 1) for m in blocks for p in parts}
+    assert set(load_file(tmp_path / "ffn" / "adapter_model.safetensors")) == {
+        f"base_model.model.model.layers.{i}.mlp.{p}" for i in (0, 1) for p in parts}
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    loaded.load_adapter(tmp_path, "ffn", subfolder="ffn")
+    torch.testing.assert_close(loaded(IDS).logits, outs["default"], atol=1e-6, rtol=0)
+    loaded.set_adapter(["default", "ffn"])
+    torch.testing.assert_close(loaded(IDS).logits, outs[str(["default", "ffn"])], atol=1e-6, rtol=0)
+    loaded.delete_adapter("default")
+    assert len(_wrapped(loaded)) == 2  # the attention wrappers held only "default": unwrapped
+    torch.testing.assert_close(loaded(IDS).logits, outs["ffn"], atol=1e-6, rtol=0)
