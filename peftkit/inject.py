@@ -47,6 +47,18 @@ def layer_index(name: str, layers_pattern) -> Optional[int]:
     return None
 
 
+def resolve_target_modules(model: nn.Module, config, defaults: dict, method: str, example: str) -> None:
+    """Replace None (the model type's default) or "all-linear" in ``config.target_modules`` by explicit names."""
+    if config.target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in defaults:
+            raise ValueError(f"no default {method}target_modules for model type {model_type!r}; set target_modules, "
+                             f"e.g. {example}")
+        config.target_modules = list(defaults[model_type])
+    elif isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+        config.target_modules = expand_all_linear(model, config.task_type, (nn.Module,))
+
+
 def _head_names(model: nn.Module, task_type: Optional[str]) -> set[str]:
     heads = set()
     get_out = getattr(model, "get_output_embeddings", None)

@@ -12,7 +12,7 @@ from torch import nn
 from . import checkpoint
 from .config import PeftConfig, lookup
 from .inject import HEAD_NAMES, adapter_layers, unwrap, wrap_modules_to_save
-from .layers import AdapterLayer, new_forward_pass
+from .layers import new_forward_pass
 
 BASE_ADAPTER = "__base__"  # reserved: "no adapter" in mixed batches
 

@@ -1,7 +1,6 @@
 """Bottleneck adapters: placement on real architectures, the residual maths, training, errors, save / load."""
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration,

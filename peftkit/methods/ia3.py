@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import TargetSpec, TargetedConfig, register
-from ..inject import expand_all_linear, find_targets, is_linear_like, replace_modules
+from ..inject import find_targets, is_linear_like, replace_modules, resolve_target_modules
 from ..layers import AdapterLayer
 from .lora import _adapter_dtype, _param_device
 
@@ -256,14 +256,9 @@ def _check_supported(module: nn.Module, name: str) -> None:
 
 def resolve_targets(model: nn.Module, config: IA3Config) -> None:
     """Fill unset target_modules / feedforward_modules with PEFT's per-model defaults; expand "all-linear"."""
+    resolve_target_modules(model, config, DEFAULT_TARGETS, "IA3 ",
+                           "['k_proj', 'v_proj', 'down_proj'] with feedforward_modules=['down_proj']")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if config.target_modules is None:
-        if model_type not in DEFAULT_TARGETS:
-            raise ValueError(f"no default IA3 target_modules for model type {model_type!r}; set target_modules, "
-                             "e.g. ['k_proj', 'v_proj', 'down_proj'] with feedforward_modules=['down_proj']")
-        config.target_modules = list(DEFAULT_TARGETS[model_type])
-    elif isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
-        config.target_modules = expand_all_linear(model, config.task_type, (nn.Module,))
     if config.feedforward_modules is None:
         if model_type not in DEFAULT_FEEDFORWARD:
             raise ValueError(f"no default IA3 feedforward_modules for model type {model_type!r}; set "

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TargetedConfig, register
-from ..inject import DEFAULT_TARGETS, expand_all_linear, find_targets, is_linear_like, replace_modules
+from ..inject import DEFAULT_TARGETS, find_targets, is_linear_like, replace_modules, resolve_target_modules
 from ..layers import AdapterLayer, shared_dropout
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -390,7 +390,8 @@ class LoraMethod:
 
     def inject(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
         """Wrap the targets of ``config`` with LoRA layers for ``adapter_name``."""
-        resolve_targets(model, config)
+        resolve_target_modules(model, config, DEFAULT_TARGETS, "",
+                               "target_modules='all-linear' or a list such as ['q_proj', 'v_proj']")
         targets = find_targets(model, config)
         modules = [model.get_submodule(name) for name in targets]
         for name, module in zip(targets, modules):
@@ -424,18 +425,6 @@ def _in_other_copy(name: str, adapter_name: str) -> bool:
 
 def _make_layer(module: nn.Module, name: str) -> LoraLayer:
     return _layer_class(module, name)(module)
-
-
-def resolve_targets(model: nn.Module, config) -> None:
-    """Replace None / "all-linear" in ``config.target_modules`` by explicit names (saved with the adapter)."""
-    if config.target_modules is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
-            raise ValueError(f"no default target_modules for model type {model_type!r}; set target_modules, "
-                             "e.g. target_modules='all-linear' or a list such as ['q_proj', 'v_proj']")
-        config.target_modules = list(DEFAULT_TARGETS[model_type])
-    elif isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
-        config.target_modules = expand_all_linear(model, config.task_type, (nn.Module,))
 
 
 register("LORA", LoraConfig, LoraMethod())
