@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Callable, Iterable, Optional
+from typing import Callable, ClassVar, Iterable, Optional
 
+import torch
 from torch import nn
 
 from .layers import AdapterLayer, ModulesToSaveWrapper
@@ -20,6 +21,20 @@ DEFAULT_TARGETS = {
     "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"],
 }
 HEAD_NAMES = ("classifier", "score")  # heads a SEQ_CLS / TOKEN_CLS task trains in full
+
+
+class Method:
+    """How a method enters a model. The registry maps a peft_type to one of these."""
+
+    mergeable: ClassVar[bool] = True  # False: no weight update equals the adapter (merge is refused)
+
+    def inject(self, model: nn.Module, config, adapter_name: str) -> list[str]:
+        """Put ``adapter_name`` into ``model``; return the names of the modules it touched."""
+        raise NotImplementedError
+
+    def extra_tensors(self, model: nn.Module, config, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Base tensors trained and saved with the adapter (e.g. LoRA's biases), by path; none by default."""
+        return {}
 
 
 def is_linear_like(module: nn.Module) -> bool:

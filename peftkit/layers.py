@@ -10,6 +10,20 @@ import torch
 from torch import nn
 
 
+def param_device(module: nn.Module) -> torch.device:
+    """Where a module's adapter tensors belong: an offloaded (meta) weight runs on its hook's execution device."""
+    weight = module.weight
+    if weight.device.type != "meta":
+        return weight.device
+    hook = getattr(module, "_hf_hook", None)
+    return torch.device(getattr(hook, "execution_device", None) or "cpu")
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapters of a low-precision or quantised base are kept in float32, as in PEFT."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 class AdapterLayer(nn.Module):
     """Wraps ``base_layer`` and keeps each adapter's tensors in dicts keyed by adapter name.
 

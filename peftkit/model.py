@@ -170,7 +170,7 @@ class PeftModel(nn.Module):
             if name not in self.peft_config:
                 raise ValueError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}")
             peft_type = self.peft_config[name].peft_type
-            if not getattr(lookup(peft_type)[1], "mergeable", True):  # refused before any weight changes
+            if not lookup(peft_type)[1].mergeable:  # refused before any weight changes
                 raise ValueError(f"adapter {name!r} is a {peft_type} adapter, which cannot be merged into the base "
                                  "weights (it is not a weight update); use unload() to remove it, or keep the PeftModel")
         # a disk-offloaded base weight is a "meta" placeholder: adding to it would be silently lost

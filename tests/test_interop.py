@@ -156,32 +156,30 @@ def _assert_adapter_changes_output(out: torch.Tensor, kind: str) -> None:
     assert (out - base).abs().max() > 1e-2, "the randomised adapter leaves the output unchanged"
 
 
-# --- direction 1: PEFT saves, peftkit loads ------------------------------------------------------
-@pytest.mark.parametrize("case_id", case_ids)
-def test_peft_to_peftkit(case_id, tmp_path):
-    case = CASES[case_id]
-    source = peft.get_peft_model(base_model(case.kind), case.peft_config())
-    randomise(source)
-    expected = logits(source, case.kind)
-    _assert_adapter_changes_output(expected, case.kind)
+# --- both directions: one library saves, the other loads ------------------------------------------
+DIRECTIONS = {"peft-to-peftkit": (peft, peftkit), "peftkit-to-peft": (peftkit, peft)}
+
+
+def _check_transfer(source, kind: str, target_lib, tmp_path):
+    """Randomise ``source``, save it, load it with ``target_lib``: the logits must agree."""
+    assert randomise(source) > 0
+    expected = logits(source, kind)
+    _assert_adapter_changes_output(expected, kind)
     source.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Unexpected keyword arguments")  # no field PEFT lacks
+        loaded = target_lib.PeftModel.from_pretrained(base_model(kind), tmp_path)
+    torch.testing.assert_close(logits(loaded, kind), expected, atol=ATOL, rtol=RTOL)
+    return loaded
 
-    loaded = peftkit.PeftModel.from_pretrained(base_model(case.kind), tmp_path)
-    torch.testing.assert_close(logits(loaded, case.kind), expected, atol=ATOL, rtol=RTOL)
 
-
-# --- direction 2: peftkit saves, PEFT loads ------------------------------------------------------
+@pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("case_id", case_ids)
-def test_peftkit_to_peft(case_id, tmp_path):
+def test_lora_moves_between_libraries(case_id, direction, tmp_path):
+    source_lib, target_lib = DIRECTIONS[direction]
     case = CASES[case_id]
-    source = peftkit.get_peft_model(base_model(case.kind), case.kit_config())
-    randomise(source)
-    expected = logits(source, case.kind)
-    _assert_adapter_changes_output(expected, case.kind)
-    source.save_pretrained(tmp_path)
-
-    loaded = peft.PeftModel.from_pretrained(base_model(case.kind), tmp_path)
-    torch.testing.assert_close(logits(loaded, case.kind), expected, atol=ATOL, rtol=RTOL)
+    config = case.peft_config() if source_lib is peft else case.kit_config()
+    _check_transfer(source_lib.get_peft_model(base_model(case.kind), config), case.kind, target_lib, tmp_path)
 
 
 # --- the files themselves ------------------------------------------------------------------------
@@ -276,47 +274,38 @@ def test_adapter_saved_without_embedding_weights_still_loads(tmp_path):
 OTHER = dict(r=2, lora_alpha=6, target_modules=["k_proj", "up_proj"], task_type="CAUSAL_LM")
 
 
-def test_second_adapter_from_peft_subfolder(tmp_path):
-    first = CASES["llama-list"].lora
-    source = peft.get_peft_model(base_model("llama"), peft.LoraConfig(**first))
-    source.add_adapter("other", peft.LoraConfig(**OTHER))
+def _two_adapter_logits(source, kind: str = "llama") -> tuple[torch.Tensor, torch.Tensor]:
+    """Randomise both adapters of ``source``; (default's logits, other's logits), which must differ."""
     randomise(source)
     source.set_adapter("other")
-    expected_other = logits(source, "llama")
+    expected_other = logits(source, kind)
     source.set_adapter("default")
-    expected_default = logits(source, "llama")
+    expected_default = logits(source, kind)
     assert (expected_other - expected_default).abs().max() > 1e-2
-    source.save_pretrained(tmp_path)
-    assert (tmp_path / "other" / "adapter_model.safetensors").is_file()
+    return expected_default, expected_other
 
-    loaded = peftkit.PeftModel.from_pretrained(base_model("llama"), tmp_path)
-    loaded.load_adapter(tmp_path / "other", "other")
+
+def _check_both_load(target_lib, tmp_path, expected, kind: str = "llama") -> None:
+    """Load the top-level adapter, then the one in the "other" subfolder; each reproduces its logits."""
+    loaded = target_lib.PeftModel.from_pretrained(base_model(kind), tmp_path)
+    loaded.load_adapter(str(tmp_path / "other"), "other")
     assert loaded.active_adapter == "default"
-    torch.testing.assert_close(logits(loaded, "llama"), expected_default, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(logits(loaded, kind), expected[0], atol=ATOL, rtol=RTOL)
     loaded.set_adapter("other")
-    torch.testing.assert_close(logits(loaded, "llama"), expected_other, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(logits(loaded, kind), expected[1], atol=ATOL, rtol=RTOL)
 
 
-def test_second_adapter_from_peftkit_subfolder(tmp_path):
-    first = CASES["llama-list"].lora
-    source = peftkit.get_peft_model(base_model("llama"), peftkit.LoraConfig(**first))
-    source.add_adapter("other", peftkit.LoraConfig(**OTHER))
-    randomise(source)
-    source.set_adapter("other")
-    expected_other = logits(source, "llama")
-    source.set_adapter("default")
-    expected_default = logits(source, "llama")
-    assert (expected_other - expected_default).abs().max() > 1e-2
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_second_adapter_in_a_subfolder(direction, tmp_path):
+    source_lib, target_lib = DIRECTIONS[direction]
+    source = source_lib.get_peft_model(base_model("llama"), source_lib.LoraConfig(**CASES["llama-list"].lora))
+    source.add_adapter("other", source_lib.LoraConfig(**OTHER))
+    expected = _two_adapter_logits(source)
     source.save_pretrained(tmp_path)
     assert saved_keys(tmp_path / "other") == {
         f"base_model.model.model.layers.{i}.{mod}.lora_{ab}.weight"
         for i in range(2) for mod in ("self_attn.k_proj", "mlp.up_proj") for ab in "AB"}
-
-    loaded = peft.PeftModel.from_pretrained(base_model("llama"), tmp_path)
-    loaded.load_adapter(str(tmp_path / "other"), "other")
-    torch.testing.assert_close(logits(loaded, "llama"), expected_default, atol=ATOL, rtol=RTOL)
-    loaded.set_adapter("other")
-    torch.testing.assert_close(logits(loaded, "llama"), expected_other, atol=ATOL, rtol=RTOL)
+    _check_both_load(target_lib, tmp_path, expected)
 
 
 # --- merging agrees too --------------------------------------------------------------------------
@@ -352,30 +341,13 @@ def _ia3(library, case_id):
     return library.get_peft_model(base_model(kind), library.IA3Config(**copy.deepcopy(kwargs))), kind
 
 
+@pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("case_id", ia3_ids)
-def test_ia3_peft_to_peftkit(case_id, tmp_path):
-    source, kind = _ia3(peft, case_id)
-    assert randomise(source) > 0
-    expected = logits(source, kind)
-    _assert_adapter_changes_output(expected, kind)
-    source.save_pretrained(tmp_path)
-
-    loaded = peftkit.PeftModel.from_pretrained(base_model(kind), tmp_path)
-    torch.testing.assert_close(logits(loaded, kind), expected, atol=ATOL, rtol=RTOL)
-
-
-@pytest.mark.parametrize("case_id", ia3_ids)
-def test_ia3_peftkit_to_peft(case_id, tmp_path):
-    source, kind = _ia3(peftkit, case_id)
-    randomise(source)
-    expected = logits(source, kind)
-    _assert_adapter_changes_output(expected, kind)
-    source.save_pretrained(tmp_path)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="Unexpected keyword arguments")  # no field PEFT lacks
-        loaded = peft.PeftModel.from_pretrained(base_model(kind), tmp_path)
-    assert isinstance(loaded.peft_config["default"], peft.IA3Config)
-    torch.testing.assert_close(logits(loaded, kind), expected, atol=ATOL, rtol=RTOL)
+def test_ia3_moves_between_libraries(case_id, direction, tmp_path):
+    source_lib, target_lib = DIRECTIONS[direction]
+    source, kind = _ia3(source_lib, case_id)
+    loaded = _check_transfer(source, kind, target_lib, tmp_path)
+    assert isinstance(loaded.peft_config["default"], target_lib.IA3Config)
 
 
 @pytest.mark.parametrize("case_id", ia3_ids)
@@ -412,19 +384,9 @@ def test_ia3_merged_model_matches_peft(case_id, tmp_path):
 def test_ia3_second_adapter_from_peftkit_subfolder(tmp_path):
     source, _ = _ia3(peftkit, "llama-defaults")
     source.add_adapter("other", peftkit.IA3Config(target_modules=["q_proj", "up_proj"], feedforward_modules=["up_proj"]))
-    randomise(source)
-    source.set_adapter("other")
-    expected_other = logits(source, "llama")
-    source.set_adapter("default")
-    expected_default = logits(source, "llama")
-    assert (expected_other - expected_default).abs().max() > 1e-2
+    expected = _two_adapter_logits(source)
     source.save_pretrained(tmp_path)
-
-    loaded = peft.PeftModel.from_pretrained(base_model("llama"), tmp_path)
-    loaded.load_adapter(str(tmp_path / "other"), "other")
-    torch.testing.assert_close(logits(loaded, "llama"), expected_default, atol=ATOL, rtol=RTOL)
-    loaded.set_adapter("other")
-    torch.testing.assert_close(logits(loaded, "llama"), expected_other, atol=ATOL, rtol=RTOL)
+    _check_both_load(peft, tmp_path, expected)
 
 
 def test_ia3_default_feedforward_outside_targets(tmp_path):

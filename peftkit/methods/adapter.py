@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TargetSpec, TargetedConfig, register
-from ..inject import find_targets, is_linear_like, replace_modules
-from ..layers import AdapterLayer
+from ..inject import Method, find_targets, is_linear_like, replace_modules
+from ..layers import AdapterLayer, adapter_dtype
 
 ADAPTER_TYPES = ("houlsby", "pfeiffer", "parallel")
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -121,11 +121,6 @@ def block_widths(block: nn.Module, name: str) -> tuple[int, int]:
     return in_w, out_w
 
 
-def _adapter_dtype(param: torch.Tensor) -> torch.dtype:
-    # adapters of a low-precision base are kept in float32, as LoRA's are
-    return param.dtype if param.dtype in (torch.float32, torch.float64) else torch.float32
-
-
 class BottleneckLayer(AdapterLayer):
     """Wraps a block (or a linear layer) and adds each active adapter to its output (the first element of a tuple)."""
 
@@ -146,7 +141,7 @@ class BottleneckLayer(AdapterLayer):
         parallel = config.adapter_type == "parallel"
         size = config.size_for(out_w)
         ref = next(self.base_layer.parameters())
-        kwargs = {"device": ref.device, "dtype": _adapter_dtype(ref)}
+        kwargs = {"device": ref.device, "dtype": adapter_dtype(ref)}
         # a sequential adapter reads the block's output (out wide), a parallel one its input (in wide)
         self.adapter_down[name] = nn.Linear(in_w if parallel else out_w, size, **kwargs)
         self.adapter_up[name] = nn.Linear(size, out_w, **kwargs)
@@ -270,7 +265,7 @@ def _missing_site(model: nn.Module, field_name: str, spec) -> ValueError:
                       f"(blocks here: {', '.join(blocks[:8])}{', ...' if len(blocks) > 8 else ''})")
 
 
-class AdapterMethod:
+class AdapterMethod(Method):
     """How bottleneck adapters enter a model: resolve the hook points, wrap them."""
 
     config_cls = AdapterConfig
@@ -284,10 +279,6 @@ class AdapterMethod:
             module = model.get_submodule(name)
             block_widths(module.base_layer if isinstance(module, AdapterLayer) else module, name)
         return replace_modules(model, config, adapter_name, _make_layer, targets)
-
-    def extra_tensors(self, model: nn.Module, config: AdapterConfig, adapter_name: str) -> dict[str, torch.Tensor]:
-        """None: an adapter's tensors all live in its layers."""
-        return {}
 
 
 def _make_layer(module: nn.Module, name: str) -> BottleneckLayer:

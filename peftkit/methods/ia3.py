@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from ..config import TargetSpec, TargetedConfig, register
-from ..inject import find_targets, is_linear_like, replace_modules, resolve_target_modules
-from ..layers import AdapterLayer
-from .lora import _adapter_dtype, _param_device
+from ..inject import Method, find_targets, is_linear_like, replace_modules, resolve_target_modules
+from ..layers import AdapterLayer, adapter_dtype, param_device
 
 logger = logging.getLogger("peftkit")
 
@@ -149,7 +148,7 @@ class IA3Layer(AdapterLayer):
             shape = (1, size) + (1,) * (self.base_layer.weight.dim() - 2)  # (1, C, 1, 1[, 1])
         else:
             shape = (1, size) if feedforward else (size, 1)
-        kwargs = {"device": _param_device(self.base_layer), "dtype": _adapter_dtype(self.base_layer.weight)}
+        kwargs = {"device": param_device(self.base_layer), "dtype": adapter_dtype(self.base_layer.weight)}
         init = torch.ones(shape, **kwargs) if config.init_ia3_weights else torch.randn(shape, **kwargs)
         self.ia3_l[name] = nn.Parameter(init)
         self.feedforward[name] = feedforward
@@ -274,7 +273,7 @@ def resolve_targets(model: nn.Module, config: IA3Config) -> None:
     config.check_feedforward()
 
 
-class IA3Method:
+class IA3Method(Method):
     """How IA3 enters a model: resolve targets, wrap them, nothing else to save."""
 
     config_cls = IA3Config
@@ -292,10 +291,6 @@ class IA3Method:
                            "input scaled, as in PEFT. Use dotted names to be exact.",
                            config.feedforward_modules, partial[:3])
         return replace_modules(model, config, adapter_name, _make_layer, targets)
-
-    def extra_tensors(self, model: nn.Module, config: IA3Config, adapter_name: str) -> dict[str, torch.Tensor]:
-        """IA3 trains nothing beyond its vectors (and modules_to_save, which the core handles)."""
-        return {}
 
 
 def _make_layer(module: nn.Module, name: str) -> IA3Layer:

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TargetedConfig, register
-from ..inject import DEFAULT_TARGETS, find_targets, is_linear_like, replace_modules, resolve_target_modules
-from ..layers import AdapterLayer, shared_dropout
+from ..inject import (DEFAULT_TARGETS, Method, find_targets, is_linear_like, replace_modules,
+                      resolve_target_modules)
+from ..layers import AdapterLayer, adapter_dtype, param_device, shared_dropout
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -100,7 +101,7 @@ class LoraLayer(AdapterLayer):
         r = config.rank_for(module_name)
         weight = self.base_layer.weight
         a_shape, b_shape = self.lora_shapes(r)
-        kwargs = {"device": _param_device(self.base_layer), "dtype": _adapter_dtype(weight)}
+        kwargs = {"device": param_device(self.base_layer), "dtype": adapter_dtype(weight)}
         self.A[name] = nn.Parameter(torch.empty(a_shape, **kwargs))
         self.B[name] = nn.Parameter(torch.empty(b_shape, **kwargs))
         self.scaling[name] = config.scaling_for(module_name)
@@ -136,20 +137,6 @@ class LoraLayer(AdapterLayer):
         super().delete_adapter(name)
         self.scaling.pop(name, None)
         self.dropout.pop(name, None)
-
-
-def _param_device(module: nn.Module) -> torch.device:
-    # an offloaded (meta) base weight runs on its accelerate hook's execution device
-    weight = module.weight
-    if weight.device.type != "meta":
-        return weight.device
-    hook = getattr(module, "_hf_hook", None)
-    return torch.device(getattr(hook, "execution_device", None) or "cpu")
-
-
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # adapters of a low-precision or quantised base are kept in float32, as in PEFT
-    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 class _FusedLoraLinear(torch.autograd.Function):
@@ -383,7 +370,7 @@ def _layer_class(module: nn.Module, name: str) -> type:
     )
 
 
-class LoraMethod:
+class LoraMethod(Method):
     """How LoRA enters a model: resolve targets, wrap them, name the extra trainable tensors."""
 
     config_cls = LoraConfig
