@@ -182,7 +182,36 @@ def shared_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
         out = last[2]()
         if out is not None:
             return out
-    out = torch.nn.functional.dropout(x, p, training=True)
+    out = _Dropout.apply(x, p)
     # weak references only: the cache never keeps an activation alive
     _shared.last = (weakref.ref(x), (p, step, x._version), weakref.ref(out))
     return out
+
+
+def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A bool mask keeping each element with probability 1 - p' (p' = p rounded to 1/65536), and 1 / (1 - p').
+
+    One 64-bit draw feeds four elements (16 random bits each): on CPU this is ~3x cheaper than
+    bernoulli_, which draws per element and dominated LoRA-with-dropout step time.
+    """
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2 ** 63), None)
+    lanes = bits.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
+    dropped = round(p * 65536)
+    return lanes >= dropped - 32768, 65536 / (65536 - dropped)
+
+
+class _Dropout(torch.autograd.Function):
+    """Inverted dropout that saves a bool mask (1 byte per element) for backward."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        mask, scale = keep_mask(x, p)
+        ctx.save_for_backward(mask)
+        ctx.scale = scale
+        return x.mul(mask).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        return g.mul(mask).mul_(ctx.scale), None

@@ -126,3 +126,19 @@ def test_dropout_trains_and_is_off_in_eval(ids):
     assert not torch.allclose(model(ids).logits, model(ids).logits)
     model.eval()
     torch.testing.assert_close(model(ids).logits, model(ids).logits)
+
+
+def test_dropout_keeps_the_right_fraction_and_backpropagates_through_the_mask():
+    from peftkit.layers import keep_mask
+    x = torch.ones(200_000, requires_grad=True)
+    torch.manual_seed(0)
+    new_forward_pass()
+    out = shared_dropout(x, 0.1)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 65536 / (65536 - 6554)))
+    assert abs(out.mean().item() - 1.0) < 0.01  # inverted dropout is unbiased
+    out.backward(torch.full_like(out, 2.0))
+    torch.testing.assert_close(x.grad, out.detach() * 2.0)
+    mask, scale = keep_mask(torch.empty(3, 5), 0.0)
+    assert mask.all() and scale == 1.0
