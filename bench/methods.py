@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # so that `train_step` imports however this is run
 from train_step import (  # noqa: E402
-    LR, TARGETS, WARMUP, build_model, environment, make_batch, make_step, peak_memory_mb, run_variant, schedule,
+    LR, TARGETS, WARMUP, build_model, write_report, make_batch, make_step, peak_memory_mb, run_variant, schedule,
     summarise, sync, time_steps,
 )
 
@@ -237,12 +237,7 @@ def run_parent(args: argparse.Namespace) -> dict:
     methods = {m: {"config": METHODS[m][0], "kwargs": method_kwargs(m, args.virtual_tokens),
                    "libraries": METHODS[m][2]} for m in args.methods}
     settings = dict({k: getattr(args, k) for k in keys}, warmup=WARMUP, lr=LR, methods=methods, order=order)
-    report = {"settings": settings, "environment": environment(), "results": rows, "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown_table(rows, args.device))
-    print(f"\nwrote {args.out}", file=sys.stderr)
-    return report
+    return write_report(args, settings, rows, runs, markdown_table(rows, args.device))
 
 
 def main() -> None:

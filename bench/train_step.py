@@ -291,10 +291,15 @@ def run_parent(args: argparse.Namespace) -> dict:
     keys = ("steps", "repeats", "batch", "seq", "device", "dtype", "threads", "seed", "shape")
     settings = dict({k: getattr(args, k) for k in keys}, warmup=WARMUP, lora=LORA, lora_variants=LORA_EXTRA,
                     targets=TARGETS, lr=LR, order=order)
+    return write_report(args, settings, rows, runs, markdown_table(rows, args.device))
+
+
+def write_report(args: argparse.Namespace, settings: dict, rows: list[dict], runs: dict, table: str) -> dict:
+    """Write the JSON report to --out and print the markdown table."""
     report = {"settings": settings, "environment": environment(), "results": rows, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(markdown_table(rows, args.device))
+    print(table)
     print(f"\nwrote {args.out}", file=sys.stderr)
     return report
 

@@ -10,11 +10,13 @@ from .config import PeftConfig, registered_types
 from .methods.adapter import AdapterConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
+from .methods.prefix import PrefixTuningConfig
+from .methods.prompt import PromptEncoderConfig, PromptTuningConfig
 from .model import PeftModel, get_peft_model
 
 __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
-    "AutoPeftModelForTokenClassification", "IA3Config", "LoraConfig", "PeftConfig", "PeftModel", "get_peft_model",
-    "registered_types",
+    "AutoPeftModelForTokenClassification", "IA3Config", "LoraConfig", "PeftConfig", "PeftModel", "PrefixTuningConfig",
+    "PromptEncoderConfig", "PromptTuningConfig", "get_peft_model", "registered_types",
 ]

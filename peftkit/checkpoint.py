@@ -51,6 +51,14 @@ def _head_inner_path(path: str, heads: list[str], adapter_name: str) -> str:
     return path
 
 
+PROMPT_KEY = "prompt_embeddings"  # PEFT's one key for a prompt-learning adapter (no base_model.model. prefix)
+
+
+def prompt_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A prompt method's tensor under PEFT's key: the virtual-token embeddings (an encoder's output)."""
+    return {PROMPT_KEY: module.prompt_embeddings()}
+
+
 def embedding_tensors(model: nn.Module, target_modules) -> dict[str, torch.Tensor]:
     """Base weights of the wrapped input/output embeddings, keyed as PEFT saves them; empty unless targeted."""
     if not _targets_embedding(model, target_modules):

@@ -36,6 +36,22 @@ class Method:
         """Base tensors trained and saved with the adapter (e.g. LoRA's biases), by path; none by default."""
         return {}
 
+    # Prompt methods (acts_on_inputs = True) leave the base model's layers alone: they keep a module per
+    # adapter outside the base model and rewrite the inputs of forward / generate instead.
+    acts_on_inputs: ClassVar[bool] = False
+
+    def input_module(self, model: nn.Module, config, adapter_name: str) -> Optional[nn.Module]:
+        """The adapter's module kept outside the base model (trained and saved with it); None by default.
+
+        Such a module provides ``prompt_embeddings()`` (the one tensor saved, as PEFT does) and
+        ``use_saved_embeddings()`` (called before a checkpoint is loaded into it).
+        """
+        return None
+
+    def run(self, model: nn.Module, module: nn.Module, config, inputs: dict, generate: bool):
+        """Call ``model`` (``generate`` when asked, else forward) on ``inputs`` rewritten by ``module``."""
+        raise NotImplementedError
+
 
 def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear or GPT-2's Conv1D (a linear layer with a transposed weight)."""

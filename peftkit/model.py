@@ -26,6 +26,9 @@ class PeftModel(nn.Module):
         self.train(model.training)
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
+        # per-adapter modules outside the base model (prompt methods: virtual-token embeddings / encoders)
+        self.prompt_modules = nn.ModuleDict()
+        self._inputs_off = False  # True inside disable_adapter: forward / generate leave the inputs alone
         # restored by unload() / a failed load, so the user's model comes back as it was
         self._grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
         self.add_adapter(adapter_name, config)
@@ -44,11 +47,32 @@ class PeftModel(nn.Module):
     def forward(self, *args, **kwargs):
         """Call the base model (with the active adapters in place)."""
         new_forward_pass()
-        return self.base_model(*args, **kwargs)
+        if self._input_adapter() is None:
+            return self.base_model(*args, **kwargs)
+        return self._run_on_inputs(args, kwargs, generate=False)
 
     def generate(self, *args, **kwargs):
         """``base_model.generate`` with the active adapters in place."""
-        return self.base_model.generate(*args, **kwargs)
+        if self._input_adapter() is None:
+            return self.base_model.generate(*args, **kwargs)
+        return self._run_on_inputs(args, kwargs, generate=True)
+
+    def _input_adapter(self) -> Optional[str]:
+        # the active adapter whose method rewrites the inputs (a prompt method), if any and not disabled
+        name = self.active_adapter
+        if name is None or self._inputs_off or name not in self.prompt_modules:
+            return None
+        return name
+
+    def _run_on_inputs(self, args: tuple, kwargs: dict, generate: bool):
+        if len(args) > 1:
+            raise TypeError("with a prompt adapter pass inputs by keyword (input_ids=..., attention_mask=...)")
+        if args:
+            kwargs["input_ids"] = args[0]
+        name = self._input_adapter()
+        config = self.peft_config[name]
+        _, method = lookup(config.peft_type)
+        return method.run(self.base_model, self.prompt_modules[name], config, kwargs, generate)
 
     # --- adapters -----------------------------------------------------------------------------
     @property
@@ -70,6 +94,9 @@ class PeftModel(nn.Module):
         _, method = lookup(config.peft_type)
         try:
             method.inject(self.base_model, config, adapter_name)
+            module = method.input_module(self.base_model, config, adapter_name)
+            if module is not None:
+                self.prompt_modules[adapter_name] = module
             self._wrap_heads(config, adapter_name)
         except Exception:
             self._remove(adapter_name)
@@ -98,6 +125,8 @@ class PeftModel(nn.Module):
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}")
+        if len(names) > 1 and any(name in self.prompt_modules for name in names):
+            raise ValueError(f"adapters {names} include a prompt adapter, which runs alone; activate one at a time")
         self._active = names
         for _, layer in adapter_layers(self.base_model):
             layer.set_active(names)
@@ -117,6 +146,8 @@ class PeftModel(nn.Module):
             self._update_trainable()
 
     def _remove(self, adapter_name: str) -> None:
+        if adapter_name in self.prompt_modules:
+            del self.prompt_modules[adapter_name]
         for name, layer in adapter_layers(self.base_model):
             if adapter_name in layer.adapter_names:
                 layer.delete_adapter(adapter_name)
@@ -135,14 +166,20 @@ class PeftModel(nn.Module):
         config = self.peft_config[adapter_name]
         _, method = lookup(config.peft_type)
         extras = method.extra_tensors(self.base_model, config, adapter_name)
-        return checkpoint.adapter_tensors(self.base_model, adapter_name, extras)
+        tensors = checkpoint.adapter_tensors(self.base_model, adapter_name, extras)
+        if adapter_name in self.prompt_modules:
+            tensors.update(checkpoint.prompt_tensors(self.prompt_modules[adapter_name]))
+        return tensors
 
     def _update_trainable(self) -> None:
         for param in self.base_model.parameters():
             param.requires_grad_(False)
+        self.prompt_modules.requires_grad_(False)
         for name in self._active:
             if self.peft_config[name].inference_mode:
                 continue
+            if name in self.prompt_modules:  # trains in full (a P-tuning encoder's output is saved, not its weights)
+                self.prompt_modules[name].requires_grad_(True)
             for tensor in self.adapter_parameters(name).values():
                 if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
                     tensor.requires_grad_(True)
@@ -155,9 +192,11 @@ class PeftModel(nn.Module):
         for layer in layers:
             layer.unmerge()
             layer.disabled = True
+        self._inputs_off = True
         try:
             yield
         finally:
+            self._inputs_off = False
             for layer, names in merged:
                 layer.disabled = False
                 layer.merge(names)
@@ -200,6 +239,7 @@ class PeftModel(nn.Module):
     def _unload(self, merge: bool) -> nn.Module:
         for name, _ in adapter_layers(self.base_model):
             unwrap(self.base_model, name, merge)
+        self.prompt_modules.clear()
         self.peft_config.clear()
         self._active = []
         self._restore_grads()
@@ -275,6 +315,8 @@ class PeftModel(nn.Module):
         self.set_adapter(self._active or [adapter_name])
 
     def _fill(self, adapter_name: str, tensors: dict[str, torch.Tensor], directory: str) -> None:
+        if adapter_name in self.prompt_modules:  # a saved prompt adapter is its embeddings: drop any encoder
+            self.prompt_modules[adapter_name].use_saved_embeddings()
         expected = self.adapter_parameters(adapter_name)
         # embedding weights saved beside the adapter (PEFT does so by default) are optional; load them if there
         expected.update({k: v for k, v in self._embedding_tensors(adapter_name).items() if k in tensors})

@@ -24,6 +24,20 @@ def randomize_adapters(model, std: float = 0.2, seed: int = 1) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
+def train_briefly(model, steps: int = 10, lr: float = 1e-1) -> list[float]:
+    """A few AdamW steps of causal-LM loss on a fixed random batch; the losses."""
+    ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

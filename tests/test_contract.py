@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from peftkit import AdapterConfig, IA3Config, LoraConfig, PeftConfig, PeftModel, get_peft_model, registered_types
+from peftkit import (AdapterConfig, IA3Config, LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig,
+                     PromptEncoderConfig, PromptTuningConfig, get_peft_model, registered_types)
 from peftkit.config import lookup
 from conftest import randomize_adapters, tiny_llama
 
@@ -33,6 +34,19 @@ EXAMPLES = {
         "parallel-attn-layers": AdapterConfig(adapter_type="parallel", attn_modules=["self_attn"], bottleneck_size=3,
                                               non_linearity="tanh", layers_to_transform=[1], layers_pattern="layers"),
     },
+    "PROMPT_TUNING": {
+        "prompt-random": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        "prompt-sample-vocab": PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="SAMPLE_VOCAB"),
+    },
+    "P_TUNING": {
+        "ptuning-mlp": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16),
+        "ptuning-lstm": PromptEncoderConfig(num_virtual_tokens=2, encoder_reparameterization_type="LSTM",
+                                            encoder_hidden_size=8, encoder_num_layers=1),
+    },
+    "PREFIX_TUNING": {
+        "prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        "prefix-projection": PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True, encoder_hidden_size=8),
+    },
 }
 CASES = [(t, k) for t in EXAMPLES for k in EXAMPLES[t]]
 
@@ -55,9 +69,19 @@ def case(request):
     return request.param
 
 
+def _acts_on_inputs(case):
+    # prompt methods add virtual tokens: the output cannot be unchanged at init, and their logits are longer
+    return lookup(case[0])[1].acts_on_inputs
+
+
 def test_output_unchanged_at_init(case, ids):
     base_out = tiny_llama()(ids).logits
     model = _make(case)
+    if _acts_on_inputs(case):  # instead: training leaves every base weight exactly as it was
+        before = {n: p.detach().clone() for n, p in model.base_model.named_parameters()}
+        test_one_step_changes_only_adapter(case, ids, model)
+        assert all(torch.equal(p, before[n]) for n, p in model.base_model.named_parameters())
+        return
     torch.testing.assert_close(model(ids).logits, base_out, atol=1e-6, rtol=0)
 
 
@@ -68,13 +92,14 @@ def test_only_adapter_parameters_trainable(case):
     config = model.peft_config["default"]
     for name in trainable:
         adapter_named = "lora_" in name or "ia3_l" in name or ".adapter_" in name  # .adapter_down / .adapter_up
+        adapter_named = adapter_named or name.startswith("prompt_modules.")  # virtual tokens, P-tuning encoder
         assert adapter_named or (config.bias != "none" and name.endswith("bias")), name
     trainable_count, total = model.get_nb_trainable_parameters()
     assert trainable_count == sum(p.numel() for p in model.parameters() if p.requires_grad) < total
 
 
-def test_one_step_changes_only_adapter(case, ids):
-    model = _make(case).train()
+def test_one_step_changes_only_adapter(case, ids, model=None):
+    model = (model or _make(case)).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model(ids, labels=ids).loss.backward()
@@ -92,7 +117,9 @@ def test_save_load_reproduces_outputs(case, ids, tmp_path):
     torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-6, rtol=0)
     assert not any(p.requires_grad for p in loaded.parameters()), "inference load must be frozen"
     trainable = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
-    assert _adapter_names(trainable) == _adapter_names(model)
+    # a P-tuning / prefix checkpoint holds the encoder's output, so a loaded one trains its embeddings directly
+    encoders = ("_head.", ".transform.")  # P-tuning's mlp_head / lstm_head, prefix tuning's transform
+    assert _adapter_names(trainable) == {n for n in _adapter_names(model) if not any(e in n for e in encoders)}
 
 
 def _mergeable(case):
@@ -128,7 +155,7 @@ def test_disabled_equals_base(case, ids):
     base_out = tiny_llama()(ids).logits
     model = _make(case)
     randomize_adapters(model)
-    assert not torch.allclose(model(ids).logits, base_out, atol=1e-4)
+    assert not torch.allclose(model(ids).logits[:, -ids.shape[1]:], base_out, atol=1e-4)  # past any virtual tokens
     with model.disable_adapter():
         torch.testing.assert_close(model(ids).logits, base_out, atol=1e-6, rtol=0)
     if not _mergeable(case):

@@ -403,3 +403,62 @@ def test_ia3_default_feedforward_outside_targets(tmp_path):
     loaded = peft.PeftModel.from_pretrained(base_model("llama"), tmp_path / "kit")
     assert set(loaded.peft_config["default"].feedforward_modules) == set()
     torch.testing.assert_close(logits(loaded, "llama"), logits(kit, "llama"), atol=ATOL, rtol=RTOL)
+
+
+# --- prompt tuning and P-tuning ------------------------------------------------------------------
+PROMPT_CASES = {
+    "llama-prompt-random": ("llama", "PromptTuningConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=4)),
+    "llama-prompt-vocab": ("llama", "PromptTuningConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                                prompt_tuning_init="SAMPLE_VOCAB")),
+    "llama-ptuning-mlp": ("llama", "PromptEncoderConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                                encoder_hidden_size=16)),
+    "llama-ptuning-lstm": ("llama", "PromptEncoderConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                                 encoder_hidden_size=8,
+                                                                 encoder_reparameterization_type="LSTM")),
+    "t5-prompt": ("t5", "PromptTuningConfig", dict(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)),
+}
+
+
+@pytest.mark.parametrize("direction", ["peft_to_peftkit", "peftkit_to_peft"])
+@pytest.mark.parametrize("case_id", sorted(PROMPT_CASES))
+def test_prompt_moves_between_libraries(case_id, direction, tmp_path):
+    kind, cls_name, kwargs = PROMPT_CASES[case_id]
+    src_lib, dst_lib = (peft, peftkit) if direction == "peft_to_peftkit" else (peftkit, peft)
+    torch.manual_seed(2)
+    source = src_lib.get_peft_model(base_model(kind), getattr(src_lib, cls_name)(**kwargs)).eval()
+    expected = logits(source, kind)
+    source.save_pretrained(str(tmp_path))
+    assert saved_keys(tmp_path) == {"prompt_embeddings"}
+    loaded = dst_lib.PeftModel.from_pretrained(base_model(kind), str(tmp_path))
+    torch.testing.assert_close(logits(loaded, kind), expected, atol=ATOL, rtol=RTOL)
+    written = json.load(open(tmp_path / "adapter_config.json"))
+    n = kwargs["num_virtual_tokens"] * written["num_transformer_submodules"]
+    assert load_file(str(tmp_path / "adapter_model.safetensors"))["prompt_embeddings"].shape == (n, 32)
+
+
+def test_prompt_config_fields_match_peft(tmp_path):
+    for case_id in ("llama-ptuning-mlp", "t5-prompt"):
+        kind, cls_name, kwargs = PROMPT_CASES[case_id]
+        peft.get_peft_model(base_model(kind), getattr(peft, cls_name)(**kwargs)).save_pretrained(str(tmp_path / "p"))
+        peftkit.get_peft_model(base_model(kind), getattr(peftkit, cls_name)(**kwargs)).save_pretrained(
+            str(tmp_path / "k"))
+        theirs, ours = (json.load(open(tmp_path / d / "adapter_config.json")) for d in ("p", "k"))
+        for key in ("peft_version", "auto_mapping", "revision"):
+            theirs.pop(key, None)
+        assert ours == theirs
+
+
+@pytest.mark.parametrize("direction", ["peft_to_peftkit", "peftkit_to_peft"])
+@pytest.mark.parametrize("kwargs", [dict(), dict(prefix_projection=True, encoder_hidden_size=16)],
+                         ids=["plain", "projection"])
+def test_prefix_moves_between_libraries(kwargs, direction, tmp_path):
+    src_lib, dst_lib = (peft, peftkit) if direction == "peft_to_peftkit" else (peftkit, peft)
+    torch.manual_seed(2)
+    config = src_lib.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, **kwargs)
+    source = src_lib.get_peft_model(base_model("llama"), config).eval()
+    expected = logits(source, "llama")
+    source.save_pretrained(str(tmp_path))
+    # grouped-query attention: 2 kv heads of size 8 -> token_dim 16, 2 layers * (key, value) * 16 per virtual token
+    assert load_file(str(tmp_path / "adapter_model.safetensors"))["prompt_embeddings"].shape == (4, 64)
+    loaded = dst_lib.PeftModel.from_pretrained(base_model("llama"), str(tmp_path))
+    torch.testing.assert_close(logits(loaded, "llama"), expected, atol=ATOL, rtol=RTOL)

@@ -1,0 +1,292 @@
+"""Prompt tuning (Lester et al., 2021) and P-tuning (Liu et al., 2021): learned virtual tokens.
+
+Both prepend ``num_virtual_tokens`` embeddings to the input embeddings and leave the base model's
+weights alone. Prompt tuning learns the embeddings directly (Lester et al., Sec. 2); P-tuning produces
+them with a small prompt encoder, an MLP or a bidirectional LSTM + MLP (Liu et al., Sec. 3.2). The
+per-adapter module lives in ``PeftModel.prompt_modules``, outside the base model.
+
+On disk, as in Hugging Face PEFT, an adapter is one tensor ``prompt_embeddings``
+(num_virtual_tokens * num_transformer_submodules, token_dim): the encoder's OUTPUT for P-tuning, so a
+loaded P-tuning adapter is plain embeddings (its encoder is not saved).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import PeftConfig, register
+from ..inject import Method
+
+INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
+ENCODERS = ("MLP", "LSTM")
+# model.config attributes PEFT reads for each shared field, first found wins (_prepare_prompt_learning_config)
+_FROM_MODEL = {
+    "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
+    "token_dim": ("hidden_size", "n_embd", "d_model"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
+}
+_POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")  # learned absolute positions: a hard limit
+
+
+@dataclass
+class PromptLearningConfig(PeftConfig):
+    """Fields every prompt method shares; unset model sizes are read from ``model.config`` at injection."""
+
+    num_virtual_tokens: Optional[int] = None  # how many virtual tokens are prepended
+    token_dim: Optional[int] = None  # hidden size of the base model's input embeddings
+    num_transformer_submodules: Optional[int] = None  # 2 for SEQ_2_SEQ_LM (PEFT's layout), else 1
+    num_attention_heads: Optional[int] = None  # recorded as PEFT does (prefix tuning uses it)
+    num_layers: Optional[int] = None  # recorded as PEFT does (prefix tuning uses it)
+    modules_to_save: Optional[list[str]] = None  # modules trained in full and saved, e.g. a new head
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
+            raise ValueError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+
+    @property
+    def total_virtual_tokens(self) -> int:
+        """Rows of the saved embeddings: PEFT keeps one block per transformer submodule."""
+        return self.num_virtual_tokens * (self.num_transformer_submodules or 1)
+
+
+@dataclass
+class PromptTuningConfig(PromptLearningConfig):
+    """Prompt tuning settings, field names as in Hugging Face PEFT."""
+
+    prompt_tuning_init: str = "RANDOM"  # RANDOM (N(0, 1)), TEXT (embeddings of init text), SAMPLE_VOCAB
+    prompt_tuning_init_text: Optional[str] = None  # the text for TEXT
+    tokenizer_name_or_path: Optional[str] = None  # a LOCAL tokenizer directory for TEXT (no downloads)
+    tokenizer_kwargs: Optional[dict] = None  # passed to AutoTokenizer.from_pretrained for TEXT
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.prompt_tuning_init = getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)  # PEFT's enum
+        if self.prompt_tuning_init not in INITS:
+            raise ValueError(f"prompt_tuning_init must be one of {INITS}, got {self.prompt_tuning_init!r}")
+        text_missing = not self.tokenizer_name_or_path or self.prompt_tuning_init_text is None
+        if self.prompt_tuning_init == "TEXT" and text_missing:
+            raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text and tokenizer_name_or_path "
+                             "(a local tokenizer directory)")
+        if self.tokenizer_kwargs and self.prompt_tuning_init != "TEXT":
+            raise ValueError("tokenizer_kwargs only apply with prompt_tuning_init='TEXT'")
+
+
+@dataclass
+class PromptEncoderConfig(PromptLearningConfig):
+    """P-tuning settings, field names as in Hugging Face PEFT."""
+
+    encoder_reparameterization_type: str = "MLP"  # MLP (always 2 hidden layers, as PEFT) or LSTM
+    encoder_hidden_size: Optional[int] = None  # hidden size of the encoder; token_dim when unset
+    encoder_num_layers: int = 2  # LSTM layers (the MLP ignores it, as in PEFT)
+    encoder_dropout: float = 0.0  # dropout between LSTM layers
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        kind = getattr(self.encoder_reparameterization_type, "value", self.encoder_reparameterization_type)
+        if kind not in ENCODERS:
+            raise ValueError(f"encoder_reparameterization_type must be one of {ENCODERS}, got {kind!r}")
+        self.encoder_reparameterization_type = kind
+        if not 0.0 <= self.encoder_dropout < 1.0:
+            raise ValueError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout}")
+
+
+class PromptEmbedding(nn.Module):
+    """Prompt tuning's module: the virtual-token embeddings themselves."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(*weight.shape)
+        with torch.no_grad():
+            self.embedding.weight.copy_(weight)
+
+    def forward(self) -> torch.Tensor:
+        """The virtual tokens, (total_virtual_tokens, token_dim)."""
+        return self.embedding.weight
+
+    def prompt_embeddings(self) -> torch.Tensor:
+        """The tensor saved under PEFT's ``prompt_embeddings`` key."""
+        return self.embedding.weight
+
+    def use_saved_embeddings(self) -> None:
+        """Nothing to drop: the embeddings are what is saved."""
+
+
+class PromptEncoder(PromptEmbedding):
+    """P-tuning's module: embeddings fed through an MLP or a bidirectional LSTM + MLP (PEFT's layout)."""
+
+    def __init__(self, weight: torch.Tensor, config: PromptEncoderConfig) -> None:
+        super().__init__(weight)
+        dim, hidden = config.token_dim, config.encoder_hidden_size or config.token_dim
+        self.lstm_head: Optional[nn.LSTM] = None
+        self.mlp_head: Optional[nn.Sequential] = None
+        if config.inference_mode:
+            return  # a loaded adapter is its saved embeddings; PEFT builds no encoder then either
+        if config.encoder_reparameterization_type == "LSTM":
+            self.lstm_head = nn.LSTM(dim, hidden, num_layers=config.encoder_num_layers, dropout=config.encoder_dropout,
+                                     bidirectional=True, batch_first=True)
+            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, dim))
+        else:
+            self.mlp_head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                          nn.Linear(hidden, dim))
+
+    def forward(self) -> torch.Tensor:
+        """The encoder's output, (total_virtual_tokens, token_dim)."""
+        x = self.embedding.weight
+        if self.lstm_head is not None:
+            x = self.lstm_head(x.unsqueeze(0))[0].squeeze(0)  # (tokens, 2 * hidden)
+        return x if self.mlp_head is None else self.mlp_head(x)
+
+    def prompt_embeddings(self) -> torch.Tensor:
+        """The encoder's output (what PEFT saves), or the plain embeddings once the encoder is dropped."""
+        return self()
+
+    def use_saved_embeddings(self) -> None:
+        """Drop the encoder: a checkpoint holds its output, which goes straight into the embeddings."""
+        self.lstm_head = None
+        self.mlp_head = None
+
+
+def fill_from_model(model: nn.Module, config: PromptLearningConfig, check_dim: bool = True) -> None:
+    """Fill unset sizes from ``model.config`` as PEFT does; check the config fits the model."""
+    model_config = getattr(model, "config", None)
+    model_config = getattr(model_config, "text_config", None) or model_config
+    for field, names in _FROM_MODEL.items():
+        if getattr(config, field) is None:
+            found = next((getattr(model_config, n) for n in names if getattr(model_config, n, None) is not None), None)
+            if found is None:
+                raise ValueError(f"cannot read {field} from the model's config; set {field} in the prompt config")
+            setattr(config, field, found)
+    if config.num_transformer_submodules is None:
+        config.num_transformer_submodules = 2 if config.task_type == "SEQ_2_SEQ_LM" else 1
+    embeddings = input_embeddings(model)
+    if check_dim and embeddings.weight.shape[1] != config.token_dim:
+        raise ValueError(f"token_dim={config.token_dim} but the model's input embeddings have size "
+                         f"{embeddings.weight.shape[1]}; leave token_dim unset to take it from the model")
+    limit = position_limit(model)
+    if limit is not None and config.num_virtual_tokens >= limit:
+        raise ValueError(f"num_virtual_tokens={config.num_virtual_tokens} leaves no room in the model's "
+                         f"{limit} positions; use fewer virtual tokens")
+
+
+def input_embeddings(model: nn.Module) -> nn.Embedding:
+    """The model's token embedding table, or a clear error."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    if not isinstance(embeddings, nn.Embedding):
+        raise ValueError(f"{type(model).__name__} has no token input embeddings (get_input_embeddings() gives "
+                         f"{type(embeddings).__name__}); prompt methods prepend to those, so they cannot apply")
+    return embeddings
+
+
+def position_limit(model: nn.Module) -> Optional[int]:
+    """Rows of a learned absolute position table (BERT, GPT-2, OPT); None for relative / rotary positions."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
+            return module.num_embeddings
+    return None
+
+
+def initial_embeddings(model: nn.Module, config: PromptLearningConfig) -> torch.Tensor:
+    """(total_virtual_tokens, token_dim) float32 start values, as PEFT's PromptEmbedding makes them."""
+    total, words = config.total_virtual_tokens, input_embeddings(model)
+    init = getattr(config, "prompt_tuning_init", "RANDOM")
+    if init == "RANDOM":
+        return nn.Embedding(total, config.token_dim).weight.detach()  # N(0, 1), nn.Embedding's default
+    if init == "SAMPLE_VOCAB":
+        ids = torch.randint(0, words.num_embeddings, (total,), device=words.weight.device)
+    else:
+        ids = torch.tensor(_text_ids(config, total), device=words.weight.device)
+    return words(ids).detach().float().cpu()
+
+
+def _text_ids(config: PromptTuningConfig, total: int) -> list[int]:
+    # the init text's tokens repeated / cut to fill every virtual token (PEFT's rule)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **(config.tokenizer_kwargs or {}))
+    ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
+    if not ids:
+        raise ValueError("prompt_tuning_init_text tokenises to nothing; give a non-empty text")
+    return (ids * math.ceil(total / len(ids)))[:total]
+
+
+class PromptMethod(Method):
+    """Prepend virtual tokens to the input embeddings (encoder side for seq2seq models)."""
+
+    mergeable = False  # no weight update equals extra tokens
+    acts_on_inputs = True
+
+    def inject(self, model: nn.Module, config: PromptLearningConfig, adapter_name: str) -> list[str]:
+        """Touch no module of the base model; check the config fits it and fill its sizes."""
+        fill_from_model(model, config)
+        if isinstance(config, PromptEncoderConfig) and config.encoder_hidden_size is None:
+            config.encoder_hidden_size = config.token_dim  # recorded, so PEFT can rebuild the encoder
+        return []
+
+    def input_module(self, model: nn.Module, config: PromptLearningConfig, adapter_name: str) -> nn.Module:
+        """The virtual tokens' module, on the embeddings' device."""
+        weight = initial_embeddings(model, config)
+        if isinstance(config, PromptEncoderConfig):
+            module = PromptEncoder(weight, config)
+        else:
+            module = PromptEmbedding(weight)
+        return module.to(input_embeddings(model).weight.device)
+
+    def run(self, model: nn.Module, module: nn.Module, config: PromptLearningConfig, inputs: dict, generate: bool):
+        """Forward or generate with the virtual tokens prepended to the inputs."""
+        ids = inputs.get("input_ids")
+        inputs = with_virtual_tokens(model, module(), config.num_virtual_tokens, inputs)
+        if not generate:
+            return model(**inputs)
+        out = model.generate(**inputs)
+        if ids is None or getattr(model.config, "is_encoder_decoder", False):
+            return out
+        return torch.cat([ids, out], dim=1)  # from inputs_embeds, generate returns only new tokens; PEFT returns both
+
+
+def with_virtual_tokens(model: nn.Module, prompts: torch.Tensor, count: int, inputs: dict) -> dict:
+    """``inputs`` with ``prompts[:count]`` before the token embeddings, and masks / labels / positions to match."""
+    inputs = dict(inputs)
+    ids = inputs.pop("input_ids", None)
+    embeds = inputs.pop("inputs_embeds", None)
+    if embeds is None:
+        if ids is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        embeds = input_embeddings(model)(ids)  # (batch, seq, dim)
+    batch, seq = embeds.shape[:2]
+    limit = position_limit(model)
+    if limit is not None and count + seq > limit:
+        raise ValueError(f"{seq} tokens + {count} virtual tokens exceed the model's {limit} positions; "
+                         "shorten the input")
+    virtual = prompts[:count].to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (batch, count, dim)
+    inputs["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)
+    prepend_columns(inputs, "attention_mask", 1, count)
+    if not getattr(model.config, "is_encoder_decoder", False):  # seq2seq: labels / positions belong to the decoder
+        prepend_columns(inputs, "token_type_ids", 0, count)
+        labels = inputs.get("labels")
+        if labels is not None and labels.dim() >= 2 and labels.shape[1] == seq:  # token-level labels
+            prepend_columns(inputs, "labels", -100, count)
+        positions = inputs.get("position_ids")
+        if positions is not None:  # virtual tokens take 0..count-1, the input moves up by count
+            start = torch.arange(count, device=positions.device).expand(positions.shape[0], -1)
+            inputs["position_ids"] = torch.cat([start, positions + count], dim=1)
+    return inputs
+
+
+def prepend_columns(inputs: dict, key: str, value: int, count: int) -> None:
+    """Prepend ``count`` columns of ``value`` to the (batch, seq, ...) tensor ``inputs[key]``, if given."""
+    tensor = inputs.get(key)
+    if tensor is not None:
+        pad = torch.full((tensor.shape[0], count, *tensor.shape[2:]), value, dtype=tensor.dtype, device=tensor.device)
+        inputs[key] = torch.cat([pad, tensor], dim=1)
+
+
+register("PROMPT_TUNING", PromptTuningConfig, PromptMethod())
+register("P_TUNING", PromptEncoderConfig, PromptMethod())

@@ -1,0 +1,190 @@
+"""Prompt tuning and P-tuning: training, generation with left padding, seq2seq / classification, bad input."""
+import pytest
+import torch
+from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification,
+                          T5Config, T5ForConditionalGeneration)
+
+from conftest import tiny_llama, train_briefly
+from peftkit import PeftModel, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+
+CONFIGS = {
+    "prompt-random": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    "prompt-vocab": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="SAMPLE_VOCAB"),
+    "ptuning-mlp": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16),
+    "ptuning-lstm": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=8,
+                                        encoder_reparameterization_type="LSTM", encoder_dropout=0.1),
+}
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def config(request):
+    return CONFIGS[request.param]
+
+
+def _left_padded():
+    ids = torch.randint(2, 64, (3, 6), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding: rows of different prompt lengths
+    mask[2, :4] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def test_training_lowers_loss_and_changes_only_prompt(config):
+    model = get_peft_model(tiny_llama(), config).train()
+    base_before = {n: p.detach().clone() for n, p in model.base_model.named_parameters()}
+    prompt_before = {n: p.detach().clone() for n, p in model.prompt_modules.named_parameters()}
+    losses = train_briefly(model)
+    assert losses[-1] < losses[0] - 0.01
+    assert all(torch.equal(p, base_before[n]) for n, p in model.base_model.named_parameters())
+    assert all(not torch.equal(p, prompt_before[n]) for n, p in model.prompt_modules.named_parameters())
+
+
+def test_forward_shapes_and_labels(config):
+    model = get_peft_model(tiny_llama(), config)
+    ids, mask = _left_padded()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    n = config.num_virtual_tokens
+    assert out.logits.shape == (3, 6 + n, 64)
+    # virtual tokens get label -100: the loss covers every real token, the first predicted by the last virtual one
+    logits = out.logits[:, n - 1:-1].reshape(-1, 64)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits, ids.reshape(-1)))
+
+
+@torch.no_grad()
+def _greedy_by_forward(model, ids, mask, steps):
+    for _ in range(steps):  # no cache: the whole sequence each step, positions from the mask as generate does
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+def test_generate_matches_manual_greedy_left_padded(config):
+    model = get_peft_model(tiny_llama(), config).eval()
+    model.generation_config.eos_token_id = None  # tiny_llama's eos (2) would end rows early
+    with torch.no_grad():
+        for p in model.prompt_modules.parameters():
+            p.mul_(3.0)  # virtual tokens that clearly steer the output
+    ids, mask = _left_padded()
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, _greedy_by_forward(model, ids, mask, 6))
+    with model.disable_adapter():
+        plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert not torch.equal(plain, out)
+
+
+def test_t5_virtual_tokens_on_encoder_side(tmp_path):
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                             decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+    config = PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)
+    model = get_peft_model(t5, config)
+    assert config.num_transformer_submodules is None and model.peft_config["default"].num_transformer_submodules == 2
+    ids, mask = _left_padded()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids[:, :4].contiguous())
+    assert out.logits.shape == (3, 4, 64) and out.loss.requires_grad
+    prompts = model.prompt_modules["default"]()[:3].unsqueeze(0).expand(3, -1, -1)
+    embeds = torch.cat([prompts, t5.get_input_embeddings()(ids)], dim=1)
+    full_mask = torch.cat([torch.ones(3, 3, dtype=mask.dtype), mask], dim=1)
+    with torch.no_grad():
+        expected = t5.generate(inputs_embeds=embeds, attention_mask=full_mask, max_new_tokens=4, do_sample=False)
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_sequence_classification_trains_head_and_prompt(kind, tmp_path):
+    torch.manual_seed(0)
+    if kind == "llama":
+        base = LlamaForSequenceClassification(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                                          num_hidden_layers=1, num_attention_heads=4, num_labels=3,
+                                                          pad_token_id=0))
+    else:
+        base = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                        num_attention_heads=4, intermediate_size=48,
+                                                        max_position_embeddings=16, num_labels=3))
+    model = get_peft_model(base, PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=4, encoder_hidden_size=8))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("modules_to_save" in n for n in trainable) and any("prompt_modules" in n for n in trainable)
+    ids = torch.randint(2, 64, (2, 6))
+    out = model(input_ids=ids, labels=torch.tensor([0, 2]))
+    assert out.logits.shape == (2, 3)
+    out.loss.backward()
+    model.eval()
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="exceed the model's 16 positions") if kind == "bert" else _nothing():
+        model(input_ids=torch.randint(2, 64, (1, 13)))
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_text_init_from_local_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "classify", "the", "review"])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>").save_pretrained(tmp_path)
+    config = PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="TEXT", tokenizer_name_or_path=str(tmp_path),
+                                prompt_tuning_init_text="classify the review")
+    model = get_peft_model(tiny_llama(), config)
+    expected = model.base_model.get_input_embeddings().weight[[1, 2, 3, 1, 2]]  # the text repeated to 5 tokens
+    torch.testing.assert_close(model.prompt_modules["default"](), expected)
+
+
+def test_loaded_ptuning_is_embeddings_and_trains(tmp_path):
+    model = get_peft_model(tiny_llama(), CONFIGS["ptuning-mlp"])
+    ids = torch.randint(0, 64, (2, 5))
+    expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    module = loaded.prompt_modules["default"]
+    assert module.mlp_head is None and module.embedding.weight.requires_grad
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_prompt_adapters_switch_delete_and_refuse_mixing():
+    model = get_peft_model(tiny_llama(), CONFIGS["prompt-random"])
+    model.add_adapter("other", CONFIGS["ptuning-mlp"])
+    with pytest.raises(ValueError, match="runs alone"):
+        model.set_adapter(["default", "other"])
+    ids = torch.randint(0, 64, (1, 5))
+    first = model(input_ids=ids).logits
+    model.set_adapter("other")
+    assert not torch.allclose(model(input_ids=ids).logits, first)
+    model.delete_adapter("other")
+    assert list(model.prompt_modules) == ["default"] and model.active_adapter == "default"
+    assert isinstance(model.unload(), torch.nn.Module) and len(model.prompt_modules) == 0
+
+
+def test_bad_configs_fail_at_get_peft_model():
+    with pytest.raises(ValueError, match="num_virtual_tokens must be a positive integer"):
+        PromptTuningConfig()
+    with pytest.raises(ValueError, match="tokenizer_name_or_path"):
+        PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT")
+    with pytest.raises(ValueError, match="encoder_reparameterization_type"):
+        PromptEncoderConfig(num_virtual_tokens=2, encoder_reparameterization_type="GRU")
+    bert = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=4, intermediate_size=48,
+                                                    max_position_embeddings=16))
+    with pytest.raises(ValueError, match="leaves no room in the model's 16 positions"):
+        get_peft_model(bert, PromptTuningConfig(num_virtual_tokens=16))
+    with pytest.raises(ValueError, match="token_dim=8"):
+        get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=2, token_dim=8))
+
+    class NoEmbeddings(torch.nn.Module):
+        config = tiny_llama().config
+
+        def forward(self, x):
+            return x
+
+    with pytest.raises(ValueError, match="has no token input embeddings"):
+        get_peft_model(NoEmbeddings(), PromptTuningConfig(num_virtual_tokens=2))
