@@ -462,3 +462,34 @@ def test_prefix_moves_between_libraries(kwargs, direction, tmp_path):
     assert load_file(str(tmp_path / "adapter_model.safetensors"))["prompt_embeddings"].shape == (4, 64)
     loaded = dst_lib.PeftModel.from_pretrained(base_model("llama"), str(tmp_path))
     torch.testing.assert_close(logits(loaded, "llama"), expected, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("direction", ["peft_to_peftkit", "peftkit_to_peft"])
+@pytest.mark.parametrize("kwargs", [dict(num_virtual_tokens=3),
+                                    dict(num_virtual_tokens=2, prefix_projection=True, encoder_hidden_size=16)],
+                         ids=["plain", "projection"])
+def test_t5_prefix_moves_between_libraries(kwargs, direction, tmp_path):
+    src_lib, dst_lib = (peft, peftkit) if direction == "peft_to_peftkit" else (peftkit, peft)
+    torch.manual_seed(2)
+    source = src_lib.get_peft_model(base_model("t5"), src_lib.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", **kwargs))
+    expected = logits(source, "t5")  # with decoder_input_ids and a padded encoder mask
+    assert not torch.allclose(expected, logits(base_model("t5"), "t5"))
+    source.save_pretrained(str(tmp_path))
+    # one block of rows for both submodules: 2 layers * (key, value) * 32 per virtual token, as PEFT writes it
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in saved.items()} == {"prompt_embeddings": (kwargs["num_virtual_tokens"], 128)}
+    loaded = dst_lib.PeftModel.from_pretrained(base_model("t5"), str(tmp_path))
+    torch.testing.assert_close(logits(loaded, "t5"), expected, atol=ATOL, rtol=RTOL)
+
+
+def test_t5_prefix_same_safetensors_layout_and_config(tmp_path):
+    kwargs = dict(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16)
+    peft.get_peft_model(base_model("t5"), peft.PrefixTuningConfig(**kwargs)).save_pretrained(str(tmp_path / "p"))
+    peftkit.get_peft_model(base_model("t5"), peftkit.PrefixTuningConfig(**kwargs)).save_pretrained(str(tmp_path / "k"))
+    theirs, ours = ({k: tuple(v.shape) for k, v in load_file(str(tmp_path / d / "adapter_model.safetensors")).items()}
+                    for d in ("p", "k"))
+    assert ours == theirs
+    theirs, ours = (json.load(open(tmp_path / d / "adapter_config.json")) for d in ("p", "k"))
+    for key in ("peft_version", "auto_mapping", "revision"):
+        theirs.pop(key, None)
+    assert ours == theirs

@@ -72,9 +72,10 @@ def test_loaded_projection_is_prefixes(tmp_path):
 
 
 def test_bad_models_fail_at_get_peft_model():
-    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4))
-    with pytest.raises(ValueError, match="decoder-only"):
-        get_peft_model(t5, PrefixTuningConfig(num_virtual_tokens=2))
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1,
+                                             num_decoder_layers=2, num_heads=4))
+    with pytest.raises(ValueError, match="decoder has 2 layers"):
+        get_peft_model(t5, PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2))
 
     class NoCache(torch.nn.Module):
         config = tiny_llama().config
@@ -84,3 +85,94 @@ def test_bad_models_fail_at_get_peft_model():
 
     with pytest.raises(ValueError, match="no attention cache"):
         get_peft_model(NoCache(), PrefixTuningConfig(num_virtual_tokens=2))
+
+
+# --- encoder-decoder (T5): prefixes in the decoder's self-attention cache, as in PEFT ---------------------------
+def tiny_t5(init: float = 5.0) -> T5ForConditionalGeneration:
+    """A 2 + 2 layer T5; the larger default init gives varied greedy outputs (seed picked so rows differ)."""
+    torch.manual_seed(3)
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+                      initializer_factor=init)
+    return T5ForConditionalGeneration(config).eval()
+
+
+T5_CONFIGS = {
+    "prefix": dict(num_virtual_tokens=3),
+    "prefix-projection": dict(num_virtual_tokens=2, prefix_projection=True, encoder_hidden_size=16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(T5_CONFIGS))
+def test_t5_training_lowers_loss_and_changes_only_prefix(name):
+    model = get_peft_model(tiny_t5(init=1.0), PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", **T5_CONFIGS[name]))
+    model.train()
+    filled = model.peft_config["default"]
+    assert filled.num_transformer_submodules == 2
+    assert model.prompt_modules["default"]().shape == (filled.num_virtual_tokens, 2 * 2 * 32)  # as PEFT saves it
+    base_before = {n: p.detach().clone() for n, p in model.base_model.named_parameters()}
+    prefix_before = {n: p.detach().clone() for n, p in model.prompt_modules.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(2, 64, (4, 7), generator=gen), torch.randint(2, 64, (4, 5), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-1)
+    losses = []
+    for _ in range(10):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.01
+    assert all(torch.equal(p, base_before[n]) for n, p in model.base_model.named_parameters())
+    assert all(not torch.equal(p, prefix_before[n]) for n, p in model.prompt_modules.named_parameters())
+
+
+def test_t5_decoder_mask_and_decoder_ids_agree_with_labels():
+    model = get_peft_model(tiny_t5(), PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)).eval()
+    ids, labels = torch.randint(2, 64, (2, 6)), torch.randint(2, 64, (2, 4))
+    with torch.no_grad():
+        by_labels = model(input_ids=ids, labels=labels).logits
+        decoder_ids = model.base_model.prepare_decoder_input_ids_from_labels(labels=labels)
+        by_ids = model(input_ids=ids, decoder_input_ids=decoder_ids, decoder_attention_mask=torch.ones_like(labels))
+        with model.disable_adapter():
+            plain = model(input_ids=ids, labels=labels).logits
+    torch.testing.assert_close(by_ids.logits, by_labels)
+    assert not torch.allclose(plain, by_labels)
+
+
+def _greedy_seq2seq_by_forward(model, ids, mask, steps):
+    decoder = torch.zeros(ids.shape[0], 1, dtype=torch.long)  # decoder_start_token_id
+    for _ in range(steps):  # no cache: the whole decoder sequence each step
+        logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits
+        decoder = torch.cat([decoder, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return decoder
+
+
+@pytest.mark.parametrize("name", sorted(T5_CONFIGS))
+def test_t5_generate_matches_manual_greedy_padded(name):
+    model = get_peft_model(tiny_t5(), PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", **T5_CONFIGS[name])).eval()
+    model.generation_config.eos_token_id = None  # run every row the full length
+    ids = torch.randint(2, 64, (3, 6), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0  # rows of different prompt lengths, padded
+    mask[2, -4:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        assert torch.equal(out, _greedy_seq2seq_by_forward(model, ids, mask, 6))
+        with model.disable_adapter():
+            plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert out.shape == plain.shape == (3, 7)
+    assert not torch.equal(plain, out)
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_zero_init_weights_as_peft(projection):
+    config = PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2, init_weights="zero",
+                                prefix_projection=projection)
+    model = get_peft_model(tiny_t5(), config)
+    assert torch.count_nonzero(model.prompt_modules["default"]()) == 0
+    with pytest.raises(ValueError, match="init_weights"):
+        PrefixTuningConfig(num_virtual_tokens=2, init_weights="gaussian")

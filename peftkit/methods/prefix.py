@@ -6,7 +6,11 @@ prefixes, so grouped-query attention works with ``num_key_value_heads`` heads pe
 ``token_dim`` = head_dim * num_key_value_heads). With ``prefix_projection`` the prefixes come from an
 MLP over smaller embeddings during training (Sec. 4.3, the reparameterisation). On disk, as in PEFT: one
 tensor ``prompt_embeddings`` (num_virtual_tokens, num_layers * 2 * token_dim), the MLP's output.
-Decoder-only models (causal LM, sequence classification); encoder-decoder models are refused.
+Decoder-only models (causal LM, sequence classification) and encoder-decoder models (T5, BART). For the
+latter PEFT's behaviour is kept: the encoder sees no prefix, the decoder's self-attention does (an
+``EncoderDecoderCache`` whose cross-attention half starts empty, so cross-attention sees the encoder only).
+The on-disk layout is the same as for a decoder-only model (PEFT builds the cross-attention copy it then
+discards from the same rows).
 """
 from __future__ import annotations
 
@@ -26,8 +30,14 @@ from .prompt import PromptEmbedding, PromptLearningConfig, fill_from_model, inpu
 class PrefixTuningConfig(PromptLearningConfig):
     """Prefix tuning settings, field names as in Hugging Face PEFT."""
 
+    init_weights: Optional[str] = None  # None: random prefixes; "zero": zero prefixes (the MLP's last layer zero)
     encoder_hidden_size: Optional[int] = None  # hidden size of the prefix MLP; token_dim when unset
     prefix_projection: bool = False  # True: prefixes come from an MLP during training
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init_weights not in (None, "zero"):
+            raise ValueError(f"init_weights must be None (random) or 'zero', got {self.init_weights!r}")
 
 
 class PrefixEncoder(PromptEmbedding):
@@ -42,6 +52,9 @@ class PrefixEncoder(PromptEmbedding):
         if project:
             self.transform = nn.Sequential(nn.Linear(config.token_dim, config.encoder_hidden_size), nn.Tanh(),
                                            nn.Linear(config.encoder_hidden_size, width))
+        if config.init_weights == "zero":  # PEFT zeroes what produces the prefixes: the table or the MLP's output layer
+            for param in (self.embedding if self.transform is None else self.transform[-1]).parameters():
+                nn.init.zeros_(param)
 
     def forward(self) -> torch.Tensor:
         """(num_virtual_tokens, num_layers * 2 * token_dim)."""
@@ -66,10 +79,12 @@ def cache_argument(model: nn.Module) -> Optional[str]:
     return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """True for T5 / BART-like models (the prefixes go to the decoder)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def _check_model(model: nn.Module) -> None:
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        raise ValueError("prefix tuning in peftkit supports decoder-only models; for an encoder-decoder model "
-                         "(T5, BART) use prompt tuning or P-tuning")
     if cache_argument(model) is None:
         raise ValueError(f"{type(model).__name__}.forward takes no past_key_values (no attention cache), which "
                          "prefix tuning feeds its prefixes through; use prompt tuning or P-tuning")
@@ -93,6 +108,7 @@ class PrefixMethod(Method):
             config.token_dim, config.num_attention_heads = head_dim * kv_heads, kv_heads
         if config.encoder_hidden_size is None:
             config.encoder_hidden_size = config.token_dim
+        _check_decoder_layers(model, config)
         return []
 
     def input_module(self, model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> nn.Module:
@@ -107,6 +123,8 @@ class PrefixMethod(Method):
         reference = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
         count = config.num_virtual_tokens
         inputs[cache_name] = prefix_cache(model, module(), config, reference.shape[0])
+        if is_encoder_decoder(model):
+            return _run_seq2seq(model, inputs, count, generate)
         if inputs.get("attention_mask") is None:
             inputs["attention_mask"] = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
         prepend_columns(inputs, "attention_mask", 1, count)
@@ -121,19 +139,59 @@ class PrefixMethod(Method):
 
 
 def prefix_cache(model: nn.Module, prefixes: torch.Tensor, config: PrefixTuningConfig, batch: int):
-    """A DynamicCache holding each layer's (batch, kv_heads, num_virtual_tokens, head_dim) keys and values."""
+    """A DynamicCache holding each layer's (batch, kv_heads, num_virtual_tokens, head_dim) keys and values.
+
+    For an encoder-decoder model that cache is the decoder's self-attention half of an EncoderDecoderCache.
+    """
     from transformers import DynamicCache
 
     layers, heads = config.num_layers, config.num_attention_heads
     dtype = input_embeddings(model).weight.dtype
     # (n, layers * 2 * token_dim) -> (layers * 2, heads, n, head_dim), PEFT's order: layer-major, key before value
     kv = prefixes.to(dtype).view(config.num_virtual_tokens, layers * 2, heads, -1).permute(1, 2, 0, 3)
+    # PEFT reads (self key, self value, cross key, cross value) per layer for seq2seq (num_transformer_submodules=2)
+    # from the rows repeated twice, so layer l's self-attention key is row 2 * submodules * l modulo the row count
+    step = 2 * (config.num_transformer_submodules or 1)
     cache = DynamicCache(config=model.config)
     for layer in range(layers):
-        keys = kv[2 * layer].unsqueeze(0).expand(batch, -1, -1, -1)
-        values = kv[2 * layer + 1].unsqueeze(0).expand(batch, -1, -1, -1)
+        row = (step * layer) % (2 * layers)
+        keys = kv[row].unsqueeze(0).expand(batch, -1, -1, -1)
+        values = kv[row + 1].unsqueeze(0).expand(batch, -1, -1, -1)
         cache.update(keys, values, layer)
+    if is_encoder_decoder(model):
+        from transformers import EncoderDecoderCache
+
+        # cross-attention starts empty (is_updated False): it computes keys / values from the encoder, as in PEFT
+        return EncoderDecoderCache(cache, DynamicCache(config=model.config))
     return cache
+
+
+def _check_decoder_layers(model: nn.Module, config: PrefixTuningConfig) -> None:
+    # num_layers comes from the encoder's count (PEFT's rule); the prefixes are the decoder's, so they must agree
+    decoder = next((getattr(model.config, n) for n in ("num_decoder_layers", "decoder_layers")
+                    if getattr(model.config, n, None) is not None), None)
+    if is_encoder_decoder(model) and decoder is not None and decoder != config.num_layers:
+        raise ValueError(f"prefix tuning has num_layers={config.num_layers} but the decoder has {decoder} layers; "
+                         f"set num_layers={decoder} in the PrefixTuningConfig")
+
+
+def _run_seq2seq(model: nn.Module, inputs: dict, count: int, generate: bool):
+    """Encoder-decoder forward / generate: the encoder inputs stay as they are, the decoder's cache holds prefixes."""
+    if not generate:
+        prepend_columns(inputs, "decoder_attention_mask", 1, count)
+        return model(**inputs)
+    # as for decoder-only generate: stand-in decoder ids (the start token) for the cached prefix positions, cut after
+    start = model.generation_config.decoder_start_token_id
+    start = model.config.decoder_start_token_id if start is None else start
+    reference = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+    ids = inputs.pop("decoder_input_ids", None)
+    if ids is None:
+        ids = torch.full((reference.shape[0], 1), start, dtype=torch.long, device=reference.device)
+    if inputs.get("decoder_attention_mask") is None:  # generate skips the cached positions only given a decoder mask
+        inputs["decoder_attention_mask"] = torch.ones_like(ids)
+    prepend_columns(inputs, "decoder_attention_mask", 1, count)
+    stand_in = torch.full((ids.shape[0], count), start, dtype=ids.dtype, device=ids.device)
+    return model.generate(decoder_input_ids=torch.cat([stand_in, ids], dim=1), **inputs)[:, count:]
 
 
 register("PREFIX_TUNING", PrefixTuningConfig, PrefixMethod())
