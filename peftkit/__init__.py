@@ -12,11 +12,12 @@ from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptEncoderConfig, PromptTuningConfig
+from .methods.selective import SelectiveConfig
 from .model import PeftModel, get_peft_model
 
 __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "IA3Config", "LoraConfig", "PeftConfig", "PeftModel", "PrefixTuningConfig",
-    "PromptEncoderConfig", "PromptTuningConfig", "get_peft_model", "registered_types",
+    "PromptEncoderConfig", "PromptTuningConfig", "SelectiveConfig", "get_peft_model", "registered_types",
 ]

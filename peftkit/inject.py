@@ -32,9 +32,21 @@ class Method:
         """Put ``adapter_name`` into ``model``; return the names of the modules it touched."""
         raise NotImplementedError
 
+    def calibrate(self, model: nn.Module, config, batches, loss_fn) -> None:
+        """Runs before ``inject``: a method that selects by importance scores ``model`` on ``batches`` here.
+
+        By default a method takes no calibration data.
+        """
+        if batches is not None or loss_fn is not None:
+            raise ValueError(f"{config.peft_type} adapters take no calibration_batches / loss_fn; leave them out "
+                             "(they are for importance-based methods such as SelectiveConfig)")
+
     def extra_tensors(self, model: nn.Module, config, adapter_name: str) -> dict[str, torch.Tensor]:
         """Base tensors trained and saved with the adapter (e.g. LoRA's biases), by path; none by default."""
         return {}
+
+    def check_loaded(self, model: nn.Module, adapter_name: str, directory: str) -> None:
+        """Refuse loaded values that fit by shape but not by meaning (e.g. indices out of range); none by default."""
 
     # Prompt methods (acts_on_inputs = True) leave the base model's layers alone: they keep a module per
     # adapter outside the base model and rewrite the inputs of forward / generate instead.

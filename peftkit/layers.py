@@ -1,10 +1,11 @@
 """AdapterLayer: the one base class that owns the active / disabled / merged state of a wrapped module."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import weakref
-from typing import ClassVar
+from typing import ClassVar, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -53,6 +54,20 @@ class AdapterLayer(nn.Module):
     def delta_weight(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def mixed_refusal(self, names: set[str]) -> Optional[str]:
+        """Why this layer cannot serve a mixed batch using ``names`` (None: it can).
+
+        The default serves rows whose adapters this layer does not hold (they see the base output).
+        """
+        held = sorted(names & set(self.adapter_names))
+        if held:
+            return f"{type(self).__name__} does not support mixed-adapter batches (adapter {held[0]!r})"
+        return None
+
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, rows: "MixedRows") -> torch.Tensor:
+        """The output for a mixed batch; by default the base output (mixed_refusal vetted the names)."""
+        return result
+
     # --- shared state logic -----------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
@@ -73,6 +88,9 @@ class AdapterLayer(nn.Module):
         base_out = result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
+        rows = current_rows()
+        if rows is not None:  # a mixed-adapter batch: each row's own adapter, not the active ones
+            return self.mixed_forward(x, result, rows)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 result = self.adapter_forward(name, x, result, base_out)
@@ -142,11 +160,33 @@ class ModulesToSaveWrapper(AdapterLayer):
         return dict(self.modules_to_save[name].state_dict(keep_vars=True)) if name in self.modules_to_save else {}
 
     def forward(self, *args, **kwargs):
+        rows = None if self.disabled else current_rows()
+        if rows is not None and set(rows.names) & set(self.modules_to_save):
+            return self._mixed_forward(rows, *args, **kwargs)
         # The first active adapter that owns a copy decides; with none, the original module runs.
-        if not self.disabled:
+        if not self.disabled and rows is None:
             for name in self.active_adapters:
                 return self.modules_to_save[name](*args, **kwargs)
         return self.base_layer(*args, **kwargs)
+
+    def mixed_refusal(self, names: set[str]) -> Optional[str]:
+        if names & set(self.modules_to_save) and type(self.base_layer) is not nn.Linear:
+            return f"mixed-adapter batches support nn.Linear heads in modules_to_save, not {type(self.base_layer).__name__}"
+        return None
+
+    def _mixed_forward(self, rows: "MixedRows", x: torch.Tensor) -> torch.Tensor:
+        # each row through its adapter's copy of a Linear head: weights stacked (slot 0: the original), one bmm
+        if x.shape[0] != len(rows.names):
+            raise ValueError(f"adapter_names has {len(rows.names)} names for a head input of {x.shape[0]} rows")
+        slots = tuple(self.modules_to_save)
+        heads = [self.base_layer] + [self.modules_to_save[n] for n in slots]
+        idx = rows.index(slots, x.device)  # (batch,)
+        weight = torch.stack([h.weight for h in heads])[idx]  # (batch, out, in)
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, seq, in)
+        out = torch.bmm(x3, weight.transpose(1, 2))  # (batch, seq, out)
+        if self.base_layer.bias is not None:
+            out = out + torch.stack([h.bias for h in heads])[idx][:, None, :]
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def merge(self, names: list[str], safe: bool = False) -> None:
         """Nothing to merge: the trained copy replaces the original when unloading."""
@@ -215,3 +255,39 @@ class _Dropout(torch.autograd.Function):
     def backward(ctx, g):
         (mask,) = ctx.saved_tensors
         return g.mul(mask).mul_(ctx.scale), None
+
+
+# --- mixed-adapter batches: which adapter each row uses, for the length of one forward / generate ---------
+_mixed = threading.local()
+
+
+class MixedRows:
+    """One adapter name per batch row (BASE_ADAPTER or an adapter a layer lacks: the base output)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+        self._index: dict = {}
+
+    def index(self, slots: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """Per-row slot in a stack whose slot 0 is zeros and slot i + 1 holds ``slots[i]``; (batch,) int64."""
+        key = (slots, device)
+        if key not in self._index:  # layers holding the same adapters share one index tensor per pass
+            pos = {name: i + 1 for i, name in enumerate(slots)}
+            self._index[key] = torch.tensor([pos.get(n, 0) for n in self.names], dtype=torch.long, device=device)
+        return self._index[key]
+
+
+def current_rows() -> Optional[MixedRows]:
+    """The mixed batch being run on this thread, if any."""
+    return getattr(_mixed, "rows", None)
+
+
+@contextlib.contextmanager
+def mixed_rows(names: Sequence[str]) -> Iterator[MixedRows]:
+    """Run the block with one adapter per batch row; cleared on exit, exceptions included."""
+    previous = current_rows()
+    _mixed.rows = MixedRows(names)
+    try:
+        yield _mixed.rows
+    finally:
+        _mixed.rows = previous

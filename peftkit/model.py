@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from torch import nn
 from . import checkpoint
 from .config import PeftConfig, lookup
 from .inject import HEAD_NAMES, adapter_layers, unwrap, wrap_modules_to_save
-from .layers import new_forward_pass
+from .layers import mixed_rows, new_forward_pass
 
 BASE_ADAPTER = "__base__"  # reserved: "no adapter" in mixed batches
 
@@ -20,7 +20,8 @@ BASE_ADAPTER = "__base__"  # reserved: "no adapter" in mixed batches
 class PeftModel(nn.Module):
     """A base model with one or more named adapters, of which one or more are active."""
 
-    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default",
+                 calibration_batches: Optional[Iterable[dict]] = None, loss_fn: Optional[Callable] = None) -> None:
         super().__init__()
         self.base_model = model
         self.train(model.training)
@@ -31,7 +32,7 @@ class PeftModel(nn.Module):
         self._inputs_off = False  # True inside disable_adapter: forward / generate leave the inputs alone
         # restored by unload() / a failed load, so the user's model comes back as it was
         self._grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, calibration_batches, loss_fn)
         self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str):
@@ -47,15 +48,52 @@ class PeftModel(nn.Module):
     def forward(self, *args, **kwargs):
         """Call the base model (with the active adapters in place)."""
         new_forward_pass()
+        rows = kwargs.pop("adapter_names", None)  # one adapter per batch row (mixed batch), or None
+        if rows is not None:
+            with self._mixed_batch(rows, args, kwargs):
+                return self.base_model(*args, **kwargs)
         if self._input_adapter() is None:
             return self.base_model(*args, **kwargs)
         return self._run_on_inputs(args, kwargs, generate=False)
 
     def generate(self, *args, **kwargs):
-        """``base_model.generate`` with the active adapters in place."""
+        """``base_model.generate`` with the active adapters in place (or ``adapter_names=``: one per row)."""
+        rows = kwargs.pop("adapter_names", None)
+        if rows is not None:
+            with self._mixed_batch(rows, args, kwargs):
+                return self.base_model.generate(*args, **kwargs)
         if self._input_adapter() is None:
             return self.base_model.generate(*args, **kwargs)
         return self._run_on_inputs(args, kwargs, generate=True)
+
+    def _mixed_batch(self, names, args: tuple, kwargs: dict) -> contextlib.AbstractContextManager:
+        # every check runs before any compute; layers then read the rows from layers.current_rows()
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"adapter_names must be a list of adapter names, one per batch row; got {names!r}")
+        names = list(names)
+        unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"adapter_names: no adapter named {unknown[0]!r}; this model has "
+                             f"{sorted(self.peft_config)} (and {BASE_ADAPTER!r} for the base model)")
+        inputs = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs_embeds"))
+        if inputs is not None and inputs.shape[0] != len(names):
+            raise ValueError(f"adapter_names has {len(names)} names for a batch of {inputs.shape[0]} rows; "
+                             "pass exactly one name per row")
+        if (kwargs.get("num_beams") or 1) > 1 or (kwargs.get("num_return_sequences") or 1) > 1:
+            raise ValueError("adapter_names with num_beams / num_return_sequences > 1 is not supported; "
+                             "repeat the rows (and their names) yourself")
+        used = set(names) - {BASE_ADAPTER}
+        if used & set(self.prompt_modules):
+            raise ValueError(f"adapter {sorted(used & set(self.prompt_modules))[0]!r} is a prompt adapter; "
+                             "mixed-adapter batches support LoRA / DoRA adapters")
+        for layer_name, layer in adapter_layers(self.base_model):
+            if layer.merged_adapters:
+                raise ValueError(f"adapter {layer.merged_adapters[0]!r} is merged into {layer_name!r}; mixed-adapter "
+                                 "batches need unmerged adapters: call unmerge_adapter() first")
+            reason = layer.mixed_refusal(used)
+            if reason:
+                raise ValueError(f"adapter_names: {layer_name}: {reason}")
+        return mixed_rows(names)
 
     def _input_adapter(self) -> Optional[str]:
         # the active adapter whose method rewrites the inputs (a prompt method), if any and not disabled
@@ -85,14 +123,20 @@ class PeftModel(nn.Module):
         """Names of the active adapters."""
         return list(self._active)
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
-        """Inject a new adapter (not activated); the model is left unchanged if this fails."""
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig,
+                    calibration_batches: Optional[Iterable[dict]] = None, loss_fn: Optional[Callable] = None) -> None:
+        """Inject a new adapter (not activated); the model is left unchanged if this fails.
+
+        ``calibration_batches`` (dicts of model inputs with labels) and ``loss_fn`` ((outputs, batch) -> loss)
+        feed methods that select by importance (SelectiveConfig); other methods refuse them.
+        """
         self._check_new_name(adapter_name)
         config = copy.deepcopy(peft_config)  # targets get resolved in place; the caller's object stays
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(self.base_model, "config", None), "_name_or_path", None) or None
         _, method = lookup(config.peft_type)
         try:
+            method.calibrate(self.base_model, config, calibration_batches, loss_fn)
             method.inject(self.base_model, config, adapter_name)
             module = method.input_module(self.base_model, config, adapter_name)
             if module is not None:
@@ -322,6 +366,7 @@ class PeftModel(nn.Module):
         expected.update({k: v for k, v in self._embedding_tensors(adapter_name).items() if k in tensors})
         checkpoint.check_fit(expected, tensors, directory)
         checkpoint.copy_into(expected, tensors)
+        lookup(self.peft_config[adapter_name].peft_type)[1].check_loaded(self.base_model, adapter_name, directory)
 
     def _embedding_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         return checkpoint.embedding_tensors(self.base_model, getattr(self.peft_config[adapter_name], "target_modules", None))
@@ -344,8 +389,9 @@ class PeftModel(nn.Module):
         dispatch_model(self, device_map=device_map)
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                   calibration_batches: Optional[Iterable[dict]] = None, loss_fn: Optional[Callable] = None) -> PeftModel:
     """Wrap ``model`` with a new trainable adapter described by ``peft_config``."""
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel; use model.add_adapter(name, config) to add another adapter")
-    return PeftModel(model, peft_config, adapter_name)
+    return PeftModel(model, peft_config, adapter_name, calibration_batches, loss_fn)

@@ -20,7 +20,7 @@ def randomize_adapters(model, std: float = 0.2, seed: int = 1) -> None:
             if "lora_" in name or "ia3_l" in name:
                 centre = 1.0 if "magnitude" in name or "ia3_l" in name else 0.0  # scales (DoRA m, IA3 l) sit near 1
                 param.copy_(torch.randn(param.shape, generator=gen) * std + centre)
-            elif ".adapter_down." in name or ".adapter_up." in name:  # bottleneck projections (up starts at 0)
+            elif ".adapter_down." in name or ".adapter_up." in name or ".selective_values." in name:  # start at 0
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from peftkit import (AdapterConfig, IA3Config, LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig,
-                     PromptEncoderConfig, PromptTuningConfig, get_peft_model, registered_types)
+                     PromptEncoderConfig, PromptTuningConfig, SelectiveConfig, get_peft_model, registered_types)
 from peftkit.config import lookup
 from conftest import randomize_adapters, tiny_llama
 
@@ -46,6 +46,12 @@ EXAMPLES = {
     "PREFIX_TUNING": {
         "prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
         "prefix-projection": PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True, encoder_hidden_size=8),
+    },
+    "SELECTIVE": {  # magnitude needs no calibration data (test_selective.py covers the data criteria)
+        "selective-element": SelectiveConfig(criterion="magnitude", budget=0.05),
+        "selective-row-per-module": SelectiveConfig(criterion="magnitude", budget=0.1, granularity="row",
+                                                    ranking="per_module", target_modules=["q_proj", "down_proj"]),
+        "selective-module": SelectiveConfig(criterion="magnitude", budget=0.2, granularity="module"),
     },
 }
 CASES = [(t, k) for t in EXAMPLES for k in EXAMPLES[t]]
@@ -93,6 +99,7 @@ def test_only_adapter_parameters_trainable(case):
     for name in trainable:
         adapter_named = "lora_" in name or "ia3_l" in name or ".adapter_" in name  # .adapter_down / .adapter_up
         adapter_named = adapter_named or name.startswith("prompt_modules.")  # virtual tokens, P-tuning encoder
+        adapter_named = adapter_named or ".selective_values." in name
         assert adapter_named or (config.bias != "none" and name.endswith("bias")), name
     trainable_count, total = model.get_nb_trainable_parameters()
     assert trainable_count == sum(p.numel() for p in model.parameters() if p.requires_grad) < total

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import TargetSpec, TargetedConfig, register
 from ..inject import Method, find_targets, is_linear_like, replace_modules, resolve_target_modules
-from ..layers import AdapterLayer, adapter_dtype, param_device
+from ..layers import AdapterLayer, MixedRows, adapter_dtype, current_rows, param_device
 
 logger = logging.getLogger("peftkit")
 
@@ -164,6 +164,9 @@ class IA3Layer(AdapterLayer):
         return scale.reshape(-1, *tail)  # (features,) or (C, 1, 1)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        rows = None if self.disabled else current_rows()
+        if rows is not None:  # a mixed-adapter batch: each row's own vector
+            return self._mixed_forward(x, rows, *args, **kwargs)
         live = [] if self.disabled else [n for n in self.active_adapters
                                          if n in self.ia3_l and n not in self.merged_adapters]
         into = self._activation_scale([n for n in live if self.feedforward[n]])
@@ -174,6 +177,30 @@ class IA3Layer(AdapterLayer):
         if out is not None:
             result = (result.to(out.dtype) * out).to(result.dtype)  # l * (W x + b), (..., out)
         return result
+
+    def mixed_refusal(self, names: set[str]) -> Optional[str]:
+        if self.is_conv and names & set(self.ia3_l):
+            return "IA3 on convolutions does not support mixed-adapter batches"
+        return None
+
+    def _mixed_forward(self, x: torch.Tensor, rows: MixedRows, *args, **kwargs) -> torch.Tensor:
+        # per-row vectors gathered from stacks whose slot 0 (the base, and adapters this layer lacks) is ones
+        if x.shape[0] != len(rows.names):
+            raise ValueError(f"adapter_names has {len(rows.names)} names but an IA3 layer sees a batch of "
+                             f"{x.shape[0]} rows; pass one name per row")
+        slots = tuple(self.ia3_l)
+        idx = rows.index(slots, x.device)  # (batch,)
+        into = self._row_scales(slots, idx, True, self.in_features, x.dim())  # (batch, 1.., in)
+        x = (x.to(into.dtype) * into).to(x.dtype)
+        result = self.base_layer(x, *args, **kwargs)
+        out = self._row_scales(slots, idx, False, self.out_features, result.dim())  # (batch, 1.., out)
+        return (result.to(out.dtype) * out).to(result.dtype)
+
+    def _row_scales(self, slots: tuple, idx: torch.Tensor, feedforward: bool, size: int, ndim: int) -> torch.Tensor:
+        ones = self.ia3_l[slots[0]].new_ones(size)
+        stack = torch.stack([ones] + [self.ia3_l[n].flatten() if self.feedforward[n] == feedforward else ones
+                                      for n in slots])  # (n + 1, size)
+        return stack[idx].view(idx.shape[0], *([1] * (ndim - 2)), size)
 
     def _weight_scale(self, name: str) -> torch.Tensor:
         # the vector laid along the weight's input or output axis: (out, 1), (1, in), (1, out) for Conv1D, ...

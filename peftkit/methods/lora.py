@@ -17,7 +17,8 @@ from torch import nn
 from ..config import TargetedConfig, register
 from ..inject import (DEFAULT_TARGETS, Method, find_targets, is_linear_like, replace_modules,
                       resolve_target_modules)
-from ..layers import AdapterLayer, adapter_dtype, param_device, shared_dropout
+from ..layers import AdapterLayer, MixedRows, adapter_dtype, current_rows, param_device, shared_dropout
+from . import lora_mixed
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -208,7 +209,7 @@ class LoraLinear(LoraLayer):
 
     def _fusable(self, x: torch.Tensor) -> Optional[str]:
         # the fused kernel serves the common training case: one plain LoRA on a frozen, hook-free nn.Linear
-        if self.disabled or len(self.active_adapters) != 1 or self.merged_adapters:
+        if self.disabled or len(self.active_adapters) != 1 or self.merged_adapters or current_rows() is not None:
             return None
         name, base = self.active_adapters[0], self.base_layer
         if (type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")
@@ -228,6 +229,15 @@ class LoraLinear(LoraLayer):
         # one fused kernel: result + s * h @ B^T  -> (..., out)
         out = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), b.t(), alpha=s)
         return out.view(result.shape)
+
+    def mixed_refusal(self, names: set[str]) -> Optional[str]:
+        held = names & set(self.lora_A)
+        if self.training and any(self.dropout[n] > 0 for n in held):
+            return "mixed-adapter batches run without LoRA dropout; call model.eval() (or use lora_dropout=0)"
+        return None
+
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, rows: MixedRows) -> torch.Tensor:
+        return lora_mixed.mixed_forward(self, x, result, rows)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]  # (out, in)

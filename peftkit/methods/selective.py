@@ -1,0 +1,269 @@
+"""Importance-based selective fine-tuning: score the weights, train only the most important ones, store them sparsely.
+
+The weights of the target Linear layers are scored on calibration batches (see ``selective_scoring``), the
+top ``budget`` fraction (or those above ``threshold``) is selected, and only the selection trains: per
+module a sparse delta of ``selective_values`` at ``selective_indices`` (flat entry indices for
+``granularity="element"``, output-row indices for ``"row"``; ``"module"`` trains the whole weight of the
+selected modules and has no indices). Forward adds ``x @ delta^T``: for elements through a custom autograd
+function that keeps no dense delta for backward, for rows as (..., r) outputs added at their positions, so
+gradients and optimiser state are O(k). Values start at zero: the model is unchanged at initialisation.
+Merging writes the values into the selected base entries and keeps the overwritten ones, so unmerging
+is bit-exact.
+peftkit's own ``peft_type`` ``SELECTIVE`` (no peer library has this method).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TargetSpec, TargetedConfig, register
+from ..inject import Method, adapter_layers, find_targets, replace_modules, resolve_target_modules
+from ..layers import AdapterLayer, adapter_dtype, param_device
+from .selective_scoring import CRITERIA, LossFn, score_weights, select, unit_scores
+
+RANKINGS = ("global", "per_module")
+GRANULARITIES = ("element", "row", "module")
+DEFAULT_BUDGET = 0.01
+
+
+@dataclass
+class SelectiveConfig(TargetedConfig):
+    """Selective fine-tuning settings; ``selected_counts`` is written when the selection is made."""
+
+    target_modules: TargetSpec = "all-linear"  # what is scored; nn.Linear layers only
+    criterion: str = "fisher"  # one of CRITERIA
+    budget: Optional[float] = None  # fraction of scored units selected, in (0, 1]; 0.01 when threshold is unset
+    threshold: Optional[float] = None  # instead of budget: select exactly the units scoring above it
+    ranking: str = "global"  # "global": one ranking over all targets; "per_module": budget applies per module
+    granularity: str = "element"  # unit selected: "element", "row" (output neuron) or "module"
+    num_batches: Optional[int] = None  # calibration batches used for scoring; None: all given
+    selected_counts: Optional[dict[str, int]] = None  # trainable values per module path, set at selection
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.budget is None and self.threshold is None:
+            self.budget = DEFAULT_BUDGET
+        self._check_choice("criterion", CRITERIA)
+        self._check_choice("ranking", RANKINGS)
+        self._check_choice("granularity", GRANULARITIES)
+        if self.budget is not None and self.threshold is not None:
+            raise ValueError(f"set budget ({self.budget}) or threshold ({self.threshold}), not both: budget selects "
+                             "the top fraction, threshold the units scoring above it")
+        if self.budget is not None and not (isinstance(self.budget, (int, float)) and 0 < self.budget <= 1):
+            raise ValueError(f"budget must be a fraction in (0, 1] of the scored units, got {self.budget!r}; "
+                             "e.g. budget=0.01 trains 1%")
+        if self.granularity == "module" and self.ranking == "per_module" and self.threshold is None:
+            raise ValueError("ranking='per_module' with granularity='module' keeps all or nothing of each module; "
+                             "use ranking='global' to pick the most important modules")
+        if self.num_batches is not None and (not isinstance(self.num_batches, int) or self.num_batches < 1):
+            raise ValueError(f"num_batches must be a positive integer or None (all batches), got {self.num_batches!r}")
+        if self.selected_counts is not None:
+            self.selected_counts = {str(k): int(v) for k, v in self.selected_counts.items()}
+
+    def _check_choice(self, name: str, allowed: tuple) -> None:
+        if getattr(self, name) not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+
+class SelectiveLayer(AdapterLayer):
+    """A Linear whose selected weight entries carry a trainable delta, one sparse delta per adapter."""
+
+    peft_type = "SELECTIVE"
+    adapter_attrs = ("selective_values", "selective_indices")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.selective_values = nn.ParameterDict()  # (k,) trainable
+        self.selective_indices = nn.ParameterDict()  # (k,) flat entries or (rows,) output rows; int64, frozen
+        self.granularity: dict[str, str] = {}
+        self._kept: dict[str, torch.Tensor] = {}  # base entries overwritten by merge, restored by unmerge
+
+    def create_adapter(self, name: str, config: SelectiveConfig, module_name: str) -> None:
+        """Adapter ``name`` with the selection stashed by the method, or sized from ``selected_counts`` (loading)."""
+        weight = self.base_layer.weight
+        device, granularity = param_device(self.base_layer), config.granularity
+        chosen = getattr(config, "_selection", {}).get(module_name)
+        count = config.selected_counts[module_name]
+        if chosen is None:  # loading: the checkpoint fills the indices; distinct placeholders until then
+            units = count // weight.shape[1] if granularity == "row" else count
+            chosen = torch.arange(units, device=device)
+        self.granularity[name] = granularity
+        self.selective_values[name] = nn.Parameter(torch.zeros(count, dtype=adapter_dtype(weight), device=device))
+        if granularity != "module":
+            self.selective_indices[name] = nn.Parameter(chosen.to(device=device, dtype=torch.long), requires_grad=False)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The dense delta (out, in), built from the k values (differentiable in them)."""
+        values, shape = self.selective_values[name], self.base_layer.weight.shape
+        granularity = self.granularity[name]
+        if granularity == "module":
+            return values.view(shape)
+        if granularity == "row":  # rows (r, in) at their output positions
+            return values.new_zeros(shape).index_copy(0, self.selective_indices[name], values.view(-1, shape[1]))
+        return _scatter(values, self.selective_indices[name], shape)
+
+    def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        values = self.selective_values[name]
+        x = x.to(values.dtype)
+        if self.granularity[name] == "row":  # only the selected rows: (..., r) added at their output positions
+            rows = F.linear(x, values.view(-1, self.base_layer.weight.shape[1]))
+            return result.index_add(-1, self.selective_indices[name], rows.to(result.dtype))
+        if self.granularity[name] == "element":  # saves no dense delta for backward
+            shape = tuple(self.base_layer.weight.shape)
+            return result + _ScatteredLinear.apply(x, values, self.selective_indices[name], shape).to(result.dtype)
+        return result + F.linear(x, values.view(self.base_layer.weight.shape)).to(result.dtype)  # (..., out)
+
+    def _flat_positions(self, name: str) -> Optional[torch.Tensor]:
+        # the flat weight entries this adapter touches, in the values' order; None: all of them
+        granularity = self.granularity[name]
+        if granularity == "module":
+            return None
+        index = self.selective_indices[name]
+        if granularity == "element":
+            return index
+        width = self.base_layer.weight.shape[1]
+        return (index[:, None] * width + torch.arange(width, device=index.device)).flatten()  # (rows * in,)
+
+    def merge(self, names: list[str], safe: bool = False) -> None:
+        """Add each adapter's values to its selected base entries; the old entries are kept for unmerge."""
+        flat = self.weight_param.data.view(-1)
+        for name in names:
+            if name in self.merged_adapters or name not in self.adapter_names:
+                continue
+            positions = self._flat_positions(name)
+            kept = (flat if positions is None else flat[positions]).clone()
+            values = self.selective_values[name].detach()
+            new = (kept.to(values.dtype) + values).to(flat.dtype)
+            if safe and not torch.isfinite(new).all():
+                raise ValueError(f"merging adapter {name!r} would put NaN/inf into the base weights; not merged")
+            self._write(flat, positions, new)
+            self._kept[name] = kept
+            self.merged_adapters.append(name)
+
+    def unmerge(self, names: Optional[list[str]] = None) -> None:
+        """Put the kept base entries back, newest merge first: bit-identical to before merging.
+
+        Unmerging some adapters undoes all, then merges the others again: kept entries of an older merge
+        would otherwise wipe a newer adapter's delta where their selections overlap.
+        """
+        flat, merged = self.weight_param.data.view(-1), list(self.merged_adapters)
+        for name in reversed(merged):
+            self._write(flat, self._flat_positions(name), self._kept.pop(name))
+        self.merged_adapters = []
+        self.merge([n for n in merged if names is not None and n not in names])
+
+    @staticmethod
+    def _write(flat: torch.Tensor, positions: Optional[torch.Tensor], values: torch.Tensor) -> None:
+        if positions is None:
+            flat.copy_(values)
+        else:
+            flat[positions] = values
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self.granularity.pop(name, None)
+
+
+def _scatter(values: torch.Tensor, index: torch.Tensor, shape: tuple) -> torch.Tensor:
+    # dense (out, in), zero but ``values`` at the flat positions ``index``
+    return values.new_zeros(shape).view(-1).index_put((index,), values).view(shape)
+
+
+class _ScatteredLinear(torch.autograd.Function):
+    """``x @ delta^T`` for a delta that is zero but ``values`` at flat ``index``.
+
+    Autograd through a scatter would keep the dense (out, in) delta alive until backward, a copy of the
+    weight per layer; this saves only x (which the base layer keeps anyway), the k values and their indices,
+    and rebuilds what backward needs. The gradient of the values is the selected entries of g^T x.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, shape: tuple) -> torch.Tensor:
+        ctx.save_for_backward(x, values, index)
+        ctx.shape = shape
+        return F.linear(x, _scatter(values, index, shape))  # (..., out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, values, index = ctx.saved_tensors
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ _scatter(values, index, ctx.shape)  # (..., in)
+        if ctx.needs_input_grad[1]:
+            outer = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # (out, in), transient
+            grad_values = outer.view(-1)[index]  # (k,)
+        return grad_x, grad_values, None, None
+
+
+def _scored_weight(model: nn.Module, name: str) -> nn.Parameter:
+    module = model.get_submodule(name)
+    base = module.base_layer if isinstance(module, AdapterLayer) else module
+    if not isinstance(base, nn.Linear):
+        raise ValueError(f"target module {name!r} is a {type(base).__name__}; selective fine-tuning scores nn.Linear "
+                         "weights only. Name Linear layers in target_modules (e.g. 'q_proj'), or use 'all-linear'.")
+    return base.weight
+
+
+def _counts(chosen: torch.Tensor, weight: torch.Tensor, granularity: str) -> int:
+    # trainable values of one module: entries, rows x in, or the whole weight
+    if granularity == "module":
+        return weight.numel() if chosen.numel() else 0
+    return chosen.numel() * (weight.shape[1] if granularity == "row" else 1)
+
+
+class SelectiveMethod(Method):
+    """Scores and selects in ``calibrate`` (before anything is wrapped), wraps the selected modules in ``inject``."""
+
+    config_cls = SelectiveConfig
+
+    def calibrate(self, model: nn.Module, config: SelectiveConfig, batches: Optional[Iterable[dict]],
+                  loss_fn: Optional[LossFn]) -> None:
+        """Score the targets and stash the selection on ``config``; a config that holds one (loading) is kept."""
+        if config.selected_counts is not None:
+            if batches is not None:
+                raise ValueError("this SelectiveConfig already holds a selection (selected_counts): load the adapter "
+                                 "with PeftModel.from_pretrained, or set selected_counts=None to select again")
+            return
+        resolve_target_modules(model, config, {}, "selective ", "'all-linear'")
+        weights = {name: _scored_weight(model, name) for name in find_targets(model, config)}
+        scores = score_weights(model, weights, config.criterion, batches, loss_fn, config.num_batches)
+        names = list(scores)
+        units = [unit_scores(scores.pop(name), config.granularity) for name in names]  # rows / modules: frees scores
+        chosen = select(units, config.budget, config.threshold, config.ranking)
+        selection = {n: c for n, c in zip(names, chosen) if c.numel()}
+        config.selected_counts = {n: _counts(c, weights[n], config.granularity) for n, c in selection.items()}
+        config._selection = selection
+
+    def inject(self, model: nn.Module, config: SelectiveConfig, adapter_name: str) -> list[str]:
+        """Wrap the modules with a selection (``selected_counts``) for ``adapter_name``."""
+        targets = list(config.selected_counts)
+        for name in targets:
+            _scored_weight(model, name)
+        try:
+            return replace_modules(model, config, adapter_name, _make_layer, targets)
+        finally:
+            config.__dict__.pop("_selection", None)  # indices live in the layers now, not in the config
+
+
+    def check_loaded(self, model: nn.Module, adapter_name: str, directory: str) -> None:
+        """Loaded indices must be strictly increasing and inside the weight (rows or entries)."""
+        for path, layer in adapter_layers(model):
+            if isinstance(layer, SelectiveLayer) and adapter_name in layer.selective_indices:
+                index = layer.selective_indices[adapter_name]
+                weight = layer.base_layer.weight
+                size = weight.shape[0] if layer.granularity[adapter_name] == "row" else weight.numel()
+                if index.numel() and (index[0] < 0 or index[-1] >= size or (index[1:] <= index[:-1]).any()):
+                    raise ValueError(f"adapter in {directory}: {path}.selective_indices must be strictly increasing "
+                                     f"indices in [0, {size}); the file is corrupt or was saved for another model")
+
+
+def _make_layer(module: nn.Module, name: str) -> SelectiveLayer:
+    return SelectiveLayer(module)
+
+
+register("SELECTIVE", SelectiveConfig, SelectiveMethod())

@@ -1,0 +1,170 @@
+"""Importance scores of weights on calibration batches, and the selection of the most important units.
+
+Criteria (one score buffer per scored weight, accumulated in place while each gradient is freed as soon
+as it is accumulated, so scoring holds at most one extra copy of the scored weights):
+
+- ``grad``: mean over batches of |g|;
+- ``fisher``: mean over batches of g^2, the empirical Fisher (FISH mask, Sung et al., 2021, Sec. 3);
+- ``sensitivity``: mean over batches of |w * g|, the first-order Taylor estimate of the loss change when the
+  weight is removed (SPT, He et al., 2023, Sec. 3.1);
+- ``magnitude``: |w| (no data).
+
+g is the gradient of one batch's loss (the model's mean loss, or ``loss_fn``); batches of one example give
+the per-example Fisher of the paper.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+CRITERIA = ("fisher", "grad", "sensitivity", "magnitude")
+LossFn = Callable[[object, dict], torch.Tensor]  # (model outputs, batch) -> scalar loss
+
+
+def _batch_loss(model: nn.Module, batch, loss_fn: Optional[LossFn], index: int) -> torch.Tensor:
+    if not isinstance(batch, dict):
+        raise TypeError(f"calibration batch {index} is a {type(batch).__name__}; pass dicts of model inputs "
+                        "(input_ids=..., labels=...)")
+    outputs = model(**batch)
+    if loss_fn is not None:
+        loss = loss_fn(outputs, batch)
+    else:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError(f"calibration batch {index} gave no scalar loss: include 'labels' in each batch so the "
+                         "model computes its loss, or pass loss_fn=(outputs, batch) -> scalar tensor")
+    return loss
+
+
+def _accumulate(criterion: str, score: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> None:
+    # in place: the one buffer per weight; grad is freed by the caller right after
+    g = grad.detach().float()
+    if criterion == "grad":
+        score.add_(g.abs_())
+    elif criterion == "fisher":
+        score.add_(g.square_())
+    else:  # sensitivity: |w * g|
+        score.add_(g.mul_(weight.detach().float()).abs_())
+
+
+def score_weights(model: nn.Module, weights: dict[str, nn.Parameter], criterion: str,
+                  batches: Optional[Iterable[dict]], loss_fn: Optional[LossFn] = None,
+                  num_batches: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Float32 importance scores shaped like each weight; the model is left exactly as it was.
+
+    The model runs in eval mode (no dropout) while scoring; its mode, ``requires_grad`` flags and any
+    ``.grad`` are restored afterwards.
+    """
+    if criterion == "magnitude":
+        if batches is not None or loss_fn is not None:
+            raise ValueError("criterion 'magnitude' scores |w| and uses no data; leave out calibration_batches / "
+                             "loss_fn, or pick a data criterion ('fisher', 'grad', 'sensitivity')")
+        return {name: w.detach().float().abs() for name, w in weights.items()}
+    if batches is None:
+        raise ValueError(f"criterion {criterion!r} scores weights on data: pass calibration_batches=[{{'input_ids': "
+                         "..., 'labels': ...}}, ...] to get_peft_model, or use criterion='magnitude'")
+    params = list(model.parameters())
+    saved_flags = [p.requires_grad for p in params]
+    saved_grads = {name: w.grad for name, w in weights.items()}
+    was_training = model.training
+    scores = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+    hooks = []
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for name, w in weights.items():
+            w.grad = None
+            w.requires_grad_(True)
+            hooks.append(w.register_post_accumulate_grad_hook(_hook(criterion, scores[name])))
+        model.eval()
+        seen = _run_batches(model, batches, loss_fn, num_batches)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for p, flag in zip(params, saved_flags):
+            p.requires_grad_(flag)
+        for name, w in weights.items():
+            w.grad = saved_grads[name]
+        model.train(was_training)
+    for score in scores.values():
+        score.div_(seen)
+    return scores
+
+
+def _hook(criterion: str, score: torch.Tensor):
+    def accumulate(weight: torch.Tensor) -> None:
+        _accumulate(criterion, score, weight, weight.grad)
+        weight.grad = None  # freed as we go: never more than one gradient alive per weight
+
+    return accumulate
+
+
+def _run_batches(model: nn.Module, batches: Iterable[dict], loss_fn: Optional[LossFn],
+                 num_batches: Optional[int]) -> int:
+    seen = 0
+    for index, batch in enumerate(batches):
+        if num_batches is not None and index >= num_batches:
+            break
+        with torch.enable_grad():
+            _batch_loss(model, batch, loss_fn, index).backward()
+        seen += 1
+    if seen == 0:
+        raise ValueError("calibration_batches is empty; pass at least one batch of model inputs with labels")
+    return seen
+
+
+# --- selection ---------------------------------------------------------------------------------------------
+def unit_scores(score: torch.Tensor, granularity: str) -> torch.Tensor:
+    """One score per selectable unit, flat: entries (element), mean per output row (row), or the mean (module)."""
+    if granularity == "element":
+        return score.flatten()
+    if granularity == "row":
+        return score.mean(dim=1)  # (out,)
+    return score.mean().reshape(1)
+
+
+def top_k(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Indices (ascending) of exactly the ``k`` highest scores across ``scores``.
+
+    Ties at the cut are broken by position: earlier tensor first, then lower flat index. No concatenation of
+    the full scores: the k-th value is found among each tensor's own top k.
+    """
+    candidates = torch.cat([s.topk(min(k, s.numel())).values for s in scores])
+    cut = candidates.topk(k).values[-1]  # the k-th largest score
+    need = k - sum(int((s > cut).sum()) for s in scores)
+    chosen = []
+    for s in scores:
+        ties = (s == cut).nonzero().flatten()[:need]
+        need -= ties.numel()
+        chosen.append(torch.cat([(s > cut).nonzero().flatten(), ties]).sort().values)
+    return chosen
+
+
+def select(scores: list[torch.Tensor], budget: Optional[float], threshold: Optional[float],
+           ranking: str) -> list[torch.Tensor]:
+    """Selected unit indices per tensor: the top ``budget`` fraction (global or per tensor), or above ``threshold``."""
+    for s in scores:
+        if not torch.isfinite(s).all():
+            raise ValueError("importance scores contain NaN/inf (the calibration loss diverged); check the batches")
+    if threshold is not None:
+        chosen = [(s > threshold).nonzero().flatten() for s in scores]
+        if not any(c.numel() for c in chosen):
+            best = max(float(s.max()) for s in scores)
+            raise ValueError(f"threshold {threshold} selects nothing (the highest score is {best:.6g}); lower it")
+        return chosen
+    if ranking == "per_module":
+        chosen = [_top_in(s, round(budget * s.numel())) for s in scores]
+    else:
+        k = round(budget * sum(s.numel() for s in scores))
+        chosen = top_k(scores, k) if k else []
+    if not any(c.numel() for c in chosen):
+        total = sum(s.numel() for s in scores)
+        raise ValueError(f"budget {budget} of {total} units selects nothing; raise the budget (or use a finer "
+                         "granularity)")
+    return chosen
+
+
+def _top_in(score: torch.Tensor, k: int) -> torch.Tensor:
+    return top_k([score], k)[0] if k else score.new_zeros(0, dtype=torch.long)

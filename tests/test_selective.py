@@ -1,0 +1,347 @@
+"""Selective fine-tuning: scores, selection, sparse training, checkpoints, errors."""
+import pytest
+import torch
+from torch import nn
+
+from peftkit import LoraConfig, PeftModel, SelectiveConfig, get_peft_model
+from peftkit.methods.selective import SelectiveLayer
+from peftkit.methods.selective_scoring import score_weights, select, top_k
+from conftest import tiny_llama, train_briefly
+
+
+class Tiny(nn.Module):
+    """One bias-free Linear, loss = sum of squared errors: gradients are easy to write by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 2, bias=False)
+
+    def forward(self, x, labels=None):
+        out = self.lin(x)
+        return {"logits": out, "loss": None if labels is None else ((out - labels) ** 2).sum()}
+
+
+def _tiny_batches():
+    gen = torch.Generator().manual_seed(0)
+    return [{"x": torch.randn(4, 3, generator=gen), "labels": torch.randn(4, 2, generator=gen)} for _ in range(3)]
+
+
+def _hand_grad(weight, batch):
+    # d/dW sum((x W^T - y)^2) = 2 (x W^T - y)^T x, (out, in)
+    return 2 * (batch["x"] @ weight.T - batch["labels"]).T @ batch["x"]
+
+
+@pytest.mark.parametrize("criterion", ["grad", "fisher", "sensitivity", "magnitude"])
+def test_scores_equal_hand_computed(criterion):
+    model, batches = Tiny(), _tiny_batches()
+    weight = model.lin.weight
+    weight.requires_grad_(False)  # restored exactly as it was, whatever it was
+    before = weight.detach().clone()
+    data = None if criterion == "magnitude" else batches
+    scores = score_weights(model.train(), {"lin": weight}, criterion, data)["lin"]
+    grads = [_hand_grad(before, b) for b in batches]
+    expected = {
+        "grad": sum(g.abs() for g in grads) / 3,
+        "fisher": sum(g ** 2 for g in grads) / 3,
+        "sensitivity": sum((before * g).abs() for g in grads) / 3,
+        "magnitude": before.abs(),
+    }[criterion]
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(weight, before) and not weight.requires_grad and weight.grad is None and model.training
+
+
+def test_num_batches_and_loss_fn():
+    model, batches = Tiny(), _tiny_batches()
+    weight = model.lin.weight.detach().clone()
+    only_first = score_weights(model, {"lin": model.lin.weight}, "fisher", batches, num_batches=1)["lin"]
+    torch.testing.assert_close(only_first, _hand_grad(weight, batches[0]) ** 2)
+    halved = score_weights(model, {"lin": model.lin.weight}, "grad", batches[:1],
+                           loss_fn=lambda out, batch: out["loss"] / 2)["lin"]
+    torch.testing.assert_close(halved, _hand_grad(weight, batches[0]).abs() / 2)
+
+
+def test_top_k_exact_and_ties_by_position():
+    scores = [torch.tensor([1.0, 3.0, 3.0, 2.0]), torch.tensor([3.0, 0.0])]
+    assert [c.tolist() for c in top_k(scores, 2)] == [[1, 2], []]  # three 3.0s: the first two by position
+    assert [c.tolist() for c in top_k(scores, 3)] == [[1, 2], [0]]
+    assert [c.tolist() for c in top_k(scores, 4)] == [[1, 2, 3], [0]]
+    assert [c.tolist() for c in select(scores, None, 2.0, "global")] == [[1, 2], [0]]  # strictly above
+    assert [c.tolist() for c in select(scores, 0.5, None, "per_module")] == [[1, 2], [0]]
+
+
+def _llama_batches(n=2):
+    gen = torch.Generator().manual_seed(5)
+    return [{"input_ids": (ids := torch.randint(0, 64, (2, 8), generator=gen)), "labels": ids} for _ in range(n)]
+
+
+def _selected_dense(layer, name="default"):
+    # bool mask (out, in) of the entries this adapter trains
+    mask = torch.zeros(layer.base_layer.weight.numel(), dtype=torch.bool)
+    positions = layer._flat_positions(name)
+    mask[positions if positions is not None else slice(None)] = True
+    return mask.view(layer.base_layer.weight.shape)
+
+
+def test_global_budget_selects_exactly_the_top_k():
+    batches = _llama_batches()
+    base = tiny_llama()
+    weights = {n: m.weight for n, m in base.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    scores = score_weights(base, weights, "fisher", batches)
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    k = round(0.02 * flat.numel())
+    expected = set(torch.sort(flat, descending=True, stable=True).indices[:k].tolist())
+    model = get_peft_model(base, SelectiveConfig(criterion="fisher", budget=0.02), calibration_batches=batches)
+    assert sum(model.peft_config["default"].selected_counts.values()) == k
+    got, offset = set(), 0
+    for name, score in scores.items():
+        module = model.base_model.get_submodule(name)
+        if isinstance(module, SelectiveLayer):
+            got |= {offset + i for i in module.selective_indices["default"].tolist()}
+        offset += score.numel()
+    assert got == expected
+
+
+def test_threshold_selects_exactly_those_above():
+    config = SelectiveConfig(criterion="magnitude", threshold=0.05, target_modules=["q_proj"])
+    model = get_peft_model(tiny_llama(), config)
+    for layer in model.base_model.modules():
+        if isinstance(layer, SelectiveLayer):
+            assert torch.equal(_selected_dense(layer), layer.base_layer.weight.abs() > 0.05)
+
+
+@pytest.mark.parametrize("granularity", ["element", "row", "module"])
+def test_training_changes_only_selected_entries_and_optimizer_is_o_k(granularity):
+    budget = {"element": 0.01, "row": 0.05, "module": 0.2}[granularity]
+    base = tiny_llama()
+    original = {n: p.detach().clone() for n, p in base.named_parameters()}
+    cfg = SelectiveConfig(criterion="sensitivity", budget=budget, granularity=granularity)
+    model = get_peft_model(base, cfg, calibration_batches=_llama_batches()).train()
+    counts = model.peft_config["default"].selected_counts
+    ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert sum(s["exp_avg"].numel() for s in opt.state.values()) == sum(counts.values())
+    masks = {n: _selected_dense(m) for n, m in model.base_model.named_modules() if isinstance(m, SelectiveLayer)}
+    merged = model.merge_and_unload()
+    for name, param in merged.named_parameters():
+        module = name[: -len(".weight")]
+        if module in masks:
+            mask = masks[module]
+            assert torch.equal(param[~mask], original[name][~mask])  # bit-identical outside the selection
+            assert (param[mask] != original[name][mask]).float().mean() > 0.9
+        else:
+            assert torch.equal(param, original[name]), name
+
+
+def _trained(granularity="element", budget=0.05):
+    model = get_peft_model(tiny_llama(), SelectiveConfig(criterion="grad", budget=budget, granularity=granularity),
+                           calibration_batches=_llama_batches())
+    train_briefly(model.train(), steps=3, lr=1e-2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("granularity", ["element", "row", "module"])
+def test_save_load_merge_unmerge_exact(granularity, ids, tmp_path):
+    model = _trained(granularity, 0.2 if granularity == "module" else 0.05)
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert torch.equal(loaded(ids).logits, expected)
+    assert loaded.peft_config["default"].selected_counts == model.peft_config["default"].selected_counts
+    base = {n: p.detach().clone() for n, p in tiny_llama().named_parameters()}
+    loaded.merge_adapter()
+    torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    loaded.unmerge_adapter()
+    for name, param in loaded.base_model.named_parameters():
+        if "selective_" not in name:
+            assert torch.equal(param, base[name.replace(".base_layer", "")]), name
+
+
+def test_checkpoint_keys_and_sizes(tmp_path):
+    from safetensors.torch import load_file
+
+    model = _trained("row", 0.1)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    counts = model.peft_config["default"].selected_counts
+    assert set(tensors) == {f"base_model.model.{n}.selective_{a}" for n in counts for a in ("values", "indices")}
+    for name, count in counts.items():
+        assert tensors[f"base_model.model.{name}.selective_values"].numel() == count
+        width = model.base_model.get_submodule(name).base_layer.in_features
+        assert tensors[f"base_model.model.{name}.selective_indices"].numel() == count // width
+
+
+def test_two_selective_adapters_on_one_model(ids, tmp_path):
+    model = _trained("element", 0.05)
+    model.add_adapter("rows", SelectiveConfig(criterion="fisher", budget=0.05, granularity="row"),
+                      calibration_batches=_llama_batches())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "selective_values.rows" in name:
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    model.set_adapter(["default", "rows"])
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    loaded.load_adapter(tmp_path / "rows", "rows")
+    loaded.set_adapter(["default", "rows"])
+    torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-6, rtol=0)
+    base = {n: p.detach().clone() for n, p in loaded.named_parameters()}
+    loaded.merge_adapter()
+    torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    loaded.unmerge_adapter()
+    assert all(torch.equal(p, base[n]) for n, p in loaded.named_parameters())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"budget": 0.0}, "budget must be a fraction in"),
+    ({"budget": 1.5}, "budget must be a fraction in"),
+    ({"budget": 0.1, "threshold": 0.5}, "not both"),
+    ({"criterion": "hessian"}, "criterion must be one of"),
+    ({"granularity": "module", "ranking": "per_module"}, "use ranking='global'"),
+])
+def test_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SelectiveConfig(**kwargs)
+
+
+def _assert_untouched(base, original):
+    assert not any(isinstance(m, SelectiveLayer) for m in base.modules())
+    for name, param in base.named_parameters():
+        assert torch.equal(param, original[name]) and param.grad is None and param.requires_grad
+
+
+@pytest.mark.parametrize("config, batches, message", [
+    (SelectiveConfig(criterion="fisher"), None, "pass calibration_batches"),
+    (SelectiveConfig(criterion="grad"), [{"input_ids": torch.zeros(1, 4, dtype=torch.long)}], "gave no scalar loss"),
+    (SelectiveConfig(criterion="grad"), [], "calibration_batches is empty"),
+    (SelectiveConfig(criterion="magnitude", threshold=100.0), None, "threshold 100.0 selects nothing"),
+    (SelectiveConfig(criterion="magnitude", budget=1e-6), None, "selects nothing"),
+    (SelectiveConfig(criterion="magnitude", target_modules=["qproj"]), None, "did you mean 'q_proj'"),
+    (SelectiveConfig(criterion="magnitude", target_modules=["embed_tokens"]), None, "nn.Linear weights only"),
+    (SelectiveConfig(criterion="magnitude"), [{"input_ids": torch.zeros(1, 4, dtype=torch.long)}], "uses no data"),
+])
+def test_bad_input_fails_before_training(config, batches, message):
+    base = tiny_llama()
+    original = {n: p.detach().clone() for n, p in base.named_parameters()}
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(base, config, calibration_batches=batches)
+    _assert_untouched(base, original)
+
+
+def test_other_methods_refuse_calibration_data():
+    with pytest.raises(ValueError, match="take no calibration_batches"):
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]), calibration_batches=_llama_batches())
+
+
+def test_sequence_classification_trains_selection_and_new_head(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    def classifier():
+        torch.manual_seed(0)
+        return LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_labels=3, pad_token_id=0)).eval()
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(1, 64, (4, 6), generator=gen), "labels": torch.tensor([0, 1, 2, 1])}]
+    model = get_peft_model(classifier(), SelectiveConfig(task_type="SEQ_CLS", criterion="fisher", budget=0.02),
+                           calibration_batches=batches)
+    config = model.peft_config["default"]
+    assert config.modules_to_save == ["classifier", "score"] and "score" not in config.target_modules
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".selective_values." in n or ".modules_to_save." in n for n in trainable)
+    assert any("score.modules_to_save" in n for n in trainable)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()(**batches[0]).loss.backward()
+    opt.step()
+    model.eval()
+    expected = model(input_ids=batches[0]["input_ids"]).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(classifier(), tmp_path)
+    assert torch.equal(loaded(input_ids=batches[0]["input_ids"]).logits, expected)
+
+
+@pytest.mark.parametrize("granularity", ["element", "row"])
+def test_sparse_forward_matches_dense_delta(granularity):
+    model = get_peft_model(tiny_llama(), SelectiveConfig(criterion="magnitude", budget=0.2, granularity=granularity,
+                                                         target_modules=["q_proj"]))
+    layer = model.base_model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.selective_values["default"].normal_(generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    weight = layer.base_layer.weight
+    outputs, grads = [], []
+    for run in (lambda: layer(x), lambda: nn.functional.linear(x, weight + layer.delta_weight("default"))):
+        out = run()
+        out.square().sum().backward()
+        outputs.append(out)
+        grads.append((x.grad.clone(), layer.selective_values["default"].grad.clone()))
+        x.grad, layer.selective_values["default"].grad = None, None
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    for sparse, dense in zip(*grads):
+        torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)
+
+
+def test_scoring_frees_each_gradient_as_it_goes(monkeypatch):
+    import peftkit.methods.selective_scoring as scoring
+
+    base = tiny_llama()
+    weights = {n: m.weight for n, m in base.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    live, accumulate = [], scoring._accumulate
+
+    def counting(criterion, score, weight, grad):
+        live.append(sum(w.grad is not None for w in weights.values()))
+        accumulate(criterion, score, weight, grad)
+
+    monkeypatch.setattr(scoring, "_accumulate", counting)
+    scores = score_weights(base, weights, "fisher", _llama_batches())
+    assert len(live) == 2 * len(weights) and max(live) == 1  # one gradient alive at a time, besides the scores
+    assert all(s.shape == w.shape and s.dtype == torch.float32 for s, w in zip(scores.values(), weights.values()))
+
+
+def test_unmerging_one_of_two_overlapping_adapters_keeps_the_other():
+    model = get_peft_model(tiny_llama(), SelectiveConfig(criterion="magnitude", budget=0.3, target_modules=["q_proj"]))
+    model.add_adapter("other", SelectiveConfig(criterion="magnitude", budget=0.3, target_modules=["q_proj"]))
+    layer = model.base_model.model.layers[0].self_attn.q_proj
+    base = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.selective_values["default"].fill_(1.0)
+        layer.selective_values["other"].fill_(2.0)
+    layer.merge(["default", "other"])
+    layer.unmerge(["default"])  # same selection: "other" alone must remain
+    torch.testing.assert_close(layer.base_layer.weight, base + layer.delta_weight("other").detach())
+    assert layer.merged_adapters == ["other"]
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, base)
+
+
+def test_shared_target_fields_restrict_what_is_scored():
+    config = SelectiveConfig(criterion="magnitude", budget=0.5, ranking="per_module", target_modules="all-linear",
+                             exclude_modules=["o_proj"], layers_to_transform=[1], layers_pattern="layers")
+    counts = get_peft_model(tiny_llama(), config).peft_config["default"].selected_counts
+    assert counts and all(n.startswith("model.layers.1.") and not n.endswith("o_proj") for n in counts)
+    assert len(counts) == 6  # q, k, v, gate, up, down of layer 1, half of each
+
+
+@pytest.mark.parametrize("bad", ["out_of_range", "repeated"])
+def test_corrupt_indices_are_refused_and_base_left_intact(bad, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _trained("element", 0.05)
+    model.save_pretrained(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = next(k for k in tensors if k.endswith("selective_indices") and tensors[k].numel() > 1)
+    tensors[key][-1] = 10 ** 6 if bad == "out_of_range" else tensors[key][-2]
+    save_file(tensors, file)
+    base = tiny_llama()
+    original = {n: p.detach().clone() for n, p in base.named_parameters()}
+    with pytest.raises(ValueError, match="strictly increasing"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert not any(isinstance(m, SelectiveLayer) for m in base.modules())
+    assert all(torch.equal(p, original[n]) for n, p in base.named_parameters())
