@@ -538,3 +538,11 @@ def test_from_pretrained_refuses_a_map_that_needs_disk_and_leaves_the_base_intac
     assert not any(isinstance(m, AdapterLayer) for m in base.modules()), "a failed load must unwrap the base"
     assert all(p.requires_grad for p in base.parameters())
     torch.testing.assert_close(run_lm(base), base_out, **EXACT)
+
+
+@pytest.mark.parametrize("device_map", ["cpu", torch.device("cpu")])
+def test_from_pretrained_with_a_single_device(llama_on_disk, device_map):
+    root, out, _, _ = llama_on_disk
+    model = PeftModel.from_pretrained(tiny_llama(layers=4), str(root / "adapter"), device_map=device_map)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    torch.testing.assert_close(run_lm(model), out, **EXACT)

@@ -48,6 +48,30 @@ def test_fused_kernel_matches_the_plain_autograd_path(bias_mode, dropout):
         torch.testing.assert_close(fused[2][name], plain[2][name], msg=name)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_kernel_over_a_bf16_base_keeps_float32_adapters(dropout):
+    """bf16 base, float32 A/B (as PEFT keeps them): the fused path runs the adapter in bf16, like autocast,
+    and hands float32 gradients back; it agrees with the plain path (adapter in float32) to bf16 precision."""
+    torch.manual_seed(0)
+    model = get_peft_model(Net(bias=True).to(torch.bfloat16), LoraConfig(r=3, lora_alpha=6, target_modules=["proj"],
+                                                                         lora_dropout=dropout)).train()
+    layer = model.base_model.proj
+    assert layer.lora_A["default"].dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+    x = torch.randn(2, 5, 12, dtype=torch.bfloat16)
+    assert layer._fusable(x) == "default"
+    fused = _grads(model, x, seed=11)
+    layer.base_layer.register_forward_hook(lambda mod, inp, out: None)  # a hook forces the plain path
+    plain = _grads(model, x, seed=11)
+    assert fused[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in fused[2].values())
+    tol = dict(atol=0.05, rtol=0.02)
+    torch.testing.assert_close(fused[0].float(), plain[0].float(), **tol)
+    torch.testing.assert_close(fused[1].float(), plain[1].float(), **tol)
+    for name in fused[2]:
+        torch.testing.assert_close(fused[2][name], plain[2][name], msg=name, **tol)
+
+
 def test_lora_delta_formula_and_rslora_scaling():
     torch.manual_seed(0)
     base = Net(bias=False)

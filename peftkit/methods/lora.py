@@ -140,11 +140,24 @@ class LoraLayer(AdapterLayer):
         self.dropout.pop(name, None)
 
 
+def compute_factors(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B in the dtype the adapter's matmuls run in: the activations' for float32 adapters over bf16/fp16
+    activations (as torch.autocast would; upcasting the (N, in) activations instead costs a float32 copy of
+    them, saved for backward, and float32 matmuls), else the adapter's own."""
+    if x.dtype in (torch.bfloat16, torch.float16) and a.dtype == torch.float32:
+        return a.to(x.dtype), b.to(x.dtype)
+    return a, b
+
+
 class _FusedLoraLinear(torch.autograd.Function):
     """y = x W^T + b + s (xd A^T) B^T for a frozen W, in one output buffer.
 
     Backward writes the base and the LoRA input gradients into one buffer too (g W + (s g B) A), so
     the adapter costs its four rank-r matmuls and nothing else. xd is None when there is no dropout.
+    With a bf16/fp16 base and float32 adapters, A and B are cast to the activations' dtype and the
+    four matmuls run there (fp32 accumulation), as torch.autocast would; A's and B's gradients are
+    returned in float32. Casting the (N, in) activations up instead, as PEFT does, costs a full extra
+    pass over them and float32 matmuls.
     """
 
     @staticmethod
@@ -152,10 +165,12 @@ class _FusedLoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         xd2 = x2 if xd is None else xd.reshape(-1, xd.shape[-1])
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, out)
+        a_dtype = a.dtype
+        a, b = a.to(x.dtype), b.to(x.dtype)  # no-ops unless the adapters are float32 over a bf16 base
         h = xd2 @ a.t()  # (N, r)
         y.addmm_(h, b.t(), alpha=s)
         ctx.save_for_backward(xd2, weight, a, b, h)
-        ctx.s, ctx.x_shape, ctx.dropped = s, x.shape, xd is not None
+        ctx.s, ctx.x_shape, ctx.dropped, ctx.ab_dtype = s, x.shape, xd is not None, a_dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -175,6 +190,9 @@ class _FusedLoraLinear(torch.autograd.Function):
         if ctx.dropped and need_xd:
             gxd = (gh @ a).view(ctx.x_shape)
         gbias = g2.sum(0) if need_bias else None
+        # back to the parameters' own dtype (float32 adapters over a bf16 base)
+        ga = ga.to(ctx.ab_dtype) if ga is not None else None
+        gb = gb.to(ctx.ab_dtype) if gb is not None else None
         return gx, gxd, None, gbias, ga, gb, None
 
 
@@ -214,16 +232,16 @@ class LoraLinear(LoraLayer):
         name, base = self.active_adapters[0], self.base_layer
         if (type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")
                 or base.weight.requires_grad or name in self.lora_magnitude_vector
-                or not (x.dtype == base.weight.dtype == self.lora_A[name].dtype)):
+                or x.dtype != base.weight.dtype or self.lora_A[name].dtype not in (x.dtype, torch.float32)):
             return None
         return name
 
     def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        a, b, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        (a, b), s = compute_factors(self.lora_A[name], self.lora_B[name], x), self.scaling[name]
         xd = self.dropped(name, x).to(a.dtype)
         h = F.linear(xd, a)  # (..., r)
         if name in self.lora_magnitude_vector:
-            return self._dora_forward(name, x, xd, h, result, base_out)
+            return self._dora_forward(name, x, xd, h, b, result, base_out)
         if result.dtype != a.dtype:
             return result + (F.linear(h, b) * s).to(result.dtype)
         # one fused kernel: result + s * h @ B^T  -> (..., out)
@@ -264,7 +282,7 @@ class LoraLinear(LoraLayer):
             self._weight_sq = (key, self.base_weight().float().pow(2).sum(1))
         return self._weight_sq[1]
 
-    def _dora_forward(self, name, x, xd, h, result, base_out):
+    def _dora_forward(self, name, x, xd, h, b, result, base_out):
         # out = result - W xd + m/||W + sBA|| * (W xd + s B A xd)   (PEFT's form, also with dropout)
         mag = (self.lora_magnitude_vector[name] / self.dora_norm(name)).to(h.dtype)
         bias = self.base_layer.bias
@@ -273,7 +291,7 @@ class LoraLinear(LoraLayer):
         else:
             wx = F.linear(xd.to(base_out.dtype), self.base_weight())
         t = torch.addmm(wx.reshape(-1, self.out_features).to(h.dtype), h.reshape(-1, h.shape[-1]),
-                        self.lora_B[name].t(), alpha=self.scaling[name]).view(wx.shape)
+                        b.t(), alpha=self.scaling[name]).view(wx.shape)
         if xd is x and result is base_out:
             out = t * mag
             return (out + bias if bias is not None else out).to(result.dtype)

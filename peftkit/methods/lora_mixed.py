@@ -7,6 +7,7 @@ for plain LoRA and the base), which turns DoRA's output into (W x + s B A x) * f
 """
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple, Optional
 
 import torch
@@ -22,45 +23,48 @@ class Stacks(NamedTuple):
     factor: Optional[torch.Tensor]  # (n + 1, out) DoRA's m / ||W + sBA||; None without DoRA
 
 
+_VERSION = operator.attrgetter("_version")
+
+
 def _key(layer) -> tuple:
-    # identity and in-place version of every tensor the stacks derive from: a load, an optimizer step,
-    # an added or deleted adapter or a merge into the base weight each change it
-    parts = []
-    for name in layer.lora_A:
-        tensors = [layer.lora_A[name], layer.lora_B[name]]
-        if name in layer.lora_magnitude_vector:
-            tensors += [layer.lora_magnitude_vector[name], layer.base_layer.weight]
-        parts.append((name, layer.scaling[name], *((id(t), t.data_ptr(), t._version) for t in tensors)))
-    return tuple(parts)
+    # identity, storage and in-place version of every tensor the stacks derive from: a load, an optimizer
+    # step, an added or deleted adapter, a device move or a merge into the base weight each change it.
+    # Built with C-level map() calls: it runs per layer per forward, with up to hundreds of adapters.
+    tensors = [*layer.lora_A._parameters.values(), *layer.lora_B._parameters.values()]
+    if layer.lora_magnitude_vector._parameters:
+        tensors += [*layer.lora_magnitude_vector._parameters.values(), layer.base_layer.weight]
+    return (tuple(layer.lora_A._parameters), tuple(layer.lora_magnitude_vector._parameters),
+            tuple(layer.scaling.values()), tuple(map(id, tensors)), tuple(map(torch.Tensor.data_ptr, tensors)),
+            tuple(map(_VERSION, tensors)))
 
 
-def _build(layer, key: tuple) -> Stacks:
+def _build(layer, key: tuple, dtype: torch.dtype) -> Stacks:
     slots = tuple(layer.lora_A)
     a0 = layer.lora_A[slots[0]]
     r_max = max(layer.lora_A[n].shape[0] for n in slots)
-    a = a0.new_zeros(len(slots) + 1, layer.in_features, r_max)
-    b = a0.new_zeros(len(slots) + 1, r_max, layer.out_features)
+    a = a0.new_zeros(len(slots) + 1, layer.in_features, r_max, dtype=dtype)
+    b = a0.new_zeros(len(slots) + 1, r_max, layer.out_features, dtype=dtype)
     dora = [n for n in slots if n in layer.lora_magnitude_vector]
-    factor = a0.new_ones(len(slots) + 1, layer.out_features) if dora else None
+    factor = a0.new_ones(len(slots) + 1, layer.out_features, dtype=dtype) if dora else None
     for i, name in enumerate(slots, start=1):
         r = layer.lora_A[name].shape[0]
         a[i, :, :r] = layer.lora_A[name].t()
         b[i, :r] = layer.lora_B[name].t() * layer.scaling[name]
         if name in dora:  # the norm is a constant in backprop (DoRA, Sec. 4.3)
-            factor[i] = layer.lora_magnitude_vector[name] / layer.dora_norm(name).to(a0.dtype)
+            factor[i] = layer.lora_magnitude_vector[name] / layer.dora_norm(name).to(a0.dtype)  # cast on copy
     return Stacks(key, slots, a, b, factor)
 
 
-def stacks(layer) -> Stacks:
-    """The layer's stacked adapters, cached until any tensor they derive from changes."""
-    key = _key(layer)
+def stacks(layer, dtype: torch.dtype) -> Stacks:
+    """The layer's stacked adapters in ``dtype``, cached until any tensor they derive from changes."""
+    key = (dtype, _key(layer))
     dicts = (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector)
     if torch.is_grad_enabled() and any(p.requires_grad for d in dicts for p in d.values()):  # stacks built with autograd must not outlive this pass
-        return _build(layer, key)
+        return _build(layer, key, dtype)
     cached = getattr(layer, "_mixed_stacks", None)
     if cached is None or cached.key != key:
         with torch.no_grad():
-            cached = _build(layer, key)
+            cached = _build(layer, key, dtype)
         layer._mixed_stacks = cached
     return cached
 
@@ -71,7 +75,9 @@ def mixed_forward(layer, x: torch.Tensor, result: torch.Tensor, rows: MixedRows)
     if batch != len(rows.names):
         raise ValueError(f"adapter_names has {len(rows.names)} names but a LoRA layer sees a batch of {batch} "
                          "rows; pass one name per row of the (expanded) batch")
-    st = stacks(layer)
+    a0 = next(iter(layer.lora_A.values()))
+    low = x.dtype in (torch.bfloat16, torch.float16) and a0.dtype == torch.float32
+    st = stacks(layer, x.dtype if low else a0.dtype)  # float32 adapters run in bf16 activations' dtype, as autocast
     idx = rows.index(st.slots, x.device)  # (batch,)
     x3 = x.reshape(batch, -1, x.shape[-1]).to(st.a.dtype)  # (batch, seq, in)
     h = torch.bmm(x3, st.a[idx])  # (batch, seq, r_max)

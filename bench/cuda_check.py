@@ -1,0 +1,278 @@
+"""CUDA correctness check: the behaviours the CPU test suite proves, re-checked on a GPU in fp32 and bf16.
+
+The unit tests run on CPU only (CI has no GPU). This script is what runs when a GPU is lent: each check
+builds a tiny random Llama on cuda, and compares peftkit against Hugging Face PEFT (the oracle) or against
+an independent computation. It prints one line per check (PASS/FAIL, the measured error) and exits 1 if
+any check failed. Tolerances: fp32 1e-4 absolute; bf16 compares against the same computation in fp32
+with a tolerance of a few bf16 ulps of the logits' scale.
+
+Run (from the repository root, on a machine with a GPU):
+
+    python bench/cuda_check.py            # writes bench/results/cuda_check.json
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import peftkit
+from peftkit import LoraConfig, get_peft_model
+
+DEV = os.environ.get("PEFTKIT_CHECK_DEVICE", "cuda")  # "cpu" to try the script without a GPU
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RESULTS = Path(__file__).resolve().parent / "results" / "cuda_check.json"
+_results: list[dict] = []
+
+
+def tiny(dtype=torch.float32, seed: int = 0) -> torch.nn.Module:
+    """A 2-layer GQA Llama on cuda."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).to(DEV, dtype).eval()
+
+
+def randomize(model, std: float = 0.1) -> None:
+    """Nonzero adapter tensors (B starts at 0), seeded."""
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("lora_", "ia3_l", "adapter_down", "adapter_up")):
+                centre = 1.0 if ("magnitude" in name or "ia3_l" in name) else 0.0
+                p.copy_(torch.randn(p.shape, generator=gen, device=DEV, dtype=p.dtype) * std + centre)
+
+
+def ids(batch: int = 3, seq: int = 9, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(DEV)
+
+
+def check(name: str, err: float, tol: float) -> None:
+    ok = bool(err <= tol)
+    _results.append({"check": name, "error": float(err), "tol": tol, "ok": ok})
+    print(f"{'PASS' if ok else 'FAIL'}  {name}: max err {err:.3g} (tol {tol:g})", flush=True)
+
+
+def diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def vs_peft(config_kwargs: dict, dtype, tol: float, label: str) -> None:
+    """Same adapter in peftkit and peft (saved by peftkit, loaded by peft): same logits on cuda."""
+    import peft
+    base = tiny(dtype)
+    ours = get_peft_model(copy.deepcopy(base), peftkit.LoraConfig(**config_kwargs))
+    randomize(ours)
+    with tempfile.TemporaryDirectory() as d:
+        ours.save_pretrained(d)
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), d).eval()
+        x = ids()
+        with torch.no_grad():
+            check(f"{label} logits vs peft", diff(ours(input_ids=x).logits, theirs(input_ids=x).logits), tol)
+        back = peftkit.PeftModel.from_pretrained(copy.deepcopy(base), d).eval()
+        with torch.no_grad():
+            check(f"{label} save/load round trip", diff(back(input_ids=x).logits, ours(input_ids=x).logits), 0.0)
+
+
+def key(name: str) -> str:
+    """A parameter name without the adapter name and ``.weight`` (peft: lora_A.default.weight)."""
+    return name[name.index("layers."):].replace(".default", "").replace(".weight", "")
+
+
+def fused_grads(dtype, tol: float, dropout: float) -> None:
+    """Training-mode gradients of peftkit's fused LoRA path equal peft's (dropout 0) on cuda."""
+    import peft
+    base = tiny(dtype)
+    cfg = dict(r=8, lora_alpha=16, target_modules=ALL, lora_dropout=dropout)
+    ours = get_peft_model(copy.deepcopy(base), peftkit.LoraConfig(**cfg))
+    randomize(ours)
+    with tempfile.TemporaryDirectory() as d:
+        ours.save_pretrained(d)
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), d, is_trainable=True)
+    ours.train(), theirs.train()
+    x = ids(4, 16)
+    ours(input_ids=x, labels=x).loss.backward()
+    theirs(input_ids=x, labels=x).loss.backward()
+    g1 = {key(n): p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    g2 = {key(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    assert g1.keys() == g2.keys(), sorted(g1.keys() ^ g2.keys())[:4]
+    err = max(diff(g, g2[n]) / max(g2[n].abs().max().item(), 1e-12) for n, g in g1.items())
+    check(f"LoRA training grads vs peft, {str(dtype)[6:]}, dropout {dropout} (relative)", err, tol)
+
+
+def dropout_trains(dtype) -> None:
+    """LoRA with dropout on cuda: loss goes down over 30 AdamW steps; no NaN."""
+    model = get_peft_model(tiny(dtype), LoraConfig(r=8, lora_alpha=16, target_modules=ALL, lora_dropout=0.1)).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = ids(4, 16)
+    losses = []
+    for _ in range(30):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    check(f"LoRA+dropout trains on cuda {str(dtype)[6:]} (final/first loss)", losses[-1] / losses[0], 0.9)
+
+
+def merge_roundtrip(dtype, use_dora: bool, tol: float) -> None:
+    """merge equals the unmerged forward; unmerge restores the base weight."""
+    model = get_peft_model(tiny(dtype), LoraConfig(r=8, lora_alpha=16, target_modules=ALL, use_dora=use_dora))
+    randomize(model)
+    x = ids()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer.weight" in n}
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        model.merge_adapter()
+        merged = model(input_ids=x).logits
+        model.unmerge_adapter()
+    label = f"{'DoRA' if use_dora else 'LoRA'} {str(dtype)[6:]}"
+    check(f"{label} merged logits", diff(merged, before), tol)
+    check(f"{label} unmerge restores weights", max(diff(p, w0[n]) for n, p in model.named_parameters()
+                                                  if "base_layer.weight" in n), 1e-6 if dtype == torch.float32 else tol)
+
+
+def mixed_batch(dtype, tol: float) -> None:
+    """adapter_names rows equal each row run with its adapter alone; generate too."""
+    model = get_peft_model(tiny(dtype), LoraConfig(r=4, lora_alpha=8, target_modules=ALL), "a")
+    model.add_adapter("b", LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=ALL, use_dora=True))
+    model.add_adapter("c", LoraConfig(r=2, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    randomize(model)
+    model.eval()
+    names = ["a", "__base__", "b", "c", "a", "b"]
+    x = ids(len(names), 7)
+    with torch.no_grad():
+        mixed = model(input_ids=x, adapter_names=names).logits
+        rows = []
+        for i, n in enumerate(names):
+            if n == "__base__":
+                with model.disable_adapter():
+                    rows.append(model(input_ids=x[i:i + 1]).logits)
+            else:
+                model.set_adapter(n)
+                rows.append(model(input_ids=x[i:i + 1]).logits)
+        check(f"mixed batch forward {str(dtype)[6:]}", diff(mixed, torch.cat(rows)), tol)
+        gen = model.generate(input_ids=x, adapter_names=names, max_new_tokens=5, do_sample=False)
+        alone = []
+        for i, n in enumerate(names):
+            if n == "__base__":
+                with model.disable_adapter():
+                    alone.append(model.generate(input_ids=x[i:i + 1], max_new_tokens=5, do_sample=False))
+            else:
+                model.set_adapter(n)
+                alone.append(model.generate(input_ids=x[i:i + 1], max_new_tokens=5, do_sample=False))
+        if dtype == torch.float32:
+            check("mixed batch generate equals per-row generate (token mismatches)",
+                  float((gen != torch.cat(alone)).sum().item()), 0.0)
+
+
+def other_methods(dtype, tol: float) -> None:
+    """IA3, prompt tuning, prefix tuning, bottleneck adapters and selective FT on cuda vs peft / sanity."""
+    import peft
+    x = ids()
+    cases = {
+        "IA3": (peftkit.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+                peft.IA3Config),
+        "prompt tuning": (peftkit.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5), peft.PromptTuningConfig),
+        "prefix tuning": (peftkit.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5), peft.PrefixTuningConfig),
+    }
+    for label, (cfg, _) in cases.items():
+        base = tiny(dtype)
+        ours = get_peft_model(copy.deepcopy(base), cfg)
+        randomize(ours)
+        with torch.no_grad():
+            for p in ours.parameters():
+                if p.requires_grad and "ia3" not in label.lower():
+                    p.add_(torch.randn_like(p) * 0.1)
+        with tempfile.TemporaryDirectory() as d:
+            ours.save_pretrained(d)
+            theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), d).eval()
+            with torch.no_grad():
+                a, b = ours.eval()(input_ids=x).logits, theirs(input_ids=x).logits
+            check(f"{label} logits vs peft {str(dtype)[6:]}", diff(a[:, -b.shape[1]:], b), tol)
+    model = get_peft_model(tiny(dtype), peftkit.AdapterConfig(adapter_type="houlsby", bottleneck_size=8)).train()
+    x16 = ids(4, 16)
+    model(input_ids=x16, labels=x16).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    check(f"bottleneck adapter backward {str(dtype)[6:]} (params without grad)",
+          float(sum(g is None or not torch.isfinite(g).all() for g in grads)), 0.0)
+    selective(dtype)
+
+
+def selective(dtype) -> None:
+    """Selective FT on cuda: only selected entries change in the merged weight."""
+    base = tiny(dtype)
+    x = ids(4, 16)
+    batches = [{"input_ids": x, "labels": x}]
+    model = get_peft_model(copy.deepcopy(base), peftkit.SelectiveConfig(criterion="fisher", budget=0.05,
+                                                                          target_modules="all-linear"),
+                           calibration_batches=batches).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    merged = model.merge_and_unload()
+    changed = sum(int((p != q).sum()) for (n, p), q in zip(merged.named_parameters(), base.parameters()))
+    scored = sum(m.weight.numel() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    check(f"selective: changed entries / scored {str(dtype)[6:]} (<= budget 0.05)", changed / scored, 0.05)
+
+
+def device_map_load() -> None:
+    """An adapter saved from cuda loads with device_map='cuda' and with the base on cpu."""
+    model = get_peft_model(tiny(), LoraConfig(r=4, target_modules=ALL))
+    randomize(model)
+    x = ids()
+    with tempfile.TemporaryDirectory() as d, torch.no_grad():
+        model.save_pretrained(d)
+        ref = model(input_ids=x).logits
+        cpu = peftkit.PeftModel.from_pretrained(tiny().cpu(), d).eval()
+        check("saved on cuda, loaded on cpu", diff(cpu(input_ids=x.cpu()).logits, ref.cpu()), 1e-4)
+        dm = peftkit.PeftModel.from_pretrained(tiny().cpu(), d, device_map="cuda").eval()
+        check("from_pretrained(device_map='cuda')", diff(dm(input_ids=x).logits, ref), 1e-4)
+
+
+def main() -> int:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    print(torch.cuda.get_device_name() if DEV == "cuda" else DEV, torch.__version__, flush=True)
+    steps = [
+        lambda: vs_peft(dict(r=8, lora_alpha=16, target_modules=ALL), torch.float32, 1e-4, "LoRA fp32"),
+        lambda: vs_peft(dict(r=8, lora_alpha=16, target_modules=ALL, use_rslora=True), torch.bfloat16, 0.08, "rsLoRA bf16"),
+        lambda: vs_peft(dict(r=8, lora_alpha=16, target_modules=ALL, use_dora=True), torch.float32, 1e-4, "DoRA fp32"),
+        lambda: vs_peft(dict(r=8, lora_alpha=16, target_modules=ALL, use_dora=True), torch.bfloat16, 0.08, "DoRA bf16"),
+        lambda: fused_grads(torch.float32, 1e-4, 0.0),
+        lambda: fused_grads(torch.bfloat16, 0.05, 0.0),
+        lambda: dropout_trains(torch.float32),
+        lambda: dropout_trains(torch.bfloat16),
+        lambda: merge_roundtrip(torch.float32, False, 1e-4),
+        lambda: merge_roundtrip(torch.float32, True, 1e-4),
+        lambda: merge_roundtrip(torch.bfloat16, False, 0.1),
+        lambda: mixed_batch(torch.float32, 1e-4),
+        lambda: mixed_batch(torch.bfloat16, 0.1),
+        lambda: other_methods(torch.float32, 1e-4),
+        lambda: other_methods(torch.bfloat16, 0.1),
+        device_map_load,
+    ]
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:  # report and go on: one broken check must not hide the others
+            _results.append({"check": repr(step), "error": f"{type(exc).__name__}: {exc}", "ok": False})
+            print("ERROR", traceback.format_exc(limit=4), flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(_results, indent=1) + "\n")
+    failed = [r for r in _results if not r["ok"]]
+    print(f"{len(_results) - len(failed)}/{len(_results)} checks passed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
