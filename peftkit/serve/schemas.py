@@ -1,0 +1,204 @@
+"""OpenAI-shaped request bodies (validated with pydantic), response bodies, and prompt / text helpers."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .engine import Generated, ServeError
+
+
+class StreamOptions(BaseModel):
+    """``stream_options``: include_usage adds a last chunk with the token counts."""
+
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    """Fields both endpoints share; unknown fields are ignored, as OpenAI clients send many."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default; 0 = greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = 1
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    # accepted only at their no-op values: refused otherwise rather than silently ignored
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[dict] = None
+    logprobs: Union[bool, int, None] = None
+    best_of: Optional[int] = None
+
+
+class CompletionRequest(_Request):
+    """Body of POST /v1/completions."""
+
+    prompt: Union[str, list[str]]
+    echo: bool = False
+    suffix: Optional[str] = None
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content list; only text parts are served."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One chat message."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[ContentPart], None] = None
+
+
+class ChatRequest(_Request):
+    """Body of POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)  # newer name of max_tokens
+
+
+class LoadRequest(BaseModel):
+    """Body of POST /v1/adapters/load: path defaults to <adapters dir>/<name>; relative paths are under it."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    path: Optional[str] = None
+
+
+class UnloadRequest(BaseModel):
+    """Body of POST /v1/adapters/unload."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+def parse(model: type[BaseModel], body: bytes) -> BaseModel:
+    """Validate a JSON body; 400 naming the first wrong field and what it should be."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ServeError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise ServeError(400, f"request body must be a JSON object, got {type(data).__name__}", code="invalid_body")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        raise ServeError(400, f"{where}: {first['msg']}{more}", param=where, code="invalid_value") from exc
+
+
+def check_supported(req: _Request) -> None:
+    """Refuse settings this server cannot honour, naming the field and what to do."""
+    if req.n != 1:
+        raise ServeError(400, f"n={req.n} is not supported: this server returns one choice per request; "
+                              "send n separate requests (they are batched on the server)", param="n")
+    refused = {"presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
+               "logit_bias": req.logit_bias, "logprobs": req.logprobs,
+               "best_of": None if req.best_of in (None, 1) else req.best_of,
+               "echo": getattr(req, "echo", False), "suffix": getattr(req, "suffix", None)}
+    for name, value in refused.items():
+        if value not in (None, 0, 0.0, False, {}):
+            raise ServeError(400, f"{name}={value!r} is not supported by this server; leave it out", param=name)
+
+
+def stop_list(stop: Union[str, list[str], None]) -> list[str]:
+    """``stop`` as a list of up to 4 non-empty strings."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 4 or any(not s for s in stops):
+        raise ServeError(400, f"stop must be up to 4 non-empty strings, got {stop!r}", param="stop")
+    return stops
+
+
+def completion_prompt(req: CompletionRequest) -> str:
+    """The one prompt of a completion request (a list of one string is accepted)."""
+    if isinstance(req.prompt, str):
+        return req.prompt
+    if len(req.prompt) != 1:
+        raise ServeError(400, f"prompt is a list of {len(req.prompt)} strings; send one prompt per request "
+                              "(concurrent requests are batched on the server)", param="prompt")
+    return req.prompt[0]
+
+
+def chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
+    """Token ids of the conversation plus the assistant's turn: the chat template, else "role: content" lines."""
+    turns = [{"role": m.role, "content": _content_text(m)} for m in messages]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = "\n".join(f"{t['role']}: {t['content']}" for t in turns) + "\nassistant:"
+    return tokenizer(text)["input_ids"]
+
+
+def _content_text(message: ChatMessage) -> str:
+    if isinstance(message.content, list):
+        return "".join(part.text for part in message.content)
+    return message.content or ""
+
+
+def render(tokenizer, result: Generated, stops: list[str]) -> tuple[str, int, str]:
+    """(text, completion tokens, finish reason) of a finished request, cut before the first stop string."""
+    text = tokenizer.decode(result.tokens, skip_special_tokens=True)
+    cut = first_stop(text, stops)
+    if cut is None:
+        return text, len(result.tokens), result.finish_reason
+    used = next(k for k in range(1, len(result.tokens) + 1)  # tokens up to the one that completed the stop string
+                if first_stop(tokenizer.decode(result.tokens[:k], skip_special_tokens=True), stops) is not None)
+    return text[:cut], used, "stop"
+
+
+def first_stop(text: str, stops: list[str]) -> Optional[int]:
+    """Where the earliest stop string starts in ``text``, or None."""
+    found = [text.find(s) for s in stops if s in text]
+    return min(found) if found else None
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest end of ``text`` that could begin a stop string (a stream must not send it yet)."""
+    for k in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
+        if any(s.startswith(text[-k:]) for s in stops):
+            return k
+    return 0
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    """OpenAI's usage block."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(rid: str, model: str, text: str, finish: Optional[str], chunk: bool = False) -> dict:
+    """A text_completion object (or one streamed chunk of it)."""
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": [choice]}
+
+
+def chat_body(rid: str, model: str, text: str, finish: Optional[str]) -> dict:
+    """A chat.completion object."""
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model, "choices": [choice]}
+
+
+def chat_chunk(rid: str, model: str, delta: dict, finish: Optional[str]) -> dict:
+    """One chat.completion.chunk of a stream."""
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [choice]}
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+               code: Optional[str] = None) -> dict:
+    """OpenAI's error shape."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}

@@ -1,0 +1,436 @@
+"""peftkit serve: a real uvicorn server on loopback, driven over HTTP; answers must equal offline generate."""
+import argparse
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from tokenizers.processors import TemplateProcessing
+from transformers import PreTrainedTokenizerFast
+
+from peftkit import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
+from peftkit.serve import ServeLimits, add_arguments, main
+from peftkit.serve.cli import limits_from_args
+from peftkit.serve.app import build_app
+
+from conftest import randomize_adapters, tiny_llama
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+WORDS = ("user assistant system : hello world the a cat dog sat on mat and is red blue green one two three four five "
+         "six seven eight nine ten yes no stop go up down left right big small fast slow hot cold day night sun moon "
+         "tree bird fish car book pen cup tea milk bread apple rain snow boom").split()
+LIMITS = ServeLimits(max_batch=8, batch_wait_ms=20, max_tokens_limit=24, default_max_tokens=6, max_body_bytes=4096,
+                     max_concurrency=6, max_prompt_tokens=40)
+PROMPTS = ["hello world the cat", "a dog sat on the mat", "red blue", "one two three four five six", "big", "sun moon"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny Llama's 64 ids: 4 specials + 60 words; adds <s> like Llama."""
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + WORDS)}
+    assert len(vocab) == 64
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def save_adapters(root) -> None:
+    """LoRA adapters of different ranks / targets: a, b, c under root/adapters/<name>, d under root/extra/d."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=ALL), "a")
+    model.add_adapter("b", LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=ALL))
+    model.add_adapter("c", LoraConfig(r=2, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("d", LoraConfig(r=4, lora_alpha=32, target_modules=["v_proj", "down_proj"]))
+    randomize_adapters(model, std=0.4)
+    model.save_pretrained(str(root / "adapters"), selected_adapters=["a", "b", "c"])
+    model.save_pretrained(str(root / "extra"), selected_adapters=["d"])
+
+
+class Offline:
+    """The oracle: a separate copy of the model, each prompt run alone with its adapter."""
+
+    def __init__(self, root, tokenizer) -> None:
+        self.model = PeftModel.from_pretrained(tiny_llama(), str(root / "adapters" / "a"), adapter_name="a")
+        for name in ("b", "c"):
+            self.model.load_adapter(str(root / "adapters" / name), name)
+        self.model.load_adapter(str(root / "extra" / "d"), "d")
+        self.model.eval()
+        self.tokenizer = tokenizer
+
+    def tokens(self, ids: list[int], adapter: str, max_tokens: int, **sampling) -> list[int]:
+        """New tokens of generate() for one prompt, cut at </s>."""
+        kwargs = dict(input_ids=torch.tensor([ids]), max_new_tokens=max_tokens, pad_token_id=0, do_sample=False)
+        kwargs.update(sampling)
+        if adapter == "base":
+            with self.model.disable_adapter():
+                out = self.model.generate(**kwargs)[0, len(ids):].tolist()
+        else:
+            self.model.set_adapter(adapter)
+            out = self.model.generate(**kwargs)[0, len(ids):].tolist()
+        return out[:out.index(2)] if 2 in out else out
+
+    def text(self, prompt: str, adapter: str, max_tokens: int) -> str:
+        """Decoded greedy completion of a plain prompt."""
+        tokens = self.tokens(self.tokenizer(prompt)["input_ids"], adapter, max_tokens)
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+class Server:
+    """uvicorn on a free loopback port in a background thread."""
+
+    def __init__(self, app) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started)
+
+    def close(self) -> None:
+        """Stop serving (the app's lifespan stops the batcher)."""
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+def wait_until(condition, timeout: float = 20.0) -> None:
+    """Poll ``condition`` until it holds (a wait, not a timing assertion)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    save_adapters(root)
+    tokenizer = tiny_tokenizer()
+    app = build_app(tiny_llama(), tokenizer, str(root / "adapters"), LIMITS)
+    server = Server(app)
+    client = httpx.Client(base_url=server.url, timeout=60)
+    yield {"root": root, "client": client, "engine": app.state.engine, "offline": Offline(root, tokenizer),
+           "tokenizer": tokenizer, "url": server.url}
+    client.close()
+    server.close()
+
+
+def complete(client, model: str, prompt: str, max_tokens: int = 8, **extra) -> httpx.Response:
+    """POST /v1/completions, greedy unless told otherwise."""
+    body = dict(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
+    body.update(extra)
+    return client.post("/v1/completions", json=body)
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    """The OpenAI-shaped error of a response that must have ``status``."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def sse_events(client, path: str, body: dict) -> list:
+    """The data: payloads of a streamed response (JSON objects, then the string "[DONE]")."""
+    events = []
+    with client.stream("POST", path, json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                payload = line[len("data: "):]
+                events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def test_models_list(env):
+    body = env["client"].get("/v1/models").json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["base", "a", "b", "c"]
+    assert all(m["object"] == "model" for m in body["data"])
+    assert [m["parent"] for m in body["data"]] == [None, "base", "base", "base"]
+
+
+@pytest.mark.parametrize("model", ["a", "b", "c", "base"])
+def test_completion_equals_offline_generate(env, model):
+    prompt = PROMPTS[1]
+    response = complete(env["client"], model, prompt, max_tokens=10)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = env["offline"].text(prompt, model, 10)
+    assert body["object"] == "text_completion" and body["model"] == model
+    assert body["choices"][0]["text"] == expected
+    n_prompt = len(env["tokenizer"](prompt)["input_ids"])
+    assert body["usage"]["prompt_tokens"] == n_prompt
+    assert body["usage"]["total_tokens"] == n_prompt + body["usage"]["completion_tokens"]
+
+
+def test_adapters_really_differ(env):
+    texts = {m: complete(env["client"], m, PROMPTS[0], max_tokens=12).json()["choices"][0]["text"]
+             for m in ("a", "b", "c", "base")}
+    assert len(set(texts.values())) == 4, texts  # otherwise the equality tests above would prove little
+
+
+def test_stop_string_cuts_the_text(env):
+    full = env["offline"].text(PROMPTS[0], "a", 12)
+    words = full.split()
+    assert len(words) >= 4
+    stop = " " + words[2]
+    body = complete(env["client"], "a", PROMPTS[0], max_tokens=12, stop=[stop]).json()
+    assert body["choices"][0]["text"] == full[:full.index(stop)]
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] == full[:full.index(stop)].count(" ") + 2  # tokens up to the stop word
+
+
+def test_chat_plain_join_and_template(env):
+    messages = [{"role": "system", "content": "hello"}, {"role": "user", "content": "the cat sat"}]
+    body = {"model": "b", "messages": messages, "max_tokens": 8, "temperature": 0}
+    reply = env["client"].post("/v1/chat/completions", json=body).json()
+    expected = env["offline"].text("system: hello\nuser: the cat sat\nassistant:", "b", 8)
+    assert reply["object"] == "chat.completion"
+    assert reply["choices"][0]["message"] == {"role": "assistant", "content": expected}
+    tokenizer = env["tokenizer"]
+    tokenizer.chat_template = ("{% for m in messages %}{{ m.role }} : {{ m.content }} {% endfor %}"
+                               "{% if add_generation_prompt %}<s> assistant :{% endif %}")
+    try:
+        reply = env["client"].post("/v1/chat/completions", json=body).json()
+        ids = tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                        add_special_tokens=False)["input_ids"]
+        assert ids[-3] == 1  # the template's own <s>, not one added by the tokenizer
+        expected = tokenizer.decode(env["offline"].tokens(ids, "b", 8), skip_special_tokens=True)
+        assert reply["choices"][0]["message"]["content"] == expected
+        assert reply["usage"]["prompt_tokens"] == len(ids)
+    finally:
+        tokenizer.chat_template = None
+
+
+def test_streaming_reassembles_to_the_same_text(env):
+    client = env["client"]
+    whole = complete(client, "c", PROMPTS[3], max_tokens=10).json()["choices"][0]
+    events = sse_events(client, "/v1/completions", dict(model="c", prompt=PROMPTS[3], max_tokens=10, temperature=0,
+                                                        stream=True, stream_options={"include_usage": True}))
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len([c for c in chunks if c["choices"] and c["choices"][0]["text"]]) > 1  # really streamed
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == whole["text"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == whole["finish_reason"]
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+    messages = [{"role": "user", "content": "red blue"}]
+    chat = dict(model="a", messages=messages, max_tokens=9, temperature=0)
+    whole = client.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]
+    events = sse_events(client, "/v1/chat/completions", dict(chat, stream=True))
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == whole
+    assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    wait_until(lambda: client.get("/v1/stats").json()["in_flight"] == 0)  # stream slots are given back
+
+
+def test_streaming_with_stop_string(env):
+    full = env["offline"].text(PROMPTS[2], "b", 12)
+    stop = " " + full.split()[3]
+    events = sse_events(env["client"], "/v1/completions", dict(model="b", prompt=PROMPTS[2], max_tokens=12,
+                                                               temperature=0, stream=True, stop=stop))
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == full[:full.index(stop)]
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_seeded_sampling_is_reproducible_and_equals_offline(env):
+    client, offline = env["client"], env["offline"]
+    body = dict(model="a", prompt=PROMPTS[0], max_tokens=10, temperature=1.5, top_p=0.9, seed=123)
+    first = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == first
+    torch.manual_seed(123)
+    tokens = offline.tokens(env["tokenizer"](PROMPTS[0])["input_ids"], "a", 10, do_sample=True, temperature=1.5,
+                            top_p=0.9, top_k=0)
+    assert first == env["tokenizer"].decode(tokens, skip_special_tokens=True)
+    assert first != offline.text(PROMPTS[0], "a", 10)  # sampling at temperature 1.5 left the greedy path
+
+
+def send_all(env, requests: list[dict]) -> tuple[list[threading.Thread], list]:
+    """POST every body to /v1/completions from its own thread; (threads, responses filled in order once joined)."""
+    out = [None] * len(requests)
+
+    def send(i: int) -> None:
+        with httpx.Client(base_url=env["url"], timeout=60) as client:
+            out[i] = client.post("/v1/completions", json=requests[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: env["engine"].pending() == len(requests) or not any(t.is_alive() for t in threads))
+    return threads, out
+
+
+def test_concurrent_requests_share_one_batch_and_equal_offline(env):
+    names = ["a", "b", "c", "base", "a", "b"]
+    requests = [dict(model=m, prompt=p, max_tokens=4 + i, temperature=0)  # different lengths: padding, cut per row
+                for i, (m, p) in enumerate(zip(names, PROMPTS))]
+    engine = env["engine"]
+    engine.pause()  # hold the batcher so that every request is queued before it takes a batch
+    try:
+        threads, responses = send_all(env, requests)
+        assert engine.pending() == len(requests)
+    finally:
+        engine.resume()
+    for thread in threads:
+        thread.join()
+    ids = set()
+    for req, response in zip(requests, responses):
+        assert response.status_code == 200, response.text
+        expected = env["offline"].text(req["prompt"], req["model"], req["max_tokens"])
+        assert response.json()["choices"][0]["text"] == expected
+        ids.add(response.json()["id"])
+    batches = env["client"].get("/v1/stats").json()["recent_batches"]
+    shared = [b for b in batches if ids <= set(b["ids"])]
+    assert len(shared) == 1 and sorted(shared[0]["adapters"]) == sorted(["a", "b", "c", "__base__", "a", "b"])
+
+
+def test_queue_full_is_refused_then_served(env):
+    engine, client = env["engine"], env["client"]
+    requests = [dict(model="a", prompt=PROMPTS[i % 6], max_tokens=3, temperature=0)
+                for i in range(LIMITS.max_concurrency)]
+    engine.pause()
+    try:
+        threads, responses = send_all(env, requests)
+        error = error_of(complete(client, "b", "hello", max_tokens=2), 503)
+        assert "6 concurrent requests" in error["message"]
+    finally:
+        engine.resume()
+    for thread in threads:
+        thread.join()
+    assert all(r.status_code == 200 for r in responses)
+    assert complete(client, "b", "hello", max_tokens=2).status_code == 200
+
+
+def test_model_failure_is_a_500_for_that_request_only(env, monkeypatch):
+    engine, client = env["engine"], env["client"]
+    real = engine._call_generate
+    boom = env["tokenizer"].convert_tokens_to_ids("boom")
+
+    def failing(ids, *args):
+        if (ids == boom).any():
+            raise RuntimeError("boom")
+        return real(ids, *args)
+
+    monkeypatch.setattr(engine, "_call_generate", failing)
+    requests = [dict(model="a", prompt="boom boom", max_tokens=4, temperature=0),
+                dict(model="c", prompt=PROMPTS[4], max_tokens=4, temperature=0)]
+    engine.pause()
+    try:
+        threads, responses = send_all(env, requests)
+    finally:
+        engine.resume()
+    for thread in threads:
+        thread.join()
+    assert "boom" in error_of(responses[0], 500)["message"]
+    assert responses[1].json()["choices"][0]["text"] == env["offline"].text(PROMPTS[4], "c", 4)
+    assert complete(client, "b", PROMPTS[5]).json()["choices"][0]["text"] == env["offline"].text(PROMPTS[5], "b", 8)
+
+
+def test_load_and_unload(env):
+    client, root = env["client"], env["root"]
+    loaded = client.post("/v1/adapters/load", json={"name": "d2", "path": str(root / "extra" / "d")})
+    assert loaded.status_code == 200, loaded.text
+    assert "d2" in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    text = complete(client, "d2", PROMPTS[0]).json()["choices"][0]["text"]
+    assert text == env["offline"].text(PROMPTS[0], "d", 8)
+    assert error_of(client.post("/v1/adapters/load", json={"name": "d2", "path": str(root / "extra" / "d")}),
+                    409)["param"] == "name"
+    assert "adapter_config.json" in error_of(client.post("/v1/adapters/load", json={"name": "e", "path": str(root)}),
+                                             400)["message"]
+    assert client.post("/v1/adapters/unload", json={"name": "d2"}).json() == {"name": "d2", "unloaded": True}
+    assert error_of(complete(client, "d2", PROMPTS[0]), 404)["code"] == "model_not_found"
+    # load by name from the adapters directory, unload with DELETE
+    assert client.post("/v1/adapters/load", json={"name": "d3", "path": "../extra/d"}).status_code == 200
+    assert client.delete("/v1/adapters/d3").status_code == 200
+    assert "d3" in error_of(client.delete("/v1/adapters/d3"), 404)["message"]
+    assert error_of(client.post("/v1/adapters/unload", json={"name": "base"}), 400)["param"] == "name"
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["base", "a", "b", "c"]
+
+
+def test_error_cases(env):
+    client = env["client"]
+    error = error_of(complete(client, "nope", "hello"), 404)
+    assert error["param"] == "model" and all(f"'{n}'" in error["message"] for n in ("base", "a", "b", "c"))
+    assert error_of(client.post("/v1/completions", content=b"{not json"), 400)["code"] == "invalid_json"
+    assert error_of(client.post("/v1/completions", json={"prompt": "hi"}), 400)["param"] == "model"
+    assert error_of(complete(client, "a", "hi", max_tokens="many"), 400)["param"] == "max_tokens"
+    assert error_of(client.post("/v1/completions", json=[1, 2]), 400)["code"] == "invalid_body"
+    no_messages = {"model": "a", "messages": []}
+    assert error_of(client.post("/v1/chat/completions", json=no_messages), 400)["param"] == "messages"
+    bad_role = {"model": "a", "messages": [{"role": "robot", "content": "hi"}]}
+    assert error_of(client.post("/v1/chat/completions", json=bad_role), 400)["param"] == "messages.0.role"
+    assert error_of(complete(client, "a", "hello", n=2), 400)["param"] == "n"
+    assert "limit of 24" in error_of(complete(client, "a", "hello", max_tokens=25), 400)["message"]
+    assert error_of(complete(client, "a", " ".join(["cat"] * 45)), 400)["code"] == "context_length_exceeded"
+    assert error_of(complete(client, "a", ["one", "two"]), 400)["param"] == "prompt"
+    assert error_of(complete(client, "a", "hi", logprobs=3), 400)["param"] == "logprobs"
+    assert error_of(complete(client, "a", "hi", temperature=3), 400)["param"] == "temperature"
+    assert error_of(complete(client, "a", "hello " * 1000), 413)["code"] == "request_too_large"
+    assert error_of(client.get("/v1/nothing"), 404)["message"].startswith("Not Found")
+    # still alive and still right after all of that
+    assert complete(client, "a", PROMPTS[2]).json()["choices"][0]["text"] == env["offline"].text(PROMPTS[2], "a", 8)
+    assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_prompt_adapter_runs_alone_and_equals_offline(env):
+    """A prompt-tuning adapter cannot join a mixed batch: the server runs its requests alone, with it active."""
+    client, root = env["client"], env["root"]
+    prompt_model = get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"), "p")
+    prompt_model.save_pretrained(str(root / "prompt"))
+    assert client.post("/v1/adapters/load", json={"name": "p", "path": str(root / "prompt" / "p")}).status_code == 200
+    try:
+        requests = [dict(model="p", prompt=PROMPTS[0], max_tokens=6, temperature=0),
+                    dict(model="a", prompt=PROMPTS[1], max_tokens=6, temperature=0)]
+        env["engine"].pause()
+        try:
+            threads, responses = send_all(env, requests)
+        finally:
+            env["engine"].resume()
+        for thread in threads:
+            thread.join()
+        offline = PeftModel.from_pretrained(tiny_llama(), str(root / "prompt" / "p"), adapter_name="p").eval()
+        ids = torch.tensor([env["tokenizer"](PROMPTS[0])["input_ids"]])
+        out = offline.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, -6:].tolist()
+        expected = env["tokenizer"].decode(out[:out.index(2)] if 2 in out else out, skip_special_tokens=True)
+        assert responses[0].json()["choices"][0]["text"] == expected
+        assert responses[1].json()["choices"][0]["text"] == env["offline"].text(PROMPTS[1], "a", 6)
+        batches = client.get("/v1/stats").json()["recent_batches"]
+        assert [b["size"] for b in batches if responses[0].json()["id"] in b["ids"]] == [1]
+    finally:
+        assert client.delete("/v1/adapters/p").status_code == 200
+
+
+def test_app_over_a_peft_model_serves_its_adapters(env):
+    """build_app also takes a PeftModel: its adapters are served (in-process client, no adapters directory)."""
+    from fastapi.testclient import TestClient
+
+    root = env["root"]
+    model = PeftModel.from_pretrained(tiny_llama(), str(root / "adapters" / "b"), adapter_name="b")
+    model.load_adapter(str(root / "extra" / "d"), "d")
+    with TestClient(build_app(model, env["tokenizer"], limits=LIMITS)) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["base", "b", "d"]
+        for name in ("d", "base"):
+            text = complete(client, name, PROMPTS[3], max_tokens=7).json()["choices"][0]["text"]
+            assert text == env["offline"].text(PROMPTS[3], name, 7)
+
+
+def test_flags_and_a_missing_model(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", str(tmp_path / "missing"), "--max-batch", "4", "--batch-wait-ms", "2.5",
+                              "--max-tokens-limit", "64", "--max-body-bytes", "100", "--max-concurrency", "3"])
+    limits = limits_from_args(args)
+    assert (limits.max_batch, limits.batch_wait_ms, limits.max_tokens_limit, limits.max_body_bytes,
+            limits.max_concurrency) == (4, 2.5, 64, 100, 3)
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+    assert main(args) == 2  # a clear message, no traceback, no server
+    assert "missing" in capsys.readouterr().out
