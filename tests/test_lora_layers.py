@@ -48,6 +48,36 @@ def test_fused_kernel_matches_the_plain_autograd_path(bias_mode, dropout):
         torch.testing.assert_close(fused[2][name], plain[2][name], msg=name)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_dora_kernel_matches_the_plain_autograd_path(bias):
+    torch.manual_seed(0)
+    model = get_peft_model(Net(bias=bias), LoraConfig(r=3, lora_alpha=6, target_modules=["proj"], use_dora=True)).train()
+    layer = model.base_model.proj
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+        layer.lora_magnitude_vector["default"].mul_(torch.linspace(0.5, 1.5, 10))  # m != ||W + sBA||
+    x = torch.randn(2, 5, 12)
+    assert layer._fusable(x) == "default"
+    fused = _grads(model, x, seed=11)
+    layer.base_layer.register_forward_hook(lambda mod, inp, out: None)  # a hook forces the plain path
+    assert layer._fusable(x) is None
+    plain = _grads(model, x, seed=11)
+    torch.testing.assert_close(fused[0], plain[0])
+    torch.testing.assert_close(fused[1], plain[1])
+    assert fused[2].keys() == plain[2].keys() and len(fused[2]) == 3  # A, B, m
+    for name in fused[2]:
+        torch.testing.assert_close(fused[2][name], plain[2][name], msg=name)
+
+
+def test_dora_with_dropout_trains_on_the_plain_path():
+    model = get_peft_model(Net(bias=True), LoraConfig(r=3, target_modules=["proj"], use_dora=True, lora_dropout=0.2))
+    layer = model.base_model.proj
+    x = torch.randn(2, 5, 12)
+    assert layer._fusable(x) is None  # PEFT's dropout form needs W x on the undropped input
+    model.eval()
+    assert layer._fusable(x) == "default"  # no dropout in eval: the kernel serves inference too
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_fused_kernel_over_a_bf16_base_keeps_float32_adapters(dropout):
     """bf16 base, float32 A/B (as PEFT keeps them): the fused path runs the adapter in bf16, like autocast,

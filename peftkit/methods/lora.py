@@ -196,6 +196,41 @@ class _FusedLoraLinear(torch.autograd.Function):
         return gx, gxd, None, gbias, ga, gb, None
 
 
+class _FusedDoraLinear(torch.autograd.Function):
+    """DoRA (Liu et al. 2024, Eq. 5) for a frozen W: y = (x W^T + s (x A^T) B^T) * m / n + b, where the row norms
+    n = ||W + sBA|| are a constant in backprop (Sec. 4.3). Saves one (N, out) buffer, t = x W^T + s x A^T B^T;
+    the autograd graph of the same formula keeps W x, t and the scaled output, and walks each of them again.
+    No dropout (with dropout the plain path runs PEFT's form).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, m, norm, s):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        ctx.ab_dtype = a.dtype
+        a, b = a.to(x.dtype), b.to(x.dtype)  # float32 adapters over a bf16 base run in bf16, as in LoRA's kernel
+        h = x2 @ a.t()  # (N, r)
+        t = (x2 @ weight.t()).addmm_(h, b.t(), alpha=s)  # (N, out)
+        scale = (m / norm).to(x.dtype)  # (out,)
+        y = torch.addcmul(bias, t, scale) if bias is not None else t * scale
+        ctx.save_for_backward(x2, weight, a, b, h, t, scale, norm)
+        ctx.s, ctx.x_shape = s, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, weight, a, b, h, t, scale, norm = ctx.saved_tensors
+        need_x, _, need_bias, need_a, need_b, need_m, _, _ = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        gs = g2 * scale  # dL/dt, (N, out)
+        gh = (gs @ b).mul_(ctx.s)  # (N, r)
+        ga = (gh.t() @ x2).to(ctx.ab_dtype) if need_a else None  # (r, in)
+        gb = (gs.t() @ h).mul_(ctx.s).to(ctx.ab_dtype) if need_b else None  # (out, r)
+        gx = (gs @ weight).addmm_(gh, a).view(ctx.x_shape) if need_x else None
+        gm = torch.sum(g2 * t, 0, dtype=torch.float32) / norm if need_m else None  # dy/dm = t / n, (out,)
+        gbias = g2.sum(0) if need_bias else None
+        return gx, None, gbias, ga, gb, gm, None, None
+
+
 class LoraLinear(LoraLayer):
     """LoRA for nn.Linear and GPT-2's Conv1D (weight stored as (in, out))."""
 
@@ -220,8 +255,11 @@ class LoraLinear(LoraLayer):
         name = None if args or kwargs else self._fusable(x)
         if name is None:
             return super().forward(x, *args, **kwargs)
-        xd = self.dropped(name, x)
         base = self.base_layer
+        if name in self.lora_magnitude_vector:
+            return _FusedDoraLinear.apply(x, base.weight, base.bias, self.lora_A[name], self.lora_B[name],
+                                          self.lora_magnitude_vector[name], self.dora_norm(name), self.scaling[name])
+        xd = self.dropped(name, x)
         return _FusedLoraLinear.apply(x, None if xd is x else xd, base.weight, base.bias,
                                       self.lora_A[name], self.lora_B[name], self.scaling[name])
 
@@ -231,7 +269,8 @@ class LoraLinear(LoraLayer):
             return None
         name, base = self.active_adapters[0], self.base_layer
         if (type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")
-                or base.weight.requires_grad or name in self.lora_magnitude_vector
+                or base.weight.requires_grad or (name in self.lora_magnitude_vector and self.dropout[name] > 0
+                                                 and self.training)
                 or x.dtype != base.weight.dtype or self.lora_A[name].dtype not in (x.dtype, torch.float32)):
             return None
         return name
