@@ -207,6 +207,8 @@ _shared = threading.local()
 
 def new_forward_pass() -> None:
     """Start a new forward pass: dropout masks are never reused across passes."""
+    if torch.compiler.is_compiling():  # traced, the counter becomes a guard and torch.compile recompiles every call
+        return
     _shared.step = getattr(_shared, "step", 0) + 1
 
 

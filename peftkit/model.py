@@ -32,6 +32,7 @@ class PeftModel(nn.Module):
         self._inputs_off = False  # True inside disable_adapter: forward / generate leave the inputs alone
         # restored by unload() / a failed load, so the user's model comes back as it was
         self._grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+        self._trainable: Optional[list[torch.Tensor]] = None  # what _update_trainable turned on (None: walk all)
         self.add_adapter(adapter_name, config, calibration_batches, loss_fn)
         self.set_adapter(adapter_name)
 
@@ -146,7 +147,7 @@ class PeftModel(nn.Module):
             self._remove(adapter_name)
             raise
         self.peft_config[adapter_name] = config
-        self._update_trainable()
+        self._update_trainable(adapter_name)
 
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not name or "." in name or name == BASE_ADAPTER:
@@ -201,6 +202,7 @@ class PeftModel(nn.Module):
             self._restore_grads()
 
     def _restore_grads(self) -> None:
+        self._trainable = None
         for name, param in self.base_model.named_parameters():
             if name in self._grad_before:
                 param.requires_grad_(self._grad_before[name])
@@ -215,18 +217,26 @@ class PeftModel(nn.Module):
             tensors.update(checkpoint.prompt_tensors(self.prompt_modules[adapter_name]))
         return tensors
 
-    def _update_trainable(self) -> None:
-        for param in self.base_model.parameters():
-            param.requires_grad_(False)
-        self.prompt_modules.requires_grad_(False)
+    def _update_trainable(self, added: Optional[str] = None) -> None:
+        # freezes only what can be on (the last trainable set, a just-added adapter): a walk over every
+        # parameter here made each load_adapter O(adapters held); the first call walks the whole model
+        stale = list(self.parameters()) if self._trainable is None else list(self._trainable)
+        if added is not None and self._trainable is not None:  # a new adapter's tensors are created trainable
+            stale += self.adapter_parameters(added).values()
+            if added in self.prompt_modules:
+                stale += self.prompt_modules[added].parameters()
+        for param in stale:
+            if param.is_leaf:  # a prompt adapter's saved tensor may be computed (an encoder's output)
+                param.requires_grad_(False)
+        self._trainable = []
         for name in self._active:
             if self.peft_config[name].inference_mode:
                 continue
             if name in self.prompt_modules:  # trains in full (a P-tuning encoder's output is saved, not its weights)
-                self.prompt_modules[name].requires_grad_(True)
+                self._trainable += self.prompt_modules[name].requires_grad_(True).parameters()
             for tensor in self.adapter_parameters(name).values():
                 if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
-                    tensor.requires_grad_(True)
+                    self._trainable.append(tensor.requires_grad_(True))
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -244,6 +254,24 @@ class PeftModel(nn.Module):
             for layer, names in merged:
                 layer.disabled = False
                 layer.merge(names)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: Optional[int] = None,
+                             svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
+                             density: Optional[float] = None, majority_sign_method: str = "total",
+                             generator: Optional[torch.Generator] = None) -> None:
+        """Add LoRA adapter ``adapter_name``: ``adapters`` combined with ``weights`` (PEFT's types; methods/lora_arith)."""
+        from .methods import lora_arith  # LoRA-only, imported here so the core does not load a method at import
+
+        self._check_new_name(adapter_name)
+        lora_arith.add_weighted_adapter(self, adapters, weights, adapter_name, lora_arith.Options(
+            combination_type, svd_rank, svd_clamp, svd_full_matrices, density, majority_sign_method, generator))
+
+    def hotswap_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str = "default") -> None:
+        """Load a saved LoRA adapter into ``adapter_name``'s tensors in place (see peftkit.hotswap)."""
+        from .hotswap import hotswap_adapter  # LoRA-specific: imported here so the core does not load a method at import
+
+        hotswap_adapter(self, model_id, adapter_name)
 
     # --- merging ------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
