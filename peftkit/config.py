@@ -136,6 +136,8 @@ def _jsonable(value: Any) -> Any:
 
 
 TargetSpec = Optional[Union[str, list[str]]]
+AUTO_CRITERIA = ("fisher", "grad", "sensitivity", "magnitude")  # importance scores for target_modules="auto"
+AUTO_DEFAULTS = {"auto_criterion": "fisher", "auto_budget": 0.5}
 
 
 @dataclass
@@ -147,9 +149,14 @@ class TargetedConfig(PeftConfig):
     layers_to_transform: Optional[Union[int, list[int]]] = None  # only these layer indices
     layers_pattern: Optional[Union[str, list[str]]] = None  # name of the layer list, e.g. "layers"
     modules_to_save: Optional[list[str]] = None  # modules trained in full and saved, e.g. a new head
+    # target_modules="auto": rank the linear layers by mean importance on calibration_batches and keep the top
+    # auto_budget (a fraction of them, or an int count); the chosen full names then replace "auto"
+    auto_criterion: Optional[str] = None  # one of AUTO_CRITERIA; "fisher" when "auto" leaves it unset
+    auto_budget: Optional[Union[float, int]] = None  # fraction in (0, 1] or count >= 1; 0.5 when unset
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._check_auto()
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, (set, tuple)):
@@ -162,3 +169,25 @@ class TargetedConfig(PeftConfig):
             raise ValueError("layers_pattern only takes effect with layers_to_transform; set both or neither")
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
+
+    def _check_auto(self) -> None:
+        if self.target_modules == "auto":
+            for name, default in AUTO_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, default)
+        if self.auto_criterion is not None and self.auto_criterion not in AUTO_CRITERIA:
+            raise ValueError(f"auto_criterion must be one of {AUTO_CRITERIA}, got {self.auto_criterion!r}")
+        budget = self.auto_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or (isinstance(budget, float) and not 0 < budget <= 1)
+                                   or (isinstance(budget, int) and budget < 1)):
+            raise ValueError(f"auto_budget must be a fraction in (0, 1] of the candidate modules or an integer "
+                             f"count >= 1, got {budget!r}")
+
+    def to_dict(self) -> dict:
+        """As PeftConfig.to_dict, minus unset auto_* fields (PEFT has none: it would warn about them)."""
+        data = super().to_dict()
+        for name in AUTO_DEFAULTS:
+            if data[name] is None:
+                del data[name]
+        return data

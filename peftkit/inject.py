@@ -48,6 +48,18 @@ class Method:
     def check_loaded(self, model: nn.Module, adapter_name: str, directory: str) -> None:
         """Refuse loaded values that fit by shape but not by meaning (e.g. indices out of range); none by default."""
 
+    def pack_tensors(self, model: nn.Module, config, adapter_name: str,
+                     tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The adapter's tensors as written to disk (a method may compact them); unchanged by default."""
+        return tensors
+
+    def unpack_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of ``pack_tensors``, applied to a loaded file before it is checked; unchanged by default."""
+        return tensors
+
+    def write_extras(self, model: nn.Module, config, adapter_name: str, directory: str) -> None:
+        """Files written beside a saved adapter (e.g. a report); none by default."""
+
     # Prompt methods (acts_on_inputs = True) leave the base model's layers alone: they keep a module per
     # adapter outside the base model and rewrite the inputs of forward / generate instead.
     acts_on_inputs: ClassVar[bool] = False

@@ -340,7 +340,8 @@ class PeftModel(nn.Module):
                 raise ValueError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}")
         for name in names:
             directory = save_directory if name == "default" else os.path.join(save_directory, name)
-            tensors = self.adapter_parameters(name)
+            method = lookup(self.peft_config[name].peft_type)[1]
+            tensors = method.pack_tensors(self.base_model, self.peft_config[name], name, self.adapter_parameters(name))
             tensors.update(self._embedding_tensors(name))  # as PEFT: full weights of targeted embeddings
             if safe_serialization:
                 checkpoint.save_tensors(tensors, directory)
@@ -349,6 +350,7 @@ class PeftModel(nn.Module):
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             config.save_pretrained(directory)
+            method.write_extras(self.base_model, self.peft_config[name], name, directory)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike], adapter_name: str = "default",
@@ -387,6 +389,7 @@ class PeftModel(nn.Module):
         self.set_adapter(self._active or [adapter_name])
 
     def _fill(self, adapter_name: str, tensors: dict[str, torch.Tensor], directory: str) -> None:
+        tensors = lookup(self.peft_config[adapter_name].peft_type)[1].unpack_tensors(tensors)
         if adapter_name in self.prompt_modules:  # a saved prompt adapter is its embeddings: drop any encoder
             self.prompt_modules[adapter_name].use_saved_embeddings()
         expected = self.adapter_parameters(adapter_name)

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from ..config import TargetSpec, TargetedConfig, register
-from ..inject import Method, find_targets, is_linear_like, replace_modules, resolve_target_modules
+from ..inject import find_targets, is_linear_like, replace_modules, resolve_target_modules
 from ..layers import AdapterLayer, MixedRows, adapter_dtype, current_rows, param_device
+from .selective_scoring import AutoTargetMethod
 
 logger = logging.getLogger("peftkit")
 
@@ -300,10 +301,20 @@ def resolve_targets(model: nn.Module, config: IA3Config) -> None:
     config.check_feedforward()
 
 
-class IA3Method(Method):
+class IA3Method(AutoTargetMethod):
     """How IA3 enters a model: resolve targets, wrap them, nothing else to save."""
 
     config_cls = IA3Config
+
+    def calibrate(self, model: nn.Module, config: IA3Config, batches, loss_fn) -> None:
+        """``target_modules="auto"`` (see selective_scoring); feedforward_modules become the chosen full names
+        that are feed-forward by the given or default spec, so PEFT's subset check holds."""
+        auto = config.target_modules == "auto"
+        super().calibrate(model, config, batches, loss_fn)
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        spec = config.feedforward_modules if config.feedforward_modules is not None else DEFAULT_FEEDFORWARD.get(model_type)
+        if auto and spec is not None:
+            config.feedforward_modules = [n for n in config.target_modules if is_feedforward(n, spec)]
 
     def inject(self, model: nn.Module, config: IA3Config, adapter_name: str) -> list[str]:
         """Wrap the targets of ``config`` with IA3 layers for ``adapter_name``."""

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TargetedConfig, register
-from ..inject import (DEFAULT_TARGETS, Method, find_targets, is_linear_like, replace_modules,
+from ..inject import (DEFAULT_TARGETS, find_targets, is_linear_like, replace_modules,
                       resolve_target_modules)
 from ..layers import AdapterLayer, MixedRows, adapter_dtype, current_rows, param_device, shared_dropout
 from . import lora_mixed
+from .selective_scoring import AutoTargetMethod
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -437,7 +438,7 @@ def _layer_class(module: nn.Module, name: str) -> type:
     )
 
 
-class LoraMethod(Method):
+class LoraMethod(AutoTargetMethod):  # target_modules="auto": see selective_scoring
     """How LoRA enters a model: resolve targets, wrap them, name the extra trainable tensors."""
 
     config_cls = LoraConfig

@@ -11,13 +11,19 @@ as it is accumulated, so scoring holds at most one extra copy of the scored weig
 
 g is the gradient of one batch's loss (the model's mean loss, or ``loss_fn``); batches of one example give
 the per-example Fisher of the paper.
+
+The same scores, averaged per module, rank whole modules for ``target_modules="auto"`` of the layer methods
+(LoRA, IA3): ``AutoTargetMethod``.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
+
+from ..inject import Method, expand_all_linear, find_targets
+from ..layers import AdapterLayer
 
 CRITERIA = ("fisher", "grad", "sensitivity", "magnitude")
 LossFn = Callable[[object, dict], torch.Tensor]  # (model outputs, batch) -> scalar loss
@@ -168,3 +174,62 @@ def select(scores: list[torch.Tensor], budget: Optional[float], threshold: Optio
 
 def _top_in(score: torch.Tensor, k: int) -> torch.Tensor:
     return top_k([score], k)[0] if k else score.new_zeros(0, dtype=torch.long)
+
+
+# --- module ranking: target_modules="auto" for the layer methods ------------------------------------------
+def module_importance(model: nn.Module, weights: dict[str, nn.Parameter], criterion: str,
+                      batches: Optional[Iterable[dict]], loss_fn: Optional[LossFn] = None) -> dict[str, float]:
+    """Mean importance of each module's weight (the per-entry scores of ``score_weights``, averaged)."""
+    scores = score_weights(model, weights, criterion, batches, loss_fn)
+    return {name: float(scores.pop(name).mean()) for name in list(scores)}  # frees each buffer once reduced
+
+
+def top_modules(importance: dict[str, float], budget: Union[int, float]) -> list[str]:
+    """The ``budget`` most important names (an int count, or a fraction, at least one), in their given order.
+
+    Ties are broken by order, as in ``top_k``.
+    """
+    names = list(importance)
+    k = budget if isinstance(budget, int) else max(1, round(budget * len(names)))
+    chosen = top_k([torch.tensor([importance[n] for n in names], dtype=torch.float64)], min(k, len(names)))[0]
+    return [names[i] for i in chosen.tolist()]
+
+
+def choose_auto_targets(model: nn.Module, config, batches: Optional[Iterable[dict]],
+                        loss_fn: Optional[LossFn]) -> list[str]:
+    """Replace ``target_modules="auto"`` by the exact full names of the most important linear layers.
+
+    Candidates are the layers "all-linear" would name (the output head left out), narrowed by exclude_modules /
+    layers_to_transform. Ranked by the mean score per weight entry: a sum would favour big modules, while an
+    adapter's cost grows with in + out, not in x out. The full names go into the config, so the saved adapter
+    reloads (in peftkit or PEFT) without data.
+    """
+    if config.auto_criterion != "magnitude" and batches is None:
+        raise ValueError(f"target_modules='auto' ranks modules by {config.auto_criterion!r} importance on data: pass "
+                         "calibration_batches=[{'input_ids': ..., 'labels': ...}, ...] to get_peft_model (or set "
+                         "auto_criterion='magnitude', which needs none)")
+    config.target_modules = expand_all_linear(model, config.task_type, (nn.Module,))
+    try:
+        candidates = find_targets(model, config)
+        weights = {name: _weight_of(model.get_submodule(name)) for name in candidates}
+        importance = module_importance(model, weights, config.auto_criterion, batches, loss_fn)
+    except Exception:
+        config.target_modules = "auto"
+        raise
+    config.target_modules = top_modules(importance, config.auto_budget)
+    return config.target_modules
+
+
+def _weight_of(module: nn.Module) -> nn.Parameter:
+    return (module.base_layer if isinstance(module, AdapterLayer) else module).weight
+
+
+class AutoTargetMethod(Method):
+    """A layer method whose ``target_modules="auto"`` is resolved on calibration batches before ``inject``."""
+
+    def calibrate(self, model: nn.Module, config, batches, loss_fn) -> None:
+        """Choose the targets for "auto"; any other target_modules takes no calibration data."""
+        if config.target_modules != "auto":
+            super().calibrate(model, config, batches, loss_fn)
+            return
+        choose_auto_targets(model, config, batches, loss_fn)

@@ -1,0 +1,285 @@
+"""Selective fine-tuning, part 2: compact checkpoints, target_modules="auto", refinement, the selection report."""
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peftkit import IA3Config, LoraConfig, PeftModel, SelectiveConfig, get_peft_model
+from peftkit.config import AUTO_CRITERIA
+from peftkit.methods.selective import SelectiveLayer
+from peftkit.methods.selective_codec import decode_gaps, decode_index, encode_gaps, encode_index
+from peftkit.methods.selective_scoring import CRITERIA
+from conftest import randomize_adapters, tiny_llama, train_briefly
+
+
+def _batches(n=2, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": (ids := torch.randint(0, 64, (2, 8), generator=gen)), "labels": ids} for _ in range(n)]
+
+
+# --- compact indices -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("index", [[], [0], [5], [0, 1, 2, 3], [127, 128, 300, 16511, 16512, 2 ** 40 + 7]])
+def test_gap_code_round_trips_edge_values(index):
+    index = torch.tensor(index, dtype=torch.long)
+    stream = encode_gaps(index)
+    assert stream.dtype == torch.uint8 and torch.equal(decode_gaps(stream), index)
+
+
+def test_gap_code_byte_lengths_and_layout():
+    # gaps minus one: 0, 126 (one byte each), 128 (0x80 0x01), 16383 (0xFF 0x7F), 16384 (0x80 0x80 0x01)
+    index = torch.tensor([0, 127, 256, 16640, 33025])
+    assert encode_gaps(index).tolist() == [0, 126, 0x80, 0x01, 0xFF, 0x7F, 0x80, 0x80, 0x01]
+
+
+def test_random_sparse_indices_round_trip_and_cost_under_1_4_bytes():
+    gen = torch.Generator().manual_seed(0)
+    index = torch.randperm(1_000_000, generator=gen)[:10_000].sort().values  # 1% of a 1M weight
+    stored = encode_index(index, 1_000_000)
+    assert stored.dtype == torch.uint8 and stored.numel() < 1.4 * index.numel()
+    assert torch.equal(decode_index(stored), index)
+    rows = torch.arange(0, 4000, 300)  # gaps of 299: two bytes each, as long as int16: the stream is kept
+    assert encode_index(rows, 4000).dtype == torch.uint8 and torch.equal(decode_index(encode_index(rows, 4000)), rows)
+    assert encode_index(torch.tensor([20000, 30000]), 2 ** 15).dtype == torch.int16  # 4 bytes < 3 + 2 bytes
+
+
+def test_truncated_stream_is_refused():
+    with pytest.raises(ValueError, match="truncated"):
+        decode_gaps(torch.tensor([0x05, 0x80], dtype=torch.uint8))
+
+
+def _trained(granularity="element", budget=0.05, save_dtype=None):
+    config = SelectiveConfig(criterion="grad", budget=budget, granularity=granularity, save_dtype=save_dtype)
+    model = get_peft_model(tiny_llama(), config, calibration_batches=_batches())
+    train_briefly(model.train(), steps=3, lr=1e-2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("granularity", ["element", "row"])
+def test_compact_checkpoint_is_exact_and_smaller(granularity, ids, tmp_path):
+    model = _trained(granularity)
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    index_keys = [k for k in tensors if k.endswith("selective_indices")]
+    assert index_keys and all(tensors[k].dtype in (torch.uint8, torch.int16) for k in index_keys)
+    for path, layer in model.base_model.named_modules():
+        if isinstance(layer, SelectiveLayer):
+            stored = tensors[f"base_model.model.{path}.selective_indices"]
+            assert torch.equal(decode_index(stored), layer.selective_indices["default"])
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_old_int64_checkpoints_still_load(ids, tmp_path):
+    model = _trained("element")
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = {k: decode_index(v) if k.endswith("selective_indices") else v for k, v in load_file(file).items()}
+    assert all(v.dtype == torch.int64 for k, v in tensors.items() if k.endswith("selective_indices"))
+    save_file(tensors, file)
+    assert torch.equal(PeftModel.from_pretrained(tiny_llama(), tmp_path)(ids).logits, expected)
+
+
+def test_save_dtype_is_opt_in_and_casts_values_only(ids, tmp_path):
+    model = _trained("element", save_dtype="bfloat16")
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    values = [v for k, v in tensors.items() if k.endswith("selective_values")]
+    assert values and all(v.dtype == torch.bfloat16 for v in values)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    for path, layer in model.base_model.named_modules():
+        if isinstance(layer, SelectiveLayer):
+            other = loaded.base_model.get_submodule(path)
+            want = layer.selective_values["default"].detach().to(torch.bfloat16).float()
+            assert torch.equal(other.selective_values["default"], want)
+            assert torch.equal(other.selective_indices["default"], layer.selective_indices["default"])
+    with pytest.raises(ValueError, match="save_dtype must be"):
+        SelectiveConfig(save_dtype="int8")
+
+
+# --- target_modules="auto" ------------------------------------------------------------------------------------
+def _hand_mean_fisher(batches):
+    # mean over batches of the squared gradient, then the mean over each module's weight; plain autograd
+    model = tiny_llama()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    total = {n: 0.0 for n in names}
+    for batch in batches:
+        model.zero_grad()
+        model(**batch).loss.backward()
+        for n in names:
+            total[n] = total[n] + model.get_submodule(n).weight.grad.square()
+    return {n: float((total[n] / len(batches)).mean()) for n in names}
+
+
+def test_lora_auto_picks_the_top_modules_saves_them_and_loads_anywhere(ids, tmp_path):
+    import peft
+
+    batches = _batches(3)
+    means = _hand_mean_fisher(batches)
+    expected = sorted(means, key=means.get, reverse=True)[:5]
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="auto", auto_budget=5),
+                           calibration_batches=batches)
+    chosen = model.peft_config["default"].target_modules
+    assert set(chosen) == set(expected) and len(chosen) == 5
+    assert sorted(n for n, m in model.base_model.named_modules() if hasattr(m, "lora_A")) == sorted(chosen)
+    randomize_adapters(model)
+    out = model(ids).logits
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["target_modules"] == chosen and saved["auto_criterion"] == "fisher" and saved["auto_budget"] == 5
+    assert torch.equal(PeftModel.from_pretrained(tiny_llama(), tmp_path)(ids).logits, out)  # no calibration needed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns about the auto_* record fields it does not know
+        oracle = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    torch.testing.assert_close(oracle(ids).logits, out, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_fraction_and_layer_filters():
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules="auto", auto_budget=0.5, auto_criterion="magnitude",
+                                                    layers_to_transform=[1], layers_pattern="layers"))
+    chosen = model.peft_config["default"].target_modules
+    assert len(chosen) == 4 and all(n.startswith("model.layers.1.") for n in chosen)  # half of layer 1's seven
+
+
+def test_ia3_auto_keeps_feedforward_a_subset_and_loads_in_peft(ids, tmp_path):
+    import peft
+
+    model = get_peft_model(tiny_llama(), IA3Config(target_modules="auto", auto_budget=1.0), calibration_batches=_batches())
+    config = model.peft_config["default"]
+    assert len(config.target_modules) == 14
+    assert config.feedforward_modules == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    randomize_adapters(model)
+    out = model(ids).logits
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracle = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    torch.testing.assert_close(oracle(ids).logits, out, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_errors():
+    base = tiny_llama()
+    with pytest.raises(ValueError, match="pass calibration_batches"):
+        get_peft_model(base, LoraConfig(target_modules="auto"))
+    assert not any(hasattr(m, "lora_A") for m in base.modules())
+    with pytest.raises(ValueError, match="auto_budget must be"):
+        LoraConfig(target_modules="auto", auto_budget=0)
+    with pytest.raises(ValueError, match="auto_criterion must be"):
+        LoraConfig(target_modules="auto", auto_criterion="hessian")
+    assert set(AUTO_CRITERIA) == set(CRITERIA)
+    assert "auto_budget" not in LoraConfig(target_modules=["q_proj"]).to_dict()
+    with pytest.raises(ValueError, match="for LoraConfig / IA3Config"):
+        SelectiveConfig(target_modules="auto")
+
+
+# --- progressive refinement ----------------------------------------------------------------------------------
+def _dense_deltas(model, name="default"):
+    return {p: m.delta_weight(name).detach().clone() for p, m in model.base_model.named_modules()
+            if isinstance(m, SelectiveLayer) and name in m.adapter_names}
+
+
+@pytest.mark.parametrize("granularity, old, new", [("element", 0.05, 0.02), ("row", 0.2, 0.1), ("element", 0.02, 0.05)])
+def test_refine_keeps_surviving_values_drops_the_rest_and_remaps_adam(granularity, old, new, ids):
+    import copy
+
+    from peftkit.methods.selective_refine import refine
+
+    model = get_peft_model(tiny_llama(), SelectiveConfig(criterion="fisher", budget=old, granularity=granularity),
+                           calibration_batches=_batches())
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = _batches(1, seed=9)[0]
+    for _ in range(3):
+        model.train()(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    before = _dense_deltas(model)
+    moments = {p: _scatter_state(m, opt) for p, m in model.base_model.named_modules() if isinstance(m, SelectiveLayer)}
+    reference = copy.deepcopy(model)
+    counts = refine(model, _batches(), new, optimizer=opt)
+    scored = sum(m.weight.numel() for n, m in tiny_llama().named_modules() if isinstance(m, nn.Linear) and n != "lm_head")
+    if granularity == "element":
+        assert sum(counts.values()) == round(new * scored)
+    assert counts == model.peft_config["default"].selected_counts and model.peft_config["default"].budget == new
+    after = _dense_deltas(model)
+    for path, delta in after.items():
+        mask = _mask(model.base_model.get_submodule(path))
+        old_delta = before.get(path, torch.zeros_like(delta))
+        assert torch.equal(delta, old_delta * mask)  # kept entries keep their values, new ones start at zero
+        old_m = moments.get(path, torch.zeros_like(delta))
+        assert torch.equal(_scatter_state(model.base_model.get_submodule(path), opt), old_m * mask)
+    with torch.no_grad():  # the output changes only by the dropped deltas: zero them on the reference
+        for path, layer in reference.base_model.named_modules():
+            if isinstance(layer, SelectiveLayer):
+                keep = _mask(model.base_model.get_submodule(path)) if path in after else torch.zeros_like(before[path])
+                flat = layer._flat_positions("default")
+                layer.selective_values["default"].mul_(keep.view(-1)[flat])
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    held = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert held == sum(counts.values())
+    model.train()(**batch).loss.backward()  # the optimizer steps on the new sizes
+    opt.step()
+
+
+def _mask(layer):
+    mask = torch.zeros(layer.base_layer.weight.numel())
+    mask[layer._flat_positions("default")] = 1.0
+    return mask.view(layer.base_layer.weight.shape)
+
+
+def _scatter_state(layer, opt):
+    # Adam's first moment of this layer's values as a dense (out, in) tensor (zero where none)
+    values = layer.selective_values["default"]
+    state = opt.state.get(values, {}).get("exp_avg", torch.zeros_like(values))
+    dense = torch.zeros(layer.base_layer.weight.numel())
+    dense[layer._flat_positions("default")] = state.detach()
+    return dense.view(layer.base_layer.weight.shape)
+
+
+def test_refine_errors():
+    from peftkit.methods.selective_refine import refine
+
+    model = get_peft_model(tiny_llama(), SelectiveConfig(criterion="magnitude", budget=0.05))
+    with pytest.raises(ValueError, match="budget must be a fraction"):
+        refine(model, None, 1.5)
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        refine(model, None, 0.02)
+    with pytest.raises(ValueError, match="selective adapter named"):
+        refine(get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"])), None, 0.02)
+
+
+# --- report --------------------------------------------------------------------------------------------------
+def test_report_counts_match_saved_indices_and_png_is_valid(tmp_path):
+    from peftkit.methods.selective_report import split_name
+
+    model = _trained("row", 0.1)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    per_module, per_cell = {}, {}
+    for key, stored in tensors.items():
+        if key.endswith("selective_indices"):
+            path = key[len("base_model.model."):-len(".selective_indices")]
+            width = model.base_model.get_submodule(path).base_layer.in_features
+            per_module[path] = decode_index(stored).numel() * width
+            cell = split_name(path)
+            per_cell[cell] = per_cell.get(cell, 0) + per_module[path]
+    text = (tmp_path / "selection.md").read_text()
+    table, modules = text.split("## Per module")
+    header = [h.strip() for h in table.splitlines()[6].strip("|").split("|")]
+    for line in table.splitlines()[8:]:
+        if line.startswith("| "):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            for kind, value in zip(header[1:-1], cells[1:-1]):
+                assert int(value) == per_cell.get((cells[0], kind), 0)
+            assert int(cells[-1]) == sum(v for (layer, _), v in per_cell.items() if layer == cells[0])
+    rows = {c[0]: int(c[1]) for c in (line.strip("|").split("|") for line in modules.splitlines() if line.startswith("| model"))}
+    assert {k.strip(): v for k, v in rows.items()} == per_module
+    png = (tmp_path / "selection.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert split_name("model.layers.12.self_attn.q_proj") == ("12", "self_attn.q_proj")
+    assert split_name("bert.pooler.dense") == ("-", "bert.pooler.dense")
