@@ -102,6 +102,24 @@ def test_fused_kernel_over_a_bf16_base_keeps_float32_adapters(dropout):
         torch.testing.assert_close(fused[2][name], plain[2][name], msg=name, **tol)
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_training_under_autocast_takes_the_plain_path(use_dora):
+    """torch.autocast casts op by op, which a custom autograd Function would bypass: bf16 activations meeting
+    float32 weights inside it. Under autocast the layer runs its plain ops; gradients stay float32."""
+    torch.manual_seed(0)
+    model = get_peft_model(Net(bias=True), LoraConfig(r=3, target_modules=["proj"], use_dora=use_dora)).train()
+    layer = model.base_model.proj
+    x = torch.randn(2, 5, 12)
+    assert layer._fusable(x) == "default"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._fusable(x) is None
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
 def test_lora_delta_formula_and_rslora_scaling():
     torch.manual_seed(0)
     base = Net(bias=False)

@@ -268,6 +268,8 @@ class LoraLinear(LoraLayer):
         # the fused kernel serves the common training case: one plain LoRA on a frozen, hook-free nn.Linear
         if self.disabled or len(self.active_adapters) != 1 or self.merged_adapters or current_rows() is not None:
             return None
+        if torch.is_autocast_enabled(x.device.type):  # autocast casts per op; the plain path's ops let it
+            return None
         name, base = self.active_adapters[0], self.base_layer
         if (type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")
                 or base.weight.requires_grad or (name in self.lora_magnitude_vector and self.dropout[name] > 0
