@@ -1,0 +1,99 @@
+"""LoRA's training kernels: y = x W^T + b + s (x A^T) B^T (and DoRA's form) as autograd Functions with hand-written
+backward passes, for a frozen nn.Linear. The autograd graph of the same formulas keeps and re-reads more (N, ...)
+buffers; these save only what the backward needs. LoraLinear.forward picks them when nothing else is in play
+(one active adapter, no hooks, no autocast, no mixed batch). Tests: tests/test_lora_layers.py.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def compute_factors(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B in the dtype the adapter's matmuls run in: the activations' for float32 adapters over bf16/fp16
+    activations (as torch.autocast would; upcasting the (N, in) activations instead costs a float32 copy of
+    them, saved for backward, and float32 matmuls), else the adapter's own."""
+    if x.dtype in (torch.bfloat16, torch.float16) and a.dtype == torch.float32:
+        return a.to(x.dtype), b.to(x.dtype)
+    return a, b
+
+
+class FusedLoraLinear(torch.autograd.Function):
+    """y = x W^T + b + s (xd A^T) B^T for a frozen W, in one output buffer.
+
+    Backward writes the base and the LoRA input gradients into one buffer too (g W + (s g B) A), so
+    the adapter costs its four rank-r matmuls and nothing else. xd is None when there is no dropout.
+    With a bf16/fp16 base and float32 adapters, A and B are cast to the activations' dtype and the
+    four matmuls run there (fp32 accumulation), as torch.autocast would; A's and B's gradients are
+    returned in float32. Casting the (N, in) activations up instead, as PEFT does, costs a full extra
+    pass over them and float32 matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, x, xd, weight, bias, a, b, s):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        xd2 = x2 if xd is None else xd.reshape(-1, xd.shape[-1])
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, out)
+        a_dtype = a.dtype
+        a, b = a.to(x.dtype), b.to(x.dtype)  # no-ops unless the adapters are float32 over a bf16 base
+        h = xd2 @ a.t()  # (N, r)
+        y.addmm_(h, b.t(), alpha=s)
+        ctx.save_for_backward(xd2, weight, a, b, h)
+        ctx.s, ctx.x_shape, ctx.dropped, ctx.ab_dtype = s, x.shape, xd is not None, a_dtype
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        xd2, weight, a, b, h = ctx.saved_tensors
+        need_x, need_xd, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        gh = (g2 @ b).mul_(ctx.s)  # (N, r)
+        ga = gh.t() @ xd2 if need_a else None  # (r, in)
+        gb = (g2.t() @ h).mul_(ctx.s) if need_b else None  # (out, r)
+        gx = gxd = None
+        if need_x:
+            gx = g2 @ weight  # (N, in)
+            if not ctx.dropped:
+                gx.addmm_(gh, a)
+            gx = gx.view(ctx.x_shape)
+        if ctx.dropped and need_xd:
+            gxd = (gh @ a).view(ctx.x_shape)
+        gbias = g2.sum(0) if need_bias else None
+        # back to the parameters' own dtype (float32 adapters over a bf16 base)
+        ga = ga.to(ctx.ab_dtype) if ga is not None else None
+        gb = gb.to(ctx.ab_dtype) if gb is not None else None
+        return gx, gxd, None, gbias, ga, gb, None
+
+
+class FusedDoraLinear(torch.autograd.Function):
+    """DoRA (Liu et al. 2024, Eq. 5) for a frozen W: y = (x W^T + s (x A^T) B^T) * m / n + b, where the row norms
+    n = ||W + sBA|| are a constant in backprop (Sec. 4.3). Saves one (N, out) buffer, t = x W^T + s x A^T B^T;
+    the autograd graph of the same formula keeps W x, t and the scaled output, and walks each of them again.
+    No dropout (with dropout the plain path runs PEFT's form).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, m, norm, s):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        ctx.ab_dtype = a.dtype
+        a, b = a.to(x.dtype), b.to(x.dtype)  # float32 adapters over a bf16 base run in bf16, as in LoRA's kernel
+        h = x2 @ a.t()  # (N, r)
+        t = (x2 @ weight.t()).addmm_(h, b.t(), alpha=s)  # (N, out)
+        scale = (m / norm).to(x.dtype)  # (out,)
+        y = torch.addcmul(bias, t, scale) if bias is not None else t * scale
+        ctx.save_for_backward(x2, weight, a, b, h, t, scale, norm)
+        ctx.s, ctx.x_shape = s, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, weight, a, b, h, t, scale, norm = ctx.saved_tensors
+        need_x, _, need_bias, need_a, need_b, need_m, _, _ = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        gs = g2 * scale  # dL/dt, (N, out)
+        gh = (gs @ b).mul_(ctx.s)  # (N, r)
+        ga = (gh.t() @ x2).to(ctx.ab_dtype) if need_a else None  # (r, in)
+        gb = (gs.t() @ h).mul_(ctx.s).to(ctx.ab_dtype) if need_b else None  # (out, r)
+        gx = (gs @ weight).addmm_(gh, a).view(ctx.x_shape) if need_x else None
+        gm = torch.sum(g2 * t, 0, dtype=torch.float32) / norm if need_m else None  # dy/dm = t / n, (out,)
+        gbias = g2.sum(0) if need_bias else None
+        return gx, None, gbias, ga, gb, gm, None, None
