@@ -1,0 +1,114 @@
+"""Saving and loading adapters: the half of PeftModel that touches the disk, in PEFT's layout.
+
+A mixin so model.py stays about holding and switching adapters; every method here works on a PeftModel
+(``peft_config``, ``adapter_parameters``, ``add_adapter`` ...).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .config import PeftConfig, lookup
+
+
+class SaveLoadMixin:
+    """save_pretrained / from_pretrained / load_adapter, and placing a loaded model on devices."""
+
+    def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None,
+                        safe_serialization: bool = True) -> None:
+        """Write each adapter in PEFT's layout: "default" at the top, others in a subfolder of their name."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}")
+        for name in names:
+            directory = save_directory if name == "default" else os.path.join(save_directory, name)
+            method = lookup(self.peft_config[name].peft_type)[1]
+            tensors = method.pack_tensors(self.base_model, self.peft_config[name], name, self.adapter_parameters(name))
+            tensors.update(self._embedding_tensors(name))  # as PEFT: full weights of targeted embeddings
+            if safe_serialization:
+                checkpoint.save_tensors(tensors, directory)
+            else:
+                checkpoint.save_pickle(tensors, directory)
+            config = copy.deepcopy(self.peft_config[name])
+            config.inference_mode = True
+            config.save_pretrained(directory)
+            method.write_extras(self.base_model, self.peft_config[name], name, directory)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike], adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[PeftConfig] = None,
+                        subfolder: Optional[str] = None, allow_pickle: bool = False,
+                        device_map: Optional[Union[str, dict]] = None,
+                        max_memory: Optional[dict] = None):
+        """A PeftModel with a saved adapter loaded onto ``model``; on any error ``model`` is left exactly as it was."""
+        directory = checkpoint.find_adapter_dir(os.fspath(model_id), subfolder)
+        config = copy.deepcopy(config) if config is not None else PeftConfig.from_pretrained(directory)
+        tensors = checkpoint.load_tensors(directory, allow_pickle)  # read before touching the model
+        config.inference_mode = not is_trainable
+        peft_model = cls(model, config, adapter_name)
+        try:
+            peft_model._fill(adapter_name, tensors, directory)
+            if device_map is not None or max_memory is not None:
+                peft_model._dispatch(device_map, max_memory)
+        except Exception:
+            peft_model.unload()
+            raise
+        return peft_model
+
+    def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
+                     subfolder: Optional[str] = None, allow_pickle: bool = False) -> None:
+        """Load another saved adapter under ``adapter_name`` (not activated; see set_adapter)."""
+        directory = checkpoint.find_adapter_dir(os.fspath(model_id), subfolder)
+        config = PeftConfig.from_pretrained(directory)
+        tensors = checkpoint.load_tensors(directory, allow_pickle)
+        config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, config)
+        try:
+            self._fill(adapter_name, tensors, directory)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+        self.set_adapter(self._active or [adapter_name])
+
+    def _fill(self, adapter_name: str, tensors: dict[str, torch.Tensor], directory: str) -> None:
+        tensors = lookup(self.peft_config[adapter_name].peft_type)[1].unpack_tensors(tensors)
+        if adapter_name in self.prompt_modules:  # a saved prompt adapter is its embeddings: drop any encoder
+            self.prompt_modules[adapter_name].use_saved_embeddings()
+        expected = self.adapter_parameters(adapter_name)
+        # embedding weights saved beside the adapter (PEFT does so by default) are optional; load them if there
+        expected.update({k: v for k, v in self._embedding_tensors(adapter_name).items() if k in tensors})
+        checkpoint.check_fit(expected, tensors, directory)
+        checkpoint.copy_into(expected, tensors)
+        lookup(self.peft_config[adapter_name].peft_type)[1].check_loaded(self.base_model, adapter_name, directory)
+
+    def _embedding_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        return checkpoint.embedding_tensors(self.base_model, getattr(self.peft_config[adapter_name], "target_modules", None))
+
+    def _dispatch(self, device_map, max_memory: Optional[dict]) -> None:
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        if getattr(self.base_model, "hf_device_map", None) is not None:
+            return  # already placed by from_pretrained(device_map=...); adapters sit beside their layers
+        if isinstance(device_map, (int, torch.device)) or (
+                isinstance(device_map, str) and device_map not in ("auto", "balanced", "sequential")):
+            self.to(device_map)  # one device for everything: "cuda", "cuda:1", "cpu", 0
+            return
+        if device_map in (None, "auto", "balanced", "sequential") or max_memory is not None:
+            no_split = getattr(self.base_model, "_no_split_modules", None) or []
+            device_map = infer_auto_device_map(self, max_memory=max_memory, no_split_module_classes=no_split)
+        on_disk = sorted(name for name, device in device_map.items() if device == "disk")
+        if on_disk:  # accelerate would ask for an offload_dir, which this API does not take
+            raise ValueError(
+                f"this device_map / max_memory puts {on_disk} on 'disk', and PeftModel.from_pretrained takes no "
+                "offload folder. Load the base with transformers' from_pretrained(device_map=..., max_memory=..., "
+                "offload_folder=...), then call PeftModel.from_pretrained(base, adapter_path)."
+            )
+        dispatch_model(self, device_map=device_map)
