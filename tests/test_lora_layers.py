@@ -27,6 +27,19 @@ def _grads(model, x, seed):
     return out.detach(), x.grad, named
 
 
+def _fused_and_plain(model, layer, x):
+    """(output, input grad, parameter grads) through the fused kernel, then through the plain autograd path;
+    outputs and input grads checked equal here."""
+    assert layer._fusable(x) == "default"
+    fused = _grads(model, x, seed=11)
+    layer.base_layer.register_forward_hook(lambda mod, inp, out: None)  # a hook forces the plain path
+    assert layer._fusable(x) is None
+    plain = _grads(model, x, seed=11)
+    torch.testing.assert_close(fused[0], plain[0])
+    torch.testing.assert_close(fused[1], plain[1])
+    return fused, plain
+
+
 @pytest.mark.parametrize("bias_mode, dropout", [("none", 0.0), ("lora_only", 0.0), ("none", 0.3), ("lora_only", 0.3)])
 def test_fused_kernel_matches_the_plain_autograd_path(bias_mode, dropout):
     torch.manual_seed(0)
@@ -36,13 +49,7 @@ def test_fused_kernel_matches_the_plain_autograd_path(bias_mode, dropout):
         model.base_model.proj.lora_B["default"].normal_()
     layer = model.base_model.proj
     x = torch.randn(2, 5, 12)
-    assert layer._fusable(x) == "default"
-    fused = _grads(model, x, seed=11)
-    layer.base_layer.register_forward_hook(lambda mod, inp, out: None)  # a hook forces the plain path
-    assert layer._fusable(x) is None
-    plain = _grads(model, x, seed=11)
-    torch.testing.assert_close(fused[0], plain[0])
-    torch.testing.assert_close(fused[1], plain[1])
+    fused, plain = _fused_and_plain(model, layer, x)
     assert fused[2].keys() == plain[2].keys() and len(fused[2]) == (3 if bias_mode == "lora_only" else 2)
     for name in fused[2]:
         torch.testing.assert_close(fused[2][name], plain[2][name], msg=name)
@@ -57,13 +64,7 @@ def test_fused_dora_kernel_matches_the_plain_autograd_path(bias):
         layer.lora_B["default"].normal_()
         layer.lora_magnitude_vector["default"].mul_(torch.linspace(0.5, 1.5, 10))  # m != ||W + sBA||
     x = torch.randn(2, 5, 12)
-    assert layer._fusable(x) == "default"
-    fused = _grads(model, x, seed=11)
-    layer.base_layer.register_forward_hook(lambda mod, inp, out: None)  # a hook forces the plain path
-    assert layer._fusable(x) is None
-    plain = _grads(model, x, seed=11)
-    torch.testing.assert_close(fused[0], plain[0])
-    torch.testing.assert_close(fused[1], plain[1])
+    fused, plain = _fused_and_plain(model, layer, x)
     assert fused[2].keys() == plain[2].keys() and len(fused[2]) == 3  # A, B, m
     for name in fused[2]:
         torch.testing.assert_close(fused[2][name], plain[2][name], msg=name)
