@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -84,13 +84,13 @@ def _targets_embedding(model: nn.Module, target_modules) -> bool:
 def save_tensors(tensors: dict[str, torch.Tensor], directory: str) -> str:
     """Write ``adapter_model.safetensors`` atomically (temp file + rename)."""
     data = _cpu_copies(tensors)
-    return _atomic_file(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(data, tmp, metadata={"format": "pt"}))
+    return atomic_file(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(data, tmp, metadata={"format": "pt"}))
 
 
 def save_pickle(tensors: dict[str, torch.Tensor], directory: str) -> str:
     """Write ``adapter_model.bin`` (torch.save) atomically, for tools that want the old format."""
     data = _cpu_copies(tensors)
-    return _atomic_file(os.path.join(directory, PICKLE_NAME), lambda tmp: torch.save(data, tmp))
+    return atomic_file(os.path.join(directory, PICKLE_NAME), lambda tmp: torch.save(data, tmp))
 
 
 def _cpu_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -98,8 +98,8 @@ def _cpu_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
-def _atomic_file(path: str, write) -> str:
-    # write to a temp name in the same directory, fsync, then rename over the target
+def atomic_file(path: str, write: Callable[[str], None]) -> str:
+    """Call ``write(tmp)`` on a temp name in ``path``'s directory, fsync, then rename it over ``path``."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
@@ -108,11 +108,18 @@ def _atomic_file(path: str, write) -> str:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a saved file gets the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -121,7 +128,7 @@ def atomic_write_text(path: str, text: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
 
-    _atomic_file(path, write)
+    atomic_file(path, write)
 
 
 def load_tensors(directory: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

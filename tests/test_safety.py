@@ -182,3 +182,15 @@ def test_get_peft_model_twice_and_bad_names():
             model.add_adapter(bad, LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"no adapter named 'x'; this model has \['default'\]"):
         model.set_adapter("x")
+
+
+def test_saved_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+        model.save_pretrained(str(tmp_path))
+        checkpoint.atomic_write_text(str(tmp_path / "note.txt"), "hi")
+    finally:
+        os.umask(mask)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "note.txt"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644, name

@@ -1,0 +1,270 @@
+"""A whole run: plan, zero-shot test, training, final test, and the run directory (adapter, metrics, summary, report)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..checkpoint import atomic_write_text
+from . import checkpoints
+from .data import DataConfig, LABEL_TASKS, collate, encode, label_set, load_splits
+from .metrics import evaluate
+from .models import load_model, method_config, method_type, needs_calibration, wrap_model
+from .trainer import TrainConfig, Trainer, TrainingInterrupted, seed_everything
+
+RUN_MARKERS = ("summary.json", "metrics.jsonl", "checkpoints")  # an output_dir holding any of these holds a run
+JOB_FILE = "job.json"  # the run's JobConfig, written when the run starts
+
+
+@dataclass
+class JobConfig:
+    """One training run: model, method and its settings, data, training. The defaults are the tuned default run."""
+
+    model: str = "smollm2-135m"  # embedded name (smollm2-135m, minilm-l6), local path, or Hub id
+    method: str = "lora"  # a registered peft_type (any case) or "full" for full fine-tuning
+    # fields of the method's config class; they override peftkit's defaults for the method (models.METHOD_DEFAULTS:
+    # LoRA r=8, alpha=16, dropout 0.05 on the model type's default targets), which are themselves over the config class's defaults
+    peft: dict = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            self.data = DataConfig.from_dict(self.data)
+        if isinstance(self.train, dict):
+            self.train = TrainConfig.from_dict(self.train)
+        method_type(self.method)  # refuses an unknown method now, not after the model has loaded
+        self.peft = dict(self.peft or {})
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (JSON / YAML ready)."""
+        return {"model": self.model, "method": self.method, "peft": dict(self.peft),
+                "data": self.data.to_dict(), "train": self.train.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "JobConfig":
+        """Build from a (possibly partial) nested dict; unknown keys are refused."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown job field(s) {unknown}; valid fields: {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str) -> "JobConfig":
+        """Read a job from a YAML (.yaml / .yml) or JSON file."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"job config {path!r} does not exist")
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        try:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except Exception as err:
+            raise ValueError(f"cannot parse {path}: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping of job fields, not {type(data).__name__}")
+        return cls.from_dict(data)
+
+
+def holds_run(output_dir: str) -> bool:
+    """True when ``output_dir`` already holds (part of) a run."""
+    return any(os.path.exists(os.path.join(output_dir, m)) for m in RUN_MARKERS)
+
+
+def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> None:
+    """Refuse to write over a run unless asked; refuse to resume without a checkpoint."""
+    if resume and overwrite:
+        raise ValueError("choose one of --resume (continue the run) and --overwrite (replace it)")
+    if os.path.isfile(output_dir):
+        raise ValueError(f"output directory {output_dir!r} is a file; pass a directory")
+    if resume and checkpoints.latest(output_dir) is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoints.directory(output_dir)} to resume from; "
+                                "run without --resume (add --overwrite to replace what is there)")
+    if holds_run(output_dir) and not (resume or overwrite):
+        raise FileExistsError(f"{output_dir!r} already holds a run; pass --overwrite to replace it, "
+                              "--resume to continue it, or choose another --output-dir")
+
+
+def _set_aside(output_dir: str) -> str:
+    # the old run moves aside in one rename; it is deleted only once the new run has finished
+    aside = f"{output_dir.rstrip(os.sep)}.replaced-{int(time.time())}"
+    os.replace(output_dir, aside)
+    os.makedirs(output_dir)
+    return aside
+
+
+def _tree_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def save_model(model, tokenizer, output_dir: str, full: bool) -> str:
+    """adapter/ (PEFT format) or, for full fine-tuning, model/ (with the tokenizer); written then renamed."""
+    final = os.path.join(output_dir, "model" if full else "adapter")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if full:
+        tokenizer.save_pretrained(tmp)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def _plan(job: JobConfig, model, splits: dict, log: Callable[[str], None]) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    sizes = {k: len(v) for k, v in splits.items()}
+    log(f"model {job.model} | method {job.method} | task {job.data.task}")
+    log(f"trainable parameters {trainable:,d} of {total:,d} ({100 * trainable / total:.4f} %)")
+    log(f"data: train {sizes['train']}, validation {sizes['validation']}, test {sizes['test']}")
+    return {"trainable_params": trainable, "total_params": total, "trainable_pct": 100 * trainable / total,
+            "data_sizes": sizes}
+
+
+def build(job: JobConfig, splits: dict):
+    """(model wrapped for training, tokenizer, labels) for ``job`` on ``splits``."""
+    labels = label_set(splits["train"], job.data) if job.data.task in LABEL_TASKS + ("token-cls",) else None
+    model, tokenizer = load_model(job.model, job.data.task, labels=labels)
+    seed_everything(job.train.seed)  # adapter initialisation is part of the seeded run
+    config = method_config(job.method, job.peft, job.data.task)
+    calibration = calibration_batches(job, splits, tokenizer, model) if needs_calibration(config) else None
+    return wrap_model(model, job.method, job.peft, job.data.task, calibration), tokenizer, labels
+
+
+def calibration_batches(job: JobConfig, splits: dict, tokenizer, model, count: int = 8) -> list[dict]:
+    """Up to ``count`` training batches with labels, for methods that select what to train from data."""
+    label2id = getattr(model.config, "label2id", None) if job.data.task in ("seq-cls", "token-cls") else None
+    rows = random.Random(job.train.seed).sample(splits["train"], min(len(splits["train"]), count * job.train.batch_size))
+    examples = [encode(r, tokenizer, job.data, label2id) for r in rows]
+    size = job.train.batch_size
+    return [collate(examples[i:i + size], tokenizer.pad_token_id, job.data.task) for i in range(0, len(examples), size)]
+
+
+def run_job(job: JobConfig, output_dir: str, *, resume: bool = False, overwrite: bool = False,
+            progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Run ``job`` into ``output_dir``; the summary dict (also saved as summary.json)."""
+    started = time.time()
+    output_dir = os.path.abspath(output_dir)
+    check_output_dir(output_dir, resume, overwrite)
+    peft_config = method_config(job.method, job.peft, job.data.task)  # bad settings fail before the slow load
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))  # every core (restored on return)
+    try:
+        return _run(job, output_dir, peft_config, resume, overwrite, progress, log, started)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(job: JobConfig, output_dir: str, peft_config, resume: bool, overwrite: bool, progress: bool,
+         log: Callable[[str], None], started: float) -> dict:
+    if resume:
+        check_same_job(job, output_dir)
+    splits = load_splits(job.data)
+    model, tokenizer, labels = build(job, splits)
+    plan = _plan(job, model, splits, log)
+    trainer = Trainer(model, tokenizer, job.data, job.train, splits, output_dir, log, progress)
+    zero_shot = _zero_shot(job, model, tokenizer, splits, trainer, labels, resume, log)
+    # the first write: only now does an old run (--overwrite) move aside, in one rename
+    aside = _set_aside(output_dir) if overwrite and holds_run(output_dir) else None
+    if aside is not None:
+        log(f"the previous run in {output_dir} moved to {aside}; it is deleted when this run finishes")
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write_text(os.path.join(output_dir, JOB_FILE), json.dumps(job.to_dict(), indent=2))
+    if not resume and zero_shot is not None:
+        trainer.add_row({"event": "eval", "split": "test", "phase": "zero-shot", "step": 0, **zero_shot})
+    try:
+        trainer.train(resume=resume)
+    except TrainingInterrupted as err:
+        log(f"interrupted at step {err.step}; resume with: peftkit train ... --resume --output-dir {output_dir}")
+        raise
+    test = evaluate(model, tokenizer, splits["test"], job.data, job.train.eval_batch_size, labels)
+    trainer.add_row({"event": "eval", "split": "test", "phase": "fine-tuned", "step": trainer.state["global_step"], **test})
+    log(f"test: zero-shot {_fmt(zero_shot)} -> fine-tuned {_fmt(test)}")
+    saved = save_model(model, tokenizer, output_dir, method_type(job.method) == "full")
+    summary = {**plan, "model": job.model, "method": job.method, "task": job.data.task, "labels": labels,
+               "zero_shot": zero_shot,
+               "test": test, "steps": trainer.state["global_step"], "best_step": trainer.state["best_step"],
+               "best_validation": trainer.state["best_metric"], "stopped_early": trainer.state["early_stopped"],
+               "wall_time_s": round(time.time() - started, 2), "peak_memory_mb": round(_peak_memory_mb(trainer.device), 1),
+               "checkpoint_bytes": _tree_bytes(saved), "saved": os.path.basename(saved), "job": job.to_dict(),
+               "peft_config": peft_config.to_dict() if peft_config is not None else None}
+    summary["peak_memory_bytes"] = int(summary["peak_memory_mb"] * 2**20)
+    summary["adapter_bytes"] = summary["checkpoint_bytes"]
+    _write_outputs(summary, trainer.rows, output_dir, log)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return summary
+
+
+def _fmt(metrics) -> str:
+    if not isinstance(metrics, dict):
+        return "n/a"
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n" and isinstance(v, float))
+
+
+def _zero_shot(job: JobConfig, model, tokenizer, splits: dict, trainer: Trainer, labels, resume: bool, log):
+    # the test metric before training; n/a for a classification head that has never been trained
+    if resume:
+        found = [r for r in trainer_rows_on_disk(trainer) if r.get("phase") == "zero-shot"]
+        return {k: v for k, v in found[-1].items() if k not in ("event", "split", "phase", "step")} if found else None
+    if job.data.task in ("seq-cls", "token-cls"):
+        log("zero-shot: n/a (the classification head is new)")
+        return None
+    result = evaluate(model, tokenizer, splits["test"], job.data, job.train.eval_batch_size, labels)
+    log(f"zero-shot test: {_fmt(result)}")
+    return result
+
+
+def check_same_job(job: JobConfig, output_dir: str) -> None:
+    """Refuse to resume a run with a different model, method, method settings or data."""
+    path = os.path.join(output_dir, JOB_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        saved = json.load(fh)
+    now = job.to_dict()
+    changed = sorted(k for k in ("model", "method", "peft", "data") if saved.get(k) != now[k])
+    if changed:
+        raise ValueError(f"cannot resume: {changed} differ from the run in {output_dir} (its settings are in {path}); "
+                         "resume with the same settings, or start over with --overwrite")
+
+
+def trainer_rows_on_disk(trainer: Trainer) -> list[dict]:
+    """Rows of the latest checkpoint (what a resume continues from)."""
+    path = checkpoints.latest(trainer.output_dir)
+    if path is None:
+        return []
+    return torch.load(os.path.join(path, checkpoints.STATE_FILE), map_location="cpu", weights_only=True)["rows"]
+
+
+def _write_outputs(summary: dict, rows: list[dict], output_dir: str, log: Callable[[str], None]) -> None:
+    from .. import report
+
+    atomic_write_text(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=2, default=str))
+    try:
+        report.write_curves_png(rows, os.path.join(output_dir, "curves.png"))
+    except ImportError as err:  # matplotlib missing: the run itself is fine
+        print(f"warning: no curves.png ({err})", file=sys.stderr)
+    report.write_report_md(summary, os.path.join(output_dir, "report.md"))
+    log(f"saved {summary['saved']}/, metrics.jsonl, summary.json, curves.png, report.md in {output_dir}")

