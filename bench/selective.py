@@ -10,6 +10,7 @@ is its own.
     python bench/selective.py --variants full lora-peft selective-fisher
     python bench/selective.py --variants selective-fisher --lr 1e-3   # try another learning rate
     SST2_DIR=... MINILM_DIR=... python bench/selective.py             # data / weights elsewhere
+    BENCH_SEED=1 python bench/selective.py --out bench/results/selective_seed1.json   # another seed
     python bench/selective.py --sizes     # checkpoint bytes only (no training): values vs indices vs LoRA r=8
 """
 from __future__ import annotations
@@ -32,7 +33,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 DATA = os.environ.get("SST2_DIR", "/work/shared/data/sst2")
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "selective.json")
-TRAIN_SIZE, EPOCHS, BATCH, MAX_LEN, CALIB_BATCHES, SEED = 2000, 2, 32, 64, 16, 0
+TRAIN_SIZE, EPOCHS, BATCH, MAX_LEN, CALIB_BATCHES = 2000, 2, 32, 64, 16
+SEED = int(os.environ.get("BENCH_SEED", "0"))  # data sample, order and head init; BENCH_SEED=1 ... for a seed study
 LORA_TARGETS = ["query", "key", "value", "dense"]
 # learning rates per method family, the best of a short sweep on one seed (bench/results/selective.json):
 # selective 5e-4 / 1e-3 / 2e-3, LoRA 1e-3 / 2e-3, full 5e-5 (1e-4 was cut off by the device budget)

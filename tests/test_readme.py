@@ -19,3 +19,9 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```bash\n(.*?)\n```", README, re.S)
     test_command = next(c for c in commands if "pytest" in c)
     assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_main_command_is_peftkit_train_on_the_declared_entry_point():
+    main_command = re.findall(r"```bash\n(.*?)\n```", README, re.S)[0]
+    assert main_command.endswith("peftkit train")
+    assert 'peftkit = "peftkit.cli:main"' in (ROOT / "pyproject.toml").read_text()

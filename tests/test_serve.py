@@ -433,4 +433,4 @@ def test_flags_and_a_missing_model(tmp_path, capsys):
             limits.max_concurrency) == (4, 2.5, 64, 100, 3)
     assert (args.host, args.port) == ("127.0.0.1", 8000)
     assert main(args) == 2  # a clear message, no traceback, no server
-    assert "missing" in capsys.readouterr().out
+    assert "missing" in capsys.readouterr().err

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Optional
 
 from .limits import ServeLimits
@@ -76,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
         model, tokenizer = load_base(args.model, args.device)
         app = build_app(model, tokenizer, args.adapters, limits, args.base_name)
     except (ValueError, OSError) as exc:
-        print(f"peftkit serve: {exc}")
+        print(f"peftkit serve: error: {exc}", file=sys.stderr)
         return 2
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

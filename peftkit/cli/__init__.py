@@ -1,0 +1,77 @@
+"""The ``peftkit`` command: train, eval, predict, generate, merge, inspect, compare, serve.
+
+Flags for the job's data, training and method fields are generated from the config dataclasses
+(see flags.py). Errors print one line on stderr and exit non-zero: 2 for usage errors, 1 for runtime
+errors, 130 for Ctrl-C; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from .errors import CliError
+
+DEFAULT_OUTPUT_DIR = "peftkit-run"
+# options the commands define themselves; a config field wanting one of these names is a collision
+RESERVED = ("--help", "--debug", "--config", "--output-dir", "--overwrite", "--resume", "--print-config", "--model",
+            "--method", "--quiet", "--adapter", "--split", "--json", "--input", "--output", "--prompt",
+            "--max-new-tokens", "--methods", "--low-data", "--limit", "--use-template", "--in-process")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises CliError (one line, exit 2) instead of printing usage and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise CliError(f"{message} (see `{self.prog} --help`)", 2)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, list]:
+    """The full parser and the generated config flags."""
+    from . import commands
+    from .flags import add_flags, config_flags, method_classes_from_registry
+    from ..train import DataConfig, TrainConfig
+
+    methods = method_classes_from_registry()
+    flags = config_flags(DataConfig, TrainConfig, methods, RESERVED)
+    parser = _Parser(prog="peftkit", description="Parameter-efficient fine-tuning from the command line.")
+    _add_common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    classes = {"data": DataConfig, "train": TrainConfig}
+    for name, setup in commands.all_commands().items():
+        cmd = setup.add_parser(sub)
+        _add_common(cmd)
+        picked = [f for f in flags if f.group in setup.groups]
+        add_flags(cmd, picked, {g: c for g, c in classes.items() if g in setup.groups},
+                  methods if "peft" in setup.groups else {})
+        cmd.set_defaults(handler=setup.run)
+    return parser, flags
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser, flags = build_parser()
+        args = parser.parse_args(argv)
+        return int(args.handler(args, flags) or 0)
+    except SystemExit as done:  # --help / --version
+        return int(done.code or 0) if not isinstance(done.code, str) else 2
+    except BaseException as err:  # noqa: BLE001  (the one place that turns errors into exit codes)
+        if debug and not isinstance(err, SystemExit):
+            raise
+        return _report(err)
+
+
+def _report(err: BaseException) -> int:
+    from .errors import describe
+
+    message, code = describe(err)
+    print(f"peftkit: error: {message}" if code != 130 else f"peftkit: {message}", file=sys.stderr)
+    return code

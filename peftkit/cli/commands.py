@@ -1,0 +1,293 @@
+"""The sub-commands: each has an ``add_parser`` (its own options), the flag groups it takes, and ``run``."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .errors import CliError
+from .flags import check_method_flags, given_values, method_classes_from_registry
+from .runs import data_labels, holds_run, load_run_model, resolve_run, run_labels, write_rows
+
+
+JOB_FILE = "job.yaml"  # the resolved job, written into the output directory
+
+
+@dataclass
+class Command:
+    """One sub-command."""
+
+    add_parser: Callable[[Any], argparse.ArgumentParser]
+    groups: tuple[str, ...]  # which generated flag groups it takes: "data", "train", "peft"
+    run: Callable[[argparse.Namespace, list], int]
+
+
+# --- train ----------------------------------------------------------------------------------------
+def _train_parser(sub) -> argparse.ArgumentParser:
+    from . import DEFAULT_OUTPUT_DIR
+
+    p = sub.add_parser("train", help="fine-tune a model (with no arguments: the default LoRA job)",
+                       description="Fine-tune a model. With no arguments this runs the default job (JobConfig(): "
+                       f"LoRA on the embedded SmolLM2-135M, bundled complaints data) into ./{DEFAULT_OUTPUT_DIR}. "
+                       "Precedence: field defaults < --config file < flags.")
+    p.add_argument("--config", metavar="FILE", help="job config file (YAML or JSON) with model, method, peft, data, train")
+    p.add_argument("--model", help="model: an embedded name (smollm2-135m, minilm-l6), a local path or a Hub id")
+    p.add_argument("--method", help="'full' or a PEFT method: " + ", ".join(m.lower() for m in _methods()))
+    p.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, metavar="DIR",
+                   help=f"where the adapter, metrics, curves and report go (default: ./{DEFAULT_OUTPUT_DIR})")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
+    mode.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint "
+                      f"(its recorded {JOB_FILE} is the base job unless --config is given)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved job as YAML and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _methods() -> list[str]:
+    return sorted(method_classes_from_registry())
+
+
+def resolve_job(args: argparse.Namespace, flags: list):
+    """The job: JobConfig defaults, then the --config file, then the flags given."""
+    from ..train import JobConfig
+
+    recorded = os.path.join(args.output_dir, JOB_FILE)
+    if args.config is not None:
+        job = load_job_file(args.config)
+    elif args.resume and os.path.isfile(recorded):  # a resumed run continues the job it started with
+        job = load_job_file(recorded)
+    else:
+        job = JobConfig()
+    data = job.to_dict()
+    if args.model is not None:
+        data["model"] = args.model
+    if args.method is not None and args.method.lower() != str(data["method"]).lower():
+        data["method"], data["peft"] = args.method, _kept_settings(args.method, data.get("peft") or {})
+    check_method_name(data["method"])
+    given = given_values(args, flags)
+    check_method_flags(data["method"], given["peft"], flags, method_classes_from_registry())
+    data["data"] = {**data.get("data", {}), **given["data"]}
+    data["train"] = {**data.get("train", {}), **given["train"]}
+    data["peft"] = {**(data.get("peft") or {}), **given["peft"]}
+    try:
+        return JobConfig.from_dict(data)
+    except (ValueError, TypeError) as err:  # a flag value the config refuses: a usage error
+        raise CliError(f"invalid job settings: {err}") from None
+
+
+def _kept_settings(method: str, peft: dict) -> dict:
+    # --method replaced the file's method: keep the file's method settings the new method also has
+    check_method_name(method)
+    cls = method_classes_from_registry().get(method.upper())  # None for "full": it has no settings
+    fields = {f.name for f in dataclasses.fields(cls)} if cls is not None else set()
+    dropped = sorted(set(peft) - fields)
+    if dropped:
+        print(f"peftkit: note: --method {method} drops the config file's {dropped} (not {method} settings)",
+              file=sys.stderr)
+    return {k: v for k, v in peft.items() if k in fields}
+
+
+def load_job_file(path: str):
+    """JobConfig.load, with a missing or invalid file as a usage error naming the file."""
+    from ..train import JobConfig
+
+    if not os.path.isfile(path):
+        raise CliError(f"--config {path!r} does not exist")
+    try:
+        return JobConfig.load(path)
+    except (ValueError, TypeError) as err:
+        raise CliError(f"--config {path}: {' '.join(str(err).split())}") from None
+
+
+def check_method_name(method: str) -> None:
+    """Refuse a method that is neither 'full' nor registered (exit 2), listing the choices."""
+    methods = _methods()
+    if str(method).lower() != "full" and str(method).upper() not in methods:
+        raise CliError(f"unknown method {method!r}; choose 'full' or one of: {', '.join(m.lower() for m in methods)}")
+
+
+def dump_yaml(data: dict) -> str:
+    """YAML text of a plain dict (keys in their order)."""
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+def run_train(args: argparse.Namespace, flags: list) -> int:
+    """peftkit train."""
+    job = resolve_job(args, flags)
+    if args.print_config:
+        print(dump_yaml(job.to_dict()), end="")
+        return 0
+    if holds_run(args.output_dir) and not (args.overwrite or args.resume):
+        raise CliError(f"--output-dir {args.output_dir!r} already holds a run; pass --resume to continue it, "
+                       "--overwrite to replace it, or choose another --output-dir")
+    from ..checkpoint import atomic_write_text
+    from ..train import run_job
+
+    text = dump_yaml(job.to_dict())
+    if not args.overwrite:  # recorded up front so that an interrupted run resumes with its own job
+        atomic_write_text(os.path.join(args.output_dir, JOB_FILE), text)
+    summary = run_job(job, args.output_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    atomic_write_text(os.path.join(args.output_dir, JOB_FILE), text)
+    print(f"done: {os.path.join(args.output_dir, 'report.md')}" if isinstance(summary, dict) else "done")
+    return 0
+
+
+# --- eval / predict / generate --------------------------------------------------------------------
+def add_adapter_options(p: argparse.ArgumentParser) -> None:
+    """--adapter and --model, shared by eval / predict / generate / merge."""
+    p.add_argument("--adapter", required=True, metavar="DIR",
+                   help="a `peftkit train` output directory, an adapter directory, or a full-model directory")
+    p.add_argument("--model", help="base model (default: the one the run recorded)")
+
+
+def _eval_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="evaluate an adapter (or a fine-tuned full model) on a split",
+                       description="Evaluate a trained adapter. Data flags default to the run's job config.")
+    add_adapter_options(p)
+    p.add_argument("--split", default="test", choices=("train", "validation", "test"), help="default: test")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    return p
+
+
+def run_data(args: argparse.Namespace, flags: list, run):
+    """(the run's JobConfig, or the default one; its DataConfig with this command line's data flags)."""
+    from ..train import DataConfig, JobConfig
+
+    recorded = run.job_dict()
+    job = JobConfig.from_dict(recorded) if recorded else JobConfig()
+    data = DataConfig.from_dict({**job.data.to_dict(), **given_values(args, flags)["data"]})
+    return job, data
+
+
+def run_label_set(run, data) -> Any:
+    """The label set the model was trained on: recorded by the run, else derived from the training split."""
+    labels = run_labels(run)
+    return labels if labels is not None else data_labels(data)
+
+
+def run_eval(args: argparse.Namespace, flags: list) -> int:
+    """peftkit eval."""
+    from ..train import evaluate, load_splits
+
+    run = resolve_run(args.adapter)
+    job, data = run_data(args, flags, run)
+    labels = run_label_set(run, data)
+    model, tokenizer = load_run_model(run, args.model or job.model, data.task, labels)
+    rows = load_splits(data)[args.split]
+    metrics = evaluate(model, tokenizer, rows, data, labels=labels)
+    if args.json:
+        print(json.dumps(metrics, sort_keys=True))
+    else:
+        for name, value in metrics.items():
+            print(f"{args.split} {name}: {value:.4f}" if isinstance(value, float) else f"{args.split} {name}: {value}")
+    return 0
+
+
+def _predict_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("predict", help="batch predictions for a file of inputs",
+                       description="Predict for every row of --input (csv/tsv/json/jsonl/parquet); write --output "
+                       "(.csv/.tsv/.jsonl/.json) with a 'prediction' column.")
+    add_adapter_options(p)
+    p.add_argument("--input", required=True, metavar="FILE", help="rows holding the text column")
+    p.add_argument("--output", required=True, metavar="FILE", help="where the predictions go (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    return p
+
+
+def run_predict(args: argparse.Namespace, flags: list) -> int:
+    """peftkit predict."""
+    from ..train import predict
+    from ..train.data import read_file
+
+    if not os.path.isfile(args.input):
+        raise CliError(f"--input {args.input!r} does not exist")
+    if os.path.exists(args.output) and not args.overwrite:
+        raise CliError(f"--output {args.output!r} already exists; pass --overwrite to replace it")
+    run = resolve_run(args.adapter)
+    job, data = run_data(args, flags, run)
+    rows = read_file(args.input)
+    missing = [i for i, r in enumerate(rows) if r.get(data.text_column) is None]
+    if missing:
+        raise CliError(f"--input row {missing[0]} has no {data.text_column!r} column; it has {sorted(rows[missing[0]])}. "
+                       "Name the text column with --text-column", 1)
+    labels = run_label_set(run, data)
+    model, tokenizer = load_run_model(run, args.model or job.model, data.task, labels)
+    out = predict(model, tokenizer, rows, data, labels=labels)
+    write_rows(out, args.output)
+    print(f"wrote {len(out)} predictions to {args.output}")
+    return 0
+
+
+def _generate_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("generate", help="generate text from a prompt with an adapter",
+                       description="Greedy generation with the adapter (causal LMs).")
+    add_adapter_options(p)
+    p.add_argument("--prompt", required=True, help="the prompt; '-' reads one prompt per line from stdin")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="default: 32")
+    p.add_argument("--use-template", action="store_true",
+                   help="wrap the prompt in the run's prompt template (as in training), e.g. for label answers")
+    return p
+
+
+def run_generate(args: argparse.Namespace, flags: list) -> int:
+    """peftkit generate."""
+    import torch
+
+    prompts = [args.prompt] if args.prompt != "-" else [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise CliError("--prompt - read no prompts from stdin")
+    run = resolve_run(args.adapter)
+    job, data = run_data(args, flags, run)
+    if data.task not in ("causal-label", "sft", "seq2seq"):
+        raise CliError(f"this run's task is {data.task!r}, which does not generate text; use `peftkit predict`")
+    model, tokenizer = load_run_model(run, args.model or job.model, data.task, None)
+    for prompt in prompts:
+        text = data.template().format(text=prompt) if args.use_template else prompt
+        enc = tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                 max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        start = 0 if data.task == "seq2seq" else enc["input_ids"].shape[1]
+        print(tokenizer.decode(out[0, start:], skip_special_tokens=True))
+    return 0
+
+
+def all_commands() -> dict[str, Command]:
+    """Every sub-command by name, in the order --help lists them."""
+    from .tools import inspect_command, merge_command
+    from ..compare import compare_command
+
+    return {
+        "train": Command(_train_parser, ("data", "train", "peft"), run_train),
+        "eval": Command(_eval_parser, ("data",), run_eval),
+        "predict": Command(_predict_parser, ("data",), run_predict),
+        "generate": Command(_generate_parser, ("data",), run_generate),
+        "merge": merge_command(),
+        "inspect": inspect_command(),
+        "compare": compare_command(),
+        "serve": Command(_serve_parser, (), _run_serve),
+    }
+
+
+def _serve_parser(sub) -> argparse.ArgumentParser:
+    from ..serve import add_arguments
+
+    parser = sub.add_parser("serve", help="OpenAI-style HTTP server: one base model, a directory of adapters",
+                            description="Serve a base model and its adapters over HTTP (/v1/completions, "
+                                        "/v1/chat/completions, /v1/models); needs `pip install peftkit[serve]`.")
+    add_arguments(parser)
+    return parser
+
+
+def _run_serve(args: argparse.Namespace, flags: list) -> int:
+    from ..serve import main
+
+    return main(args)

@@ -1,0 +1,40 @@
+"""CLI errors and how any exception becomes one line and an exit code."""
+from __future__ import annotations
+
+import json
+
+
+class CliError(Exception):
+    """An error the command reports as one line; ``code`` 2 = usage error, 1 = runtime error."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _interrupted_types() -> tuple[type, ...]:
+    try:
+        from ..train import TrainingInterrupted
+    except ImportError:
+        return (KeyboardInterrupt,)
+    return (KeyboardInterrupt, TrainingInterrupted)
+
+
+def describe(err: BaseException) -> tuple[str, int]:
+    """(one-line message, exit code) for an exception reaching the top level."""
+    if isinstance(err, CliError):
+        return str(err), err.code
+    if isinstance(err, _interrupted_types()):
+        text = str(err) if str(err) else "interrupted"
+        return text.splitlines()[0], 130
+    if isinstance(err, ImportError):
+        text = " ".join(str(err).split())
+        return (text if "pip install" in text else f"{text} (install the demo extra: pip install 'peftkit[demo]')"), 1
+    if isinstance(err, KeyError):  # str(KeyError) is the repr of the key; say what it is
+        return f"missing key {err.args[0]!r}" if err.args else "missing key", 1
+    if isinstance(err, json.JSONDecodeError):
+        return f"invalid JSON: {err}", 1
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, RuntimeError)):
+        return text, 1
+    return f"{type(err).__name__}: {text} (run with --debug for the traceback)", 1
