@@ -34,6 +34,8 @@ class PeftModel(SaveLoadMixin, nn.Module):
         # restored by unload() / a failed load, so the user's model comes back as it was
         self._grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
         self._trainable: Optional[list[torch.Tensor]] = None  # what _update_trainable turned on (None: walk all)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self._head_hook = head.register_forward_pre_hook(_contiguous_input) if isinstance(head, nn.Linear) else None
         self.add_adapter(adapter_name, config, calibration_batches, loss_fn)
         self.set_adapter(adapter_name)
 
@@ -316,6 +318,9 @@ class PeftModel(SaveLoadMixin, nn.Module):
         self.peft_config.clear()
         self._active = []
         self._restore_grads()
+        if self._head_hook is not None:
+            self._head_hook.remove()
+            self._head_hook = None
         return self.base_model
 
     # --- counting -----------------------------------------------------------------------------
@@ -328,6 +333,16 @@ class PeftModel(SaveLoadMixin, nn.Module):
         """Print the counts in PEFT's format."""
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> Optional[tuple]:
+    # torch 2.13 on CPU runs F.linear on a strided 3-D input against a frozen weight as a bmm over the expanded
+    # weight, ~6x slower than the mm it picks when the weight requires grad. transformers hands the output head
+    # such a slice (logits_to_keep, generate's prefill) and a PEFT model's head is frozen: copy the kept rows.
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dim() > 2 and not x.is_contiguous():
+        return (x.contiguous(), *args[1:])
+    return None
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",

@@ -142,3 +142,22 @@ def test_dropout_keeps_the_right_fraction_and_backpropagates_through_the_mask():
     torch.testing.assert_close(x.grad, out.detach() * 2.0)
     mask, scale = keep_mask(torch.empty(3, 5), 0.0)
     assert mask.all() and scale == 1.0
+
+
+def test_frozen_head_gets_a_contiguous_input_and_unload_removes_the_hook():
+    """torch runs F.linear on a strided 3-D slice against a frozen weight ~6x slower (an expanded-weight bmm);
+    logits_to_keep hands the head such a slice, so the wrapper copies it. Same logits; gone after unload."""
+    base = tiny_llama()
+    ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = base(input_ids=ids, logits_to_keep=1).logits
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
+    seen = []
+    probe = base.lm_head.register_forward_hook(lambda mod, args, out: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        got = model(input_ids=ids, logits_to_keep=1).logits
+    assert seen == [True] and torch.equal(got, expected)
+    assert not base.lm_head.weight.requires_grad  # the case the copy is for
+    model.unload()
+    assert len(base.lm_head._forward_pre_hooks) == 0
+    probe.remove()
