@@ -129,7 +129,7 @@ def test_job_files_round_trip(tmp_path):
     (tmp_path / "partial.yaml").write_text("train:\n  epochs: 1\n")
     assert JobConfig.load(str(tmp_path / "partial.yaml")).train.epochs == 1
     (tmp_path / "bad.yaml").write_text("trian: {}\n")
-    with pytest.raises(ValueError, match=r"unknown job field\(s\) \['trian'\]"):
+    with pytest.raises(ValueError, match=r"unknown JobConfig field\(s\) \['trian'\]"):
         JobConfig.load(str(tmp_path / "bad.yaml"))
     with pytest.raises(ValueError, match="unknown method 'foo'"):
         JobConfig(method="foo")

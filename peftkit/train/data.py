@@ -76,10 +76,11 @@ class DataConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "DataConfig":
         """Build from a dict; unknown keys are refused."""
-        return cls(**_known(cls, data))
+        return cls(**known_fields(cls, data))
 
 
-def _known(cls: type, data: dict) -> dict:
+def known_fields(cls: type, data: dict) -> dict:
+    """``data`` if every key is a field of dataclass ``cls``; else a ValueError listing the valid fields."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:

@@ -1,7 +1,6 @@
 """A whole run: plan, zero-shot test, training, final test, and the run directory (adapter, metrics, summary, report)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -16,7 +15,7 @@ import torch
 
 from ..checkpoint import atomic_write_text
 from . import checkpoints
-from .data import DataConfig, LABEL_TASKS, collate, encode, label_set, load_splits
+from .data import DataConfig, LABEL_TASKS, collate, encode, known_fields, label_set, load_splits
 from .metrics import evaluate
 from .models import load_model, method_config, method_type, needs_calibration, wrap_model
 from .trainer import TrainConfig, Trainer, TrainingInterrupted, seed_everything
@@ -53,11 +52,7 @@ class JobConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "JobConfig":
         """Build from a (possibly partial) nested dict; unknown keys are refused."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown job field(s) {unknown}; valid fields: {sorted(names)}")
-        return cls(**data)
+        return cls(**known_fields(cls, data))
 
     @classmethod
     def load(cls, path: str) -> "JobConfig":

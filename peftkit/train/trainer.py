@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import checkpoints
-from .data import DataConfig, LABEL_TASKS, collate, encode, label_set
+from .data import DataConfig, LABEL_TASKS, collate, encode, known_fields, label_set
 from .metrics import DEFAULT_METRIC, HIGHER_IS_BETTER, evaluate
 from .models import _inner, forward_loss, trainable_parameters
 
@@ -89,11 +89,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         """Build from a dict; unknown keys are refused."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}; valid fields: {sorted(names)}")
-        return cls(**data)
+        return cls(**known_fields(cls, data))
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
