@@ -117,6 +117,29 @@ def test_hub_name_without_datasets_or_network_is_a_clear_error():
         load_splits(DataConfig(dataset="some-org-xyz/not-a-dataset-peftkit"))
 
 
+def test_hub_dataset_splits_are_mapped_by_name(monkeypatch):
+    """A `datasets` name (no hub here: a stand-in module with load_dataset) gives train / validation / test, the
+    'dev' split taken as validation, each row a plain dict."""
+    import sys
+    import types
+
+    rows = {"train": [{"text": f"t{i}", "text_label": ["a", "b"][i % 2]} for i in range(12)],
+            "dev": [{"text": "d", "text_label": "a"}], "test": [{"text": "x", "text_label": "b"}]}
+    calls = []
+
+    def load_dataset(name):
+        calls.append(name)
+        return rows
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    splits = load_splits(DataConfig(dataset="some-org/some-set"))
+    assert calls == ["some-org/some-set"]
+    assert splits["train"] == rows["train"] and splits["validation"] == rows["dev"] and splits["test"] == rows["test"]
+    rows.pop("train")
+    with pytest.raises(ValueError, match="has no train split"):
+        load_splits(DataConfig(dataset="some-org/some-set"))
+
+
 def test_causal_label_encoding_masks_all_but_label_tokens():
     tok = tokenizer()
     data = DataConfig(prompt_template="message : {text} label :")
