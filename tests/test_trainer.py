@@ -164,6 +164,33 @@ def test_resume_after_interrupt_is_bit_identical(tmp_path, stop_at):
     assert len(on_disk) == len(whole_rows)
 
 
+def test_ctrl_c_during_the_optimizer_step_resumes_bit_identical(tmp_path):
+    """A real SIGINT in the middle of step 3's update: held until the update, its counters and the RNG snapshot
+    agree, so the saved checkpoint is step 3's and the resumed run equals an uninterrupted one."""
+    import os
+    import signal
+
+    whole = make_trainer(tmp_path / "whole", keep_best=False)
+    whole.train()
+    cut = make_trainer(tmp_path / "cut", keep_best=False)
+    step, calls = cut.optimizer.step, []
+
+    def step_with_sigint(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(*args, **kwargs)
+
+    cut.optimizer.step = step_with_sigint
+    with pytest.raises(TrainingInterrupted) as err:
+        cut.train()
+    assert err.value.step == 3
+    resumed = make_trainer(tmp_path / "cut", keep_best=False)
+    resumed.train(resume=True)
+    for k, v in adapter(whole).items():
+        assert torch.equal(v, adapter(resumed)[k]), k
+
+
 def test_resume_refuses_changed_settings_and_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         make_trainer(tmp_path).train(resume=True)

@@ -179,19 +179,18 @@ class Trainer:
         else:
             seed_everything(self.config.seed)
         self.model.train()
-        snapshot = checkpoints.rng_state()  # RNG as of the last finished step: what a checkpoint must hold
+        self._snapshot = checkpoints.rng_state()  # RNG as of the last finished step: what a checkpoint must hold
         bar = self._bar()
         try:
             while not self._done():
                 if self.state["step_in_epoch"] < self.steps_per_epoch and not self._step_limit():
                     info = self._step()
-                    snapshot = checkpoints.rng_state()
                     self._after_step(info, bar, on_step)
                 else:
                     self._end_epoch()
         except KeyboardInterrupt:
             self.optimizer.zero_grad(set_to_none=True)
-            path = checkpoints.save(self, rng=snapshot)
+            path = checkpoints.save(self, rng=self._snapshot)
             raise TrainingInterrupted(self.state["global_step"], path) from None
         finally:
             if bar is not None:
@@ -248,26 +247,29 @@ class Trainer:
             scaled = loss / max(count, 1)  # so the window's gradient is the mean over all its targets
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += float(loss.detach())
-        grad_norm = self._clip_and_step()
-        self.state["global_step"] += 1
-        self.state["step_in_epoch"] += 1
+        # Ctrl-C is held until the update, its step counters and the RNG snapshot all agree, so a checkpoint
+        # saved on interrupt never holds updated weights with the step before's counters (replayed on resume)
+        with checkpoints.defer_sigint():
+            grad_norm = self._clip_and_step()
+            self.state["global_step"] += 1
+            self.state["step_in_epoch"] += 1
+            self._snapshot = checkpoints.rng_state()
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         return {"loss": total / max(count, 1), "lr": self.config.lr * factor, "grad_norm": grad_norm,
                 "tokens_per_s": tokens / max(time.perf_counter() - started, 1e-9)}
 
     def _clip_and_step(self) -> float:
-        with checkpoints.defer_sigint():  # Ctrl-C never lands half-way through an update
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            params = list(self.params.values())
-            limit = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
-            norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = list(self.params.values())
+        limit = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return norm
 
     def _after_step(self, info: dict, bar, on_step: Optional[Callable[[int, dict], None]]) -> None:
