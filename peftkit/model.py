@@ -34,10 +34,13 @@ class PeftModel(SaveLoadMixin, nn.Module):
         # restored by unload() / a failed load, so the user's model comes back as it was
         self._grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
         self._trainable: Optional[list[torch.Tensor]] = None  # what _update_trainable turned on (None: walk all)
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        self._head_hook = head.register_forward_pre_hook(_contiguous_input) if isinstance(head, nn.Linear) else None
+        self._head_hook = None
         self.add_adapter(adapter_name, config, calibration_batches, loss_fn)
         self.set_adapter(adapter_name)
+        # last, so a constructor that raises leaves no hook behind on the caller's model
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(head, nn.Linear):
+            self._head_hook = head.register_forward_pre_hook(_contiguous_input)
 
     def __getattr__(self, name: str):
         # attribute access falls through to the wrapped model (config, device, generation_config, ...)
@@ -340,7 +343,7 @@ def _contiguous_input(module: nn.Module, args: tuple) -> Optional[tuple]:
     # weight, ~6x slower than the mm it picks when the weight requires grad. transformers hands the output head
     # such a slice (logits_to_keep, generate's prefill) and a PEFT model's head is frozen: copy the kept rows.
     x = args[0] if args else None
-    if isinstance(x, torch.Tensor) and x.dim() > 2 and not x.is_contiguous():
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dim() > 2 and not x.is_contiguous():
         return (x.contiguous(), *args[1:])
     return None
 

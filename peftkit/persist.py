@@ -16,6 +16,9 @@ from . import checkpoint
 from .config import PeftConfig, lookup
 
 
+_PLANNED = ("auto", "balanced", "balanced_low_0", "sequential")  # device_map strings accelerate plans from
+
+
 class SaveLoadMixin:
     """save_pretrained / from_pretrained / load_adapter, and placing a loaded model on devices."""
 
@@ -98,10 +101,10 @@ class SaveLoadMixin:
         if getattr(self.base_model, "hf_device_map", None) is not None:
             return  # already placed by from_pretrained(device_map=...); adapters sit beside their layers
         if isinstance(device_map, (int, torch.device)) or (
-                isinstance(device_map, str) and device_map not in ("auto", "balanced", "sequential")):
+                isinstance(device_map, str) and device_map not in _PLANNED):
             self.to(device_map)  # one device for everything: "cuda", "cuda:1", "cpu", 0
             return
-        if device_map in (None, "auto", "balanced", "sequential") or max_memory is not None:
+        if device_map is None or device_map in _PLANNED or max_memory is not None:
             no_split = getattr(self.base_model, "_no_split_modules", None) or []
             device_map = infer_auto_device_map(self, max_memory=max_memory, no_split_module_classes=no_split)
         on_disk = sorted(name for name, device in device_map.items() if device == "disk")

@@ -161,3 +161,10 @@ def test_frozen_head_gets_a_contiguous_input_and_unload_removes_the_hook():
     model.unload()
     assert len(base.lm_head._forward_pre_hooks) == 0
     probe.remove()
+
+
+def test_a_failed_wrap_leaves_no_hook_on_the_head():
+    base = tiny_llama()
+    with pytest.raises(ValueError):
+        get_peft_model(base, LoraConfig(r=2, target_modules=["no_such_module"]))
+    assert len(base.lm_head._forward_pre_hooks) == 0
