@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Optional
 
 from .checkpoint import atomic_file, atomic_write_text
@@ -311,4 +312,7 @@ def write_compare(result: dict, directory: str) -> None:
     """compare.json, compare.md and compare.png in ``directory``."""
     atomic_write_text(os.path.join(directory, "compare.json"), json.dumps(result, indent=2, default=str))
     atomic_write_text(os.path.join(directory, "compare.md"), compare_markdown(result))
-    write_compare_png(result, os.path.join(directory, "compare.png"))
+    try:
+        write_compare_png(result, os.path.join(directory, "compare.png"))
+    except ImportError as err:  # matplotlib missing: the measured tables are written, the chart is not
+        print(f"warning: no compare.png ({err})", file=sys.stderr)

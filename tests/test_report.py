@@ -102,3 +102,11 @@ def test_write_compare_writes_json_md_png(tmp_path):
     assert json.loads((tmp_path / "compare.json").read_text())["rows"][1]["variant"] == "lora"
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "compare.md").read_text().startswith("# PEFT vs full fine-tuning: tiny on sst2")
+
+
+def test_write_compare_without_matplotlib_keeps_the_tables_and_warns(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    report.write_compare(_result(), str(tmp_path))
+    assert (tmp_path / "compare.json").is_file() and (tmp_path / "compare.md").is_file()
+    assert not (tmp_path / "compare.png").exists()
+    assert "pip install" in capsys.readouterr().err

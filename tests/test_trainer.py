@@ -1,5 +1,6 @@
 """The training loop and evaluation of peftkit.train on tiny models: losses, schedule, determinism, resume, tasks."""
 import math
+import os
 
 import pytest
 import torch
@@ -167,7 +168,6 @@ def test_resume_after_interrupt_is_bit_identical(tmp_path, stop_at):
 def test_ctrl_c_during_the_optimizer_step_resumes_bit_identical(tmp_path):
     """A real SIGINT in the middle of step 3's update: held until the update, its counters and the RNG snapshot
     agree, so the saved checkpoint is step 3's and the resumed run equals an uninterrupted one."""
-    import os
     import signal
 
     whole = make_trainer(tmp_path / "whole", keep_best=False)
@@ -383,3 +383,14 @@ def test_predict_rows_without_labels():
     tagger = wrap_model(train_tiny.bert_tok(["O", "B"]), "lora", {"target_modules": ["query"]}, "token-cls").eval()
     tags = predict(tagger, tok, [{"text": "my order was late"}], DataConfig(task="token-cls"))
     assert len(tags[0]["prediction"]) == 4 and set(tags[0]["prediction"]) <= {"O", "B"}
+
+
+def test_checkpoint_saved_twice_at_one_step_and_a_half_written_step_is_skipped(tmp_path):
+    trainer = make_trainer(tmp_path, keep_best=False, max_steps=2, save_every=100)
+    trainer.train()
+    first = checkpoints.save(trainer)
+    again = checkpoints.save(trainer)  # the same step again (Ctrl-C right after a periodic save)
+    assert first == again == checkpoints.latest(str(tmp_path))
+    assert sorted(os.listdir(again)) == [checkpoints.STATE_FILE]  # no temp file left beside it
+    os.makedirs(os.path.join(os.path.dirname(again), "step-00000099"))  # a crash before its state file landed
+    assert checkpoints.latest(str(tmp_path)) == again

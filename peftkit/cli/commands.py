@@ -12,9 +12,7 @@ from typing import Any, Callable
 from .errors import CliError
 from .flags import check_method_flags, given_values, method_classes_from_registry
 from .runs import data_labels, holds_run, load_run_model, resolve_run, run_labels, write_rows
-
-
-JOB_FILE = "job.yaml"  # the resolved job, written into the output directory
+from ..train.job import JOB_FILE  # the run's job, recorded by run_job: the one record --resume reads
 
 
 @dataclass
@@ -127,14 +125,9 @@ def run_train(args: argparse.Namespace, flags: list) -> int:
     if holds_run(args.output_dir) and not (args.overwrite or args.resume):
         raise CliError(f"--output-dir {args.output_dir!r} already holds a run; pass --resume to continue it, "
                        "--overwrite to replace it, or choose another --output-dir")
-    from ..checkpoint import atomic_write_text
     from ..train import run_job
 
-    text = dump_yaml(job.to_dict())
-    if not args.overwrite:  # recorded up front so that an interrupted run resumes with its own job
-        atomic_write_text(os.path.join(args.output_dir, JOB_FILE), text)
     summary = run_job(job, args.output_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    atomic_write_text(os.path.join(args.output_dir, JOB_FILE), text)
     print(f"done: {os.path.join(args.output_dir, 'report.md')}" if isinstance(summary, dict) else "done")
     return 0
 

@@ -12,14 +12,13 @@ import random
 import re
 import shutil
 import signal
-import tempfile
 import threading
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write_text
+from ..checkpoint import atomic_file, atomic_write_text
 
 STATE_FILE = "state.pt"
 # TrainConfig fields a resumed run may change; any other change would make it a different run.
@@ -81,21 +80,11 @@ def save(trainer, rng: Optional[dict] = None) -> str:
         "config": trainer.config.to_dict(),
         "best": {k: t.cpu() for k, t in trainer.best_tensors.items()} if trainer.best_tensors is not None else None,
     }
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
-    try:
-        path = os.path.join(tmp, STATE_FILE)
-        torch.save(payload, path)
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
-        final = os.path.join(root, f"step-{trainer.state['global_step']:08d}")
-        if os.path.exists(final):  # the same step saved again (e.g. Ctrl-C right after a periodic save)
-            old = tempfile.mkdtemp(prefix=".old-", dir=root)
-            os.replace(final, os.path.join(old, "x"))
-            shutil.rmtree(old)
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+    # the state file is written atomically inside its step directory: a crash leaves the old file (the same step
+    # saved again, e.g. Ctrl-C right after a periodic save) or no file, which latest() skips
+    final = os.path.join(root, f"step-{trainer.state['global_step']:08d}")
+    os.makedirs(final, exist_ok=True)
+    atomic_file(os.path.join(final, STATE_FILE), lambda tmp: torch.save(payload, tmp))
     _prune(root, keep=os.path.basename(final))
     return final
 
