@@ -356,6 +356,22 @@ def test_load_and_unload(env):
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["base", "a", "b", "c"]
 
 
+def test_a_load_whose_probe_fails_leaves_nothing_behind(env, monkeypatch):
+    client, engine, root = env["client"], env["engine"], env["root"]
+    probe = engine._classify
+
+    def broken(name):
+        raise RuntimeError("probe failed")
+
+    monkeypatch.setattr(engine, "_classify", broken)
+    body = {"name": "d4", "path": str(root / "extra" / "d")}
+    assert "probe failed" in error_of(client.post("/v1/adapters/load", json=body), 400)["message"]
+    assert "d4" not in engine.peft.peft_config and "d4" not in engine.adapter_names()
+    monkeypatch.setattr(engine, "_classify", probe)
+    assert client.post("/v1/adapters/load", json=body).status_code == 200  # no "already exists" left over
+    assert client.delete("/v1/adapters/d4").status_code == 200
+
+
 def test_error_cases(env):
     client = env["client"]
     error = error_of(complete(client, "nope", "hello"), 404)

@@ -186,10 +186,11 @@ class Engine:
                     self.peft = PeftModel.from_pretrained(self.base, path, adapter_name=name)
                 else:
                     self.peft.load_adapter(path, name)
-            except (ValueError, OSError, KeyError, RuntimeError) as exc:
+                self.peft.eval()
+                self._classify(name)
+            except Exception as exc:  # a load or probe that fails leaves nothing half-loaded behind
+                self._drop(name)
                 raise ServeError(400, f"could not load adapter {name!r} from {path!r}: {exc}", param="path") from exc
-            self.peft.eval()
-            self._classify(name)
             self._refresh_names()
         return path
 
@@ -202,6 +203,17 @@ class Engine:
             self.peft.delete_adapter(name)
             self._solo.discard(name)
             self._refresh_names()
+
+    def _drop(self, name: str) -> None:
+        # forget an adapter that failed to load; the last one gone gives the plain base model back
+        if self.peft is None or name not in self.peft.peft_config:
+            return
+        if len(self.peft.peft_config) == 1:
+            self.peft.unload()
+            self.peft = None
+        else:
+            self.peft.delete_adapter(name)
+        self._solo.discard(name)
 
     def _adapter_path(self, name: str, path: Optional[str]) -> str:
         root = self.adapters_dir or os.getcwd()
