@@ -231,10 +231,41 @@ def shared_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
-    """A bool mask keeping each element with probability 1 - p' (p' = p rounded to 1/65536), and 1 / (1 - p').
+    """A mask keeping each element of ``x`` with probability 1 - p, and the inverted-dropout scale.
+
+    The mask is bool, or uint8 0/1 (a float tensor times a uint8 one is ~3x faster on CPU than times a
+    bool one). On CPU with p <= 0.2 it is drawn by Poisson splitting (``_scattered_drops``), which costs
+    O(p n) random numbers instead of O(n); otherwise by ``_lane_mask``.
+    """
+    if p <= 0.0:
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device), 1.0
+    if x.device.type == "cpu" and p <= _SCATTER_MAX_P:
+        return _scattered_drops(x, p), 1.0 / (1.0 - p)
+    return _lane_mask(x, p)
+
+
+_SCATTER_MAX_P = 0.2  # above this, k ~ n * -ln(1 - p) index draws cost more than _lane_mask's n / 4
+
+
+def _scattered_drops(x: torch.Tensor, p: float) -> torch.Tensor:
+    """uint8 keep-mask with i.i.d. Bernoulli(1 - p) entries, from O(p n) random numbers.
+
+    Poisson splitting: k ~ Poisson(n * lam) uniform positions put Poisson(lam) hits on each of the n elements,
+    independently; with lam = -ln(1 - p) an element is hit at least once (dropped) with probability exactly p.
+    """
+    n = x.numel()
+    lam = -torch.log1p(torch.tensor(-p, dtype=torch.float64))
+    k = int(torch.poisson(lam * n))
+    mask = torch.ones(n, dtype=torch.uint8, device=x.device)
+    mask[torch.randint(n, (k,), device=x.device)] = 0
+    return mask.view(x.shape)
+
+
+def _lane_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """Bool keep-mask with p rounded to 1/65536, and 1 / (1 - p').
 
     One 64-bit draw feeds four elements (16 random bits each): on CPU this is ~3x cheaper than
-    bernoulli_, which draws per element and dominated LoRA-with-dropout step time.
+    bernoulli_, which draws per element.
     """
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2 ** 63), None)
@@ -244,7 +275,7 @@ def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
 
 
 class _Dropout(torch.autograd.Function):
-    """Inverted dropout that saves a bool mask (1 byte per element) for backward."""
+    """Inverted dropout that saves its mask (1 byte per element) for backward."""
 
     @staticmethod
     def forward(ctx, x, p):
