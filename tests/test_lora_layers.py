@@ -174,3 +174,55 @@ def test_conv_and_embedding_deltas_equal_merged_weights():
     merged = model.merge_and_unload()
     assert type(merged.conv) is nn.Conv1d and type(merged.emb) is nn.Embedding
     torch.testing.assert_close(merged(ids), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["plain", "a transposed", "b transposed", "bias"])
+def test_kernel_gemm_equals_torch_matmul(form, monkeypatch):
+    """lora_kernels.linear (oneDNN for float32 on CPU) computes a @ b^T (+ bias) for every operand layout the
+    kernels pass it, and falls back to torch's matmul where oneDNN is off."""
+    from peftkit.methods import lora_kernels
+    if torch.backends.mkldnn.is_available():
+        assert lora_kernels._ONEDNN is not None  # the fast path is what these tests exercise
+    gen = torch.Generator().manual_seed(0)
+    a, b, bias = torch.randn(37, 24, generator=gen), torch.randn(19, 24, generator=gen), torch.randn(19, generator=gen)
+    if form == "a transposed":
+        a = a.t().contiguous().t()
+    if form == "b transposed":
+        b = b.t().contiguous().t()
+    want = a @ b.t() + (bias if form == "bias" else 0)
+    got = lora_kernels.linear(a, b, bias if form == "bias" else None)
+    torch.testing.assert_close(got, want)
+    monkeypatch.setattr(lora_kernels, "_ONEDNN", None)
+    torch.testing.assert_close(lora_kernels.linear(a, b, bias if form == "bias" else None), want)
+
+
+def test_kernel_gemm_handles_empty_and_low_precision_inputs():
+    from peftkit.methods.lora_kernels import linear
+    assert linear(torch.empty(0, 5), torch.randn(3, 5)).shape == (0, 3)
+    a, b = torch.randn(4, 6, dtype=torch.bfloat16), torch.randn(2, 6, dtype=torch.bfloat16)
+    out = linear(a, b)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, a @ b.t())
+
+
+def test_kernel_uses_onednn_under_autograd_only(monkeypatch):
+    """Training (grad enabled) runs the kernel's GEMMs through oneDNN; inference keeps torch's matmul, so a
+    B = 0 adapter leaves the base output bit-identical."""
+    from peftkit.methods import lora_kernels
+    calls = []
+
+    def counting(a, b, bias, *args):
+        calls.append(a.shape)
+        return (torch.addmm(bias, a, b.t()) if bias is not None else a @ b.t())
+
+    monkeypatch.setattr(lora_kernels, "_ONEDNN", counting)
+    base = Net(bias=True)
+    x = torch.randn(3, 4, 12)
+    with torch.no_grad():
+        want = base(x)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["proj"]))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=0.0, rtol=0.0)
+    assert calls == []
+    model(x.requires_grad_()).sum().backward()
+    assert len(calls) == 6  # forward: base and x A^T; backward: g B, A's grad, B's grad, g W

@@ -19,7 +19,7 @@ from ..inject import (DEFAULT_TARGETS, find_targets, is_linear_like, replace_mod
                       resolve_target_modules)
 from ..layers import AdapterLayer, MixedRows, adapter_dtype, current_rows, param_device, shared_dropout
 from . import lora_mixed
-from .lora_kernels import FusedDoraLinear, FusedLoraLinear, compute_factors
+from .lora_kernels import FusedDoraLinear, FusedLoraLinear, compute_factors, linear
 from .selective_scoring import AutoTargetMethod
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -166,13 +166,14 @@ class LoraLinear(LoraLayer):
         name = None if args or kwargs else self._fusable(x)
         if name is None:
             return super().forward(x, *args, **kwargs)
-        base = self.base_layer
+        base, fast = self.base_layer, torch.is_grad_enabled()  # oneDNN GEMMs for training (lora_kernels.linear)
         if name in self.lora_magnitude_vector:
             return FusedDoraLinear.apply(x, base.weight, base.bias, self.lora_A[name], self.lora_B[name],
-                                          self.lora_magnitude_vector[name], self.dora_norm(name), self.scaling[name])
+                                          self.lora_magnitude_vector[name], self.dora_norm(name), self.scaling[name],
+                                          fast)
         xd = self.dropped(name, x)
         return FusedLoraLinear.apply(x, None if xd is x else xd, base.weight, base.bias,
-                                      self.lora_A[name], self.lora_B[name], self.scaling[name])
+                                      self.lora_A[name], self.lora_B[name], self.scaling[name], fast)
 
     def _fusable(self, x: torch.Tensor) -> Optional[str]:
         # the fused kernel serves the common training case: one plain LoRA on a frozen, hook-free nn.Linear
@@ -216,12 +217,13 @@ class LoraLinear(LoraLayer):
     # --- DoRA, Liu et al. 2024, Eq. 5; the norm is a constant in backprop (Sec. 4.3) ----------
     def dora_norm(self, name: str) -> torch.Tensor:
         """Row norms of W + s B A, (out,), computed without forming the (out, in) matrix."""
+        fast = torch.is_grad_enabled()  # training: oneDNN for W A^T (lora_kernels.linear)
         with torch.no_grad():
             a = self.lora_A[name].float()
             b = self.lora_B[name].float()
             s = self.scaling[name]
             w = self.base_weight()
-            wa = (w @ a.t().to(w.dtype)).float()  # (out, r)
+            wa = linear(w, a.to(w.dtype), fast=fast).float()  # (out, r)
             aat = a @ a.t()  # (r, r)
             sq = self._row_sq() + 2 * s * (wa * b).sum(1) + s * s * ((b @ aat) * b).sum(1)
             return sq.clamp_min(0).sqrt()
