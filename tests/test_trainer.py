@@ -233,12 +233,19 @@ def _losses(model, tok, data, splits, tmp_path, lr=5e-2):
     return losses, trainer
 
 
+def _lowered(losses: list[float]) -> bool:
+    """Training lowered the loss: the mean over the last quarter of the logged steps is below the first
+    quarter's (single batches of these tiny runs are noisy; a dropout draw can lift one last batch)."""
+    k = max(1, len(losses) // 4)
+    return sum(losses[-k:]) / k < sum(losses[:k]) / k
+
+
 def test_sft_trains_and_reports_perplexity(tmp_path):
     rows = [{"text": f"please help {w}", "text_label": f"ok {w} thanks"} for w in ("order", "item", "refund", "shipping")] * 2
     data = DataConfig(task="sft", max_length=32)
     losses, trainer = _losses(lora_llama(), train_tiny.tokenizer(), data, {"train": rows, "validation": rows[:2],
                                                                           "test": rows[:2]}, tmp_path)
-    assert losses[-1] < losses[0]
+    assert _lowered(losses), losses
     result = evaluate(trainer.model, train_tiny.tokenizer(), rows[:2], data)
     assert result["perplexity"] > 1.0 and 0.0 <= result["exact_match"] <= 1.0
 
@@ -249,7 +256,7 @@ def test_seq2seq_trains(tmp_path):
     model = wrap_model(train_tiny.t5(), "lora", {"target_modules": ["q", "v"]}, "seq2seq")
     losses, trainer = _losses(model, train_tiny.tokenizer(), data, {"train": rows, "validation": rows[:4],
                                                                    "test": rows[:4]}, tmp_path)
-    assert losses[-1] < losses[0]
+    assert _lowered(losses), losses
     assert "exact_match" in evaluate(trainer.model, train_tiny.tokenizer(), rows[:4], data)
 
 
@@ -259,7 +266,7 @@ def test_seq_cls_trains_head_and_adapter(tmp_path):
     model = wrap_model(train_tiny.bert_cls(labels), "lora", {"target_modules": ["query", "value"]}, "seq-cls")
     assert any("classifier" in n for n, p in model.named_parameters() if p.requires_grad)
     losses, trainer = _losses(model, train_tiny.tokenizer(), data, SPLITS, tmp_path)
-    assert losses[-1] < losses[0]
+    assert _lowered(losses), losses
     result = evaluate(trainer.model, train_tiny.tokenizer(), SPLITS["test"], data)
     assert result["accuracy"] > 0.5
 
@@ -274,7 +281,7 @@ def test_token_cls_trains(tmp_path):
     model = wrap_model(train_tiny.bert_tok(tags), "lora", {"target_modules": ["query", "value"]}, "token-cls")
     losses, trainer = _losses(model, train_tiny.tokenizer(), data, {"train": rows, "validation": rows[:2],
                                                                    "test": rows[:2]}, tmp_path, lr=1e-1)
-    assert losses[-1] < losses[0]
+    assert _lowered(losses), losses
     result = evaluate(trainer.model, train_tiny.tokenizer(), rows[:2], data)
     assert result["token_accuracy"] == 1.0 and result["f1"] == 1.0
 
@@ -283,7 +290,7 @@ def test_full_fine_tuning_trains_every_parameter(tmp_path):
     model = wrap_model(train_tiny.llama(), "full", {}, "causal-label")
     assert all(p.requires_grad for p in model.parameters())
     losses, _ = _losses(model, train_tiny.tokenizer(), DATA, SPLITS, tmp_path, lr=1e-3)
-    assert losses[-1] < losses[0]
+    assert _lowered(losses), losses
 
 
 def test_config_errors_say_what_to_do():
