@@ -5,6 +5,11 @@ the median (and min) wall time of a training step and the peak memory of each va
 
     limit              every weight frozen; forward + backward to the input embeddings only. No weight
                        gradients and no optimizer: the floor that any adapter method pays.
+    limit-onednn       the limit with the seven target projections' matmuls run through the GEMM that
+                       peftkit's LoRA kernel uses (oneDNN for float32 on CPU; elsewhere torch's own, so
+                       the same as limit). torch's float32 CPU matmul is MKL's sgemm, which on AMD CPUs
+                       runs at under half of oneDNN's speed: this is the floor for peftkit's kernels, and
+                       peftkit-lora / limit-onednn is the adapter's own cost.
     peftkit-lora       LoRA r=16, alpha=32 on q, k, v, o, gate, up, down; dropout 0
     peft-lora          the same with Hugging Face PEFT
     peftkit-lora-drop  LoRA with lora_dropout=0.05 (likewise peft-lora-drop)
@@ -28,7 +33,9 @@ Run (from the repository root):
     python bench/train_step.py --gpu-preset           # TinyLlama-1.1B shape, CUDA, bfloat16, 8 x 1024
 
 It prints a markdown table and writes bench/results/train_step.json. Run it on a quiet machine: the
-timings are only as good as the machine is idle.
+timings are only as good as the machine is idle. Every child runs with the same glibc malloc thresholds
+(STEADY_MALLOC, below), so that page faults from memory returned to the OS between steps do not decide the
+ranking; --default-malloc keeps glibc's defaults.
 """
 from __future__ import annotations
 
@@ -46,7 +53,7 @@ from pathlib import Path
 import torch
 
 VARIANTS = (
-    "limit", "peftkit-lora", "peft-lora", "peftkit-lora-drop", "peft-lora-drop",
+    "limit", "limit-onednn", "peftkit-lora", "peft-lora", "peftkit-lora-drop", "peft-lora-drop",
     "peftkit-dora", "peft-dora", "full",
 )
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -82,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each child")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS, help="where the JSON results go")
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc thresholds at their defaults")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # set when the script re-invokes itself
     return resolve(p.parse_args(argv))
 
@@ -134,6 +142,8 @@ def apply_variant(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     """Freeze, unfreeze or wrap ``model`` with an adapter, as ``variant`` says."""
     if variant in ("limit", "full"):
         return model.requires_grad_(variant == "full")
+    if variant == "limit-onednn":
+        return frozen_targets_through_peftkit_gemm(model.requires_grad_(False))
     library, method = variant.split("-", 1)
     if library == "peft":
         from peft import LoraConfig, get_peft_model
@@ -142,6 +152,45 @@ def apply_variant(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     config = LoraConfig(**{**LORA, **LORA_EXTRA[method]}, target_modules=list(TARGETS), task_type="CAUSAL_LM")
     torch.manual_seed(1)  # same adapter-init stream for both libraries
     return get_peft_model(model, config)
+
+
+class FrozenLinear(torch.autograd.Function):
+    """y = x W^T + b and its input gradient g W, through peftkit's GEMM (lora_kernels.linear)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        from peftkit.methods.lora_kernels import linear
+
+        ctx.save_for_backward(weight)
+        ctx.x_shape = x.shape
+        return linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        from peftkit.methods.lora_kernels import linear
+
+        (weight,) = ctx.saved_tensors
+        return linear(g.reshape(-1, g.shape[-1]), weight.t()).view(ctx.x_shape), None, None
+
+
+class FrozenTarget(torch.nn.Module):
+    """A frozen target projection whose forward runs FrozenLinear."""
+
+    def __init__(self, base: torch.nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FrozenLinear.apply(x, self.base.weight, self.base.bias)
+
+
+def frozen_targets_through_peftkit_gemm(model: torch.nn.Module) -> torch.nn.Module:
+    """The frozen model with every TARGETS projection wrapped in FrozenTarget (the limit-onednn variant)."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in TARGETS and isinstance(child, torch.nn.Linear):
+                setattr(module, child_name, FrozenTarget(child))
+    return model
 
 
 def make_batch(args: argparse.Namespace) -> torch.Tensor:
@@ -162,7 +211,7 @@ def make_step(model: torch.nn.Module, variant: str, ids: torch.Tensor):
     def step() -> torch.Tensor:
         if opt is not None:
             opt.zero_grad(set_to_none=True)
-        if variant == "limit":
+        if variant.startswith("limit"):
             x = embed(ids).detach().requires_grad_(True)  # (batch, seq, hidden): the only gradient taken
             loss = model(inputs_embeds=x, labels=ids).loss
         else:
@@ -226,9 +275,20 @@ def schedule(variants: list[str], repeats: int) -> list[str]:
     return [v for r in range(repeats) for v in (variants if r % 2 == 0 else variants[::-1])]
 
 
+# glibc returns freed heap memory to the OS once more than M_TRIM_THRESHOLD sits free at its top, and serves
+# blocks above M_MMAP_THRESHOLD with fresh mmaps: in a training step, which frees and re-allocates hundreds of
+# MB of activations, that means page faults on memory just given back. How often depends on each variant's
+# allocation order, not on its arithmetic (measured, 135M shape: limit-onednn 98k faults per step, peftkit-lora
+# 229k, peftkit-lora-drop 112k; with these settings all three 98k, the rest being the >32 MB logits buffers).
+# Every variant's child gets the same settings; --default-malloc runs with glibc's defaults instead.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+
+
 def run_variant(args: argparse.Namespace, variant: str, make_argv=child_argv) -> dict:
     """Run one variant in a subprocess (command: ``make_argv``); its JSON result, or the error it ended with."""
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if not getattr(args, "default_malloc", False):
+        env.update(STEADY_MALLOC)
     proc = subprocess.run(make_argv(args, variant), capture_output=True, text=True, env=env)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
@@ -251,17 +311,19 @@ def summarise(variant: str, runs: list[dict]) -> dict:
 
 
 def markdown_table(rows: list[dict], device: str) -> str:
-    """variant | trainable params | median step s | ratio to limit | peak memory, one row per variant."""
+    """variant | trainable params | median step s | ratio to limit (and to limit-onednn) | peak memory."""
     memory = "peak CUDA alloc MB" if device == "cuda" else "peak RSS MB"
-    limit = next((r["median_s"] for r in rows if r["variant"] == "limit" and "error" not in r), None)
-    lines = [f"| variant | trainable params | median step s | ratio to limit | {memory} |",
-             "|---|---:|---:|---:|---:|"]
+    floors = {r["variant"]: r["median_s"] for r in rows if r["variant"].startswith("limit") and "error" not in r}
+    names = [name for name in ("limit", "limit-onednn") if name in floors]
+    header = " | ".join(f"ratio to {name}" for name in names)
+    lines = [f"| variant | trainable params | median step s | {header} | {memory} |",
+             "|---|---:|---:|" + "---:|" * len(names) + "---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | failed: {r['error']} | | | |")
+            lines.append(f"| {r['variant']} | failed: {r['error']} |" + " |" * (len(names) + 2))
             continue
-        ratio = f"{r['median_s'] / limit:.2f}" if limit else "n/a"
-        cells = (r["variant"], f"{r['trainable_params']:,}", f"{r['median_s']:.3f}", ratio, f"{r['peak_mb']:.0f}")
+        ratios = [f"{r['median_s'] / floors[name]:.3f}" for name in names]
+        cells = (r["variant"], f"{r['trainable_params']:,}", f"{r['median_s']:.3f}", *ratios, f"{r['peak_mb']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -290,7 +352,8 @@ def run_parent(args: argparse.Namespace) -> dict:
     rows = [summarise(v, runs[v]) for v in args.variants]
     keys = ("steps", "repeats", "batch", "seq", "device", "dtype", "threads", "seed", "shape")
     settings = dict({k: getattr(args, k) for k in keys}, warmup=WARMUP, lora=LORA, lora_variants=LORA_EXTRA,
-                    targets=TARGETS, lr=LR, order=order)
+                    targets=TARGETS, lr=LR, order=order,
+                    malloc_env="glibc defaults" if args.default_malloc else STEADY_MALLOC)
     return write_report(args, settings, rows, runs, markdown_table(rows, args.device))
 
 
