@@ -380,3 +380,27 @@ def test_serve_is_a_command_and_a_bad_model_is_one_line(tmp_path, capsys):
     assert code == 2 and "does not exist" in err and "Traceback" not in err
     code, out, err = run_cli(capsys, "serve", "--help")
     assert code == 0 and "--adapters" in out and "--max-concurrency" in out
+
+
+def test_command_line_keeps_freed_memory_for_reuse(monkeypatch):
+    """main() sets glibc's mmap and trim thresholds for its process (what the benchmark's STEADY_MALLOC does);
+    without glibc's mallopt it changes nothing and says so."""
+    import peftkit.cli as cli
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(cli.sys, "platform", "linux")
+    monkeypatch.setattr(cli.ctypes, "CDLL", lambda name: FakeLibc())
+    assert main(["--help"]) == 0
+    assert calls == [(-3, 32 * 2**20), (-1, 2**30)]
+
+    def no_libc(name):
+        raise OSError("no glibc here")
+
+    monkeypatch.setattr(cli.ctypes, "CDLL", no_libc)
+    assert cli.keep_freed_memory() is False
