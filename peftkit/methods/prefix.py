@@ -125,8 +125,11 @@ class PrefixMethod(Method):
         inputs[cache_name] = prefix_cache(model, module(), config, reference.shape[0])
         if is_encoder_decoder(model):
             return _run_seq2seq(model, inputs, count, generate)
-        if inputs.get("attention_mask") is None:
+        if generate and inputs.get("attention_mask") is None:
+            # generate would build a mask from the ids, and a pad id equal to the stand-ins' 0 would hide the prefixes
             inputs["attention_mask"] = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
+        # without a mask the model's causal mask already covers the cached prefixes; an all-ones mask would only
+        # send transformers down its slower padding-mask path (as PEFT, which also passes None on)
         prepend_columns(inputs, "attention_mask", 1, count)
         if inputs.get("position_ids") is not None:
             inputs["position_ids"] = inputs["position_ids"] + count  # the prefixes hold positions 0..count-1
