@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from typing import Callable, Optional
 
@@ -113,6 +114,26 @@ def atomic_file(path: str, write: Callable[[str], None]) -> str:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    return path
+
+
+def atomic_dir(path: str, write: Callable[[str], None]) -> str:
+    """Call ``write(tmp)`` on a fresh directory beside ``path``, then rename it to ``path`` (absent or empty).
+
+    A crash or an error inside ``write`` leaves no ``path`` and removes the partial directory.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.partial-", dir=parent)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+        if os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)  # an empty target is replaced (os.replace onto a directory is POSIX-only)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

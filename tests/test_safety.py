@@ -194,3 +194,24 @@ def test_saved_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
         os.umask(mask)
     for name in ("adapter_model.safetensors", "adapter_config.json", "note.txt"):
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644, name
+
+
+def test_atomic_dir_renames_a_finished_directory_and_leaves_nothing_on_a_crash(tmp_path):
+    from peftkit.checkpoint import atomic_dir
+
+    def write(directory):
+        with open(os.path.join(directory, "weights.bin"), "w") as fh:
+            fh.write("x")
+
+    (tmp_path / "empty").mkdir()
+    for target in (tmp_path / "out", tmp_path / "empty"):  # absent, or an empty directory
+        atomic_dir(str(target), write)
+        assert (target / "weights.bin").read_text() == "x"
+
+    def crash(directory):
+        write(directory)
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_dir(str(tmp_path / "crashed"), crash)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"]  # no crashed/, no partial directory

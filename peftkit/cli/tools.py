@@ -9,6 +9,7 @@ from .commands import Command, add_adapter_options, check_method_name, run_data,
 from .errors import CliError
 from .flags import check_method_flags, given_values, method_classes_from_registry
 from .runs import ADAPTER_CONFIG, load_run_model, resolve_run
+from ..checkpoint import atomic_dir
 from ..report import fmt_bytes
 
 LISTED = 20  # targeted modules listed by inspect before "... and N more"
@@ -43,10 +44,14 @@ def run_merge(args: argparse.Namespace, flags: list) -> int:
     from transformers.utils import logging as hf_logging
 
     merged = model.merge_and_unload()
+
+    def write(directory: str) -> None:
+        merged.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
     hf_logging.disable_progress_bar()  # "Writing model shards" bars are noise on the command line
     try:
-        merged.save_pretrained(args.output)
-        tokenizer.save_pretrained(args.output)
+        atomic_dir(args.output, write)  # a crash mid-save leaves no half-written --output
     finally:
         hf_logging.enable_progress_bar()
     print(f"merged {config.peft_type} adapter into the base model; saved to {args.output}")
