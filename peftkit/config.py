@@ -185,9 +185,13 @@ class TargetedConfig(PeftConfig):
                              f"count >= 1, got {budget!r}")
 
     def to_dict(self) -> dict:
-        """As PeftConfig.to_dict, minus unset auto_* fields (PEFT has none: it would warn about them)."""
+        """As PeftConfig.to_dict, with the auto_* fields only while target_modules is still "auto".
+
+        Resolved, the chosen names are the whole record: the adapter reloads without data, and PEFT (which has
+        no auto_* fields and warns about unknown ones) loads it silently.
+        """
         data = super().to_dict()
         for name in AUTO_DEFAULTS:
-            if data[name] is None:
+            if data[name] is None or data.get("target_modules") != "auto":
                 del data[name]
         return data
