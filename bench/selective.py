@@ -49,6 +49,9 @@ VARIANTS = {  # name: (family, settings)
     "selective-magnitude": ("selective", {"criterion": "magnitude", "granularity": "element"}),
     "selective-fisher-row": ("selective", {"criterion": "fisher", "granularity": "row"}),
     "selective-sensitivity-row": ("selective", {"criterion": "sensitivity", "granularity": "row"}),
+    # bias="all": every bias (LayerNorms' too) trains as well, and the sparse budget shrinks by their count
+    "selective-sensitivity-bias": ("selective", {"criterion": "sensitivity", "granularity": "element", "bias": "all"}),
+    "selective-sensitivity-row-bias": ("selective", {"criterion": "sensitivity", "granularity": "row", "bias": "all"}),
 }
 
 
@@ -114,14 +117,19 @@ def build(name: str, calibration: list[dict], target_count: int):
 
 
 def build_selective(model, settings: dict, calibration: list[dict], target_count: int):
-    """Selective at ``target_count`` values: a global element budget, or per-module rows (equal share per module)."""
+    """Selective at ``target_count`` values: a global element budget, or per-module rows (equal share per module);
+    with bias="all" the biases count against the budget."""
     from peftkit import SelectiveConfig, get_peft_model
 
     scored = sum(m.weight.numel() for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and not n.startswith("classifier"))
+    bias = settings.get("bias", "none")
+    biases = sum(p.numel() for n, p in model.named_parameters()
+                 if n.endswith("bias") and not n.startswith("classifier")) if bias == "all" else 0
     ranking = "global" if settings["granularity"] == "element" else "per_module"
-    config = SelectiveConfig(task_type="SEQ_CLS", criterion=settings["criterion"], budget=target_count / scored,
-                             granularity=settings["granularity"], ranking=ranking)
+    config = SelectiveConfig(task_type="SEQ_CLS", criterion=settings["criterion"],
+                             budget=(target_count - biases) / scored, granularity=settings["granularity"],
+                             ranking=ranking, bias=bias)
     data = None if settings["criterion"] == "magnitude" else calibration
     return get_peft_model(model, config, calibration_batches=data)
 

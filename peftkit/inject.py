@@ -230,3 +230,16 @@ def unwrap(model: nn.Module, name: str, merge: bool) -> None:
 def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     """Every wrapper in the model with its name."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
+def every_bias(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """PEFT's bias="all": every state-dict entry named "bias" (LayerNorms and a trained head's original and copy
+    included), minus those inside another adapter's trained copy of a head; by path."""
+    return {name: tensor for name, tensor in model.state_dict(keep_vars=True).items()
+            if name.rsplit(".", 1)[-1] == "bias" and not _in_other_copy(name, adapter_name)}
+
+
+def _in_other_copy(name: str, adapter_name: str) -> bool:
+    # inside another adapter's trained copy of a head: "classifier.modules_to_save.<other>.bias"
+    parts = name.split(".")
+    return any(p == "modules_to_save" and parts[i + 1] != adapter_name for i, p in enumerate(parts[:-1]))

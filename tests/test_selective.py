@@ -204,6 +204,7 @@ def test_two_selective_adapters_on_one_model(ids, tmp_path):
     ({"budget": 0.1, "threshold": 0.5}, "not both"),
     ({"criterion": "hessian"}, "criterion must be one of"),
     ({"granularity": "module", "ranking": "per_module"}, "use ranking='global'"),
+    ({"bias": "lora_only"}, "bias must be one of"),
 ])
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -347,3 +348,38 @@ def test_corrupt_indices_are_refused_and_base_left_intact(bad, tmp_path):
         PeftModel.from_pretrained(base, tmp_path)
     assert not any(isinstance(m, SelectiveLayer) for m in base.modules())
     assert all(torch.equal(p, original[n]) for n, p in base.named_parameters())
+
+
+def test_bias_all_trains_every_bias_beside_the_selection_and_reloads(tmp_path):
+    """bias="all" (BitFit's parameters next to the sparse deltas): every bias, LayerNorms' included, trains and
+    is saved; a fresh base with the adapter loaded gives the same logits."""
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def classifier():
+        torch.manual_seed(0)
+        return BertForSequenceClassification(BertConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=16, num_labels=2)).eval()
+
+    gen = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(1, 64, (4, 6), generator=gen), "labels": torch.tensor([0, 1, 1, 0])}
+    model = get_peft_model(classifier(), SelectiveConfig(task_type="SEQ_CLS", budget=0.02, bias="all"),
+                           calibration_batches=[batch])
+    biases = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")}
+    assert any("LayerNorm.bias" in n for n in biases) and any("attention.self.query.base_layer.bias" in n
+                                                             or "attention.self.query.bias" in n for n in biases)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in biases}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()(**batch).loss.backward()
+    opt.step()
+    # every bias moved, except the head's original, which the trained copy stands in for (PEFT's rule keeps both)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters()
+               if n in biases and "classifier.base_layer" not in n)
+    model.eval()
+    expected = model(input_ids=batch["input_ids"]).logits
+    model.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert sum(k.endswith("LayerNorm.bias") for k in saved) == 5  # embeddings + 2 per layer
+    loaded = PeftModel.from_pretrained(classifier(), tmp_path)
+    assert torch.equal(loaded(input_ids=batch["input_ids"]).logits, expected)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TargetedConfig, register
-from ..inject import (DEFAULT_TARGETS, find_targets, is_linear_like, replace_modules,
+from ..inject import (DEFAULT_TARGETS, every_bias, find_targets, is_linear_like, replace_modules,
                       resolve_target_modules)
 from ..layers import AdapterLayer, MixedRows, adapter_dtype, current_rows, param_device, shared_dropout
 from . import lora_mixed
@@ -374,9 +374,7 @@ class LoraMethod(AutoTargetMethod):  # target_modules="auto": see selective_scor
         if config.bias == "none":
             return {}
         if config.bias == "all":
-            # PEFT's rule: every state-dict entry named "bias", a trained head's original and copy included
-            return {name: tensor for name, tensor in model.state_dict(keep_vars=True).items()
-                    if name.rsplit(".", 1)[-1] == "bias" and not _in_other_copy(name, adapter_name)}
+            return every_bias(model, adapter_name)
         out = {}
         for mod_name, module in model.named_modules():
             if isinstance(module, LoraLayer) and adapter_name in module.scaling:
@@ -384,12 +382,6 @@ class LoraMethod(AutoTargetMethod):  # target_modules="auto": see selective_scor
                 if isinstance(bias, nn.Parameter):
                     out[f"{mod_name}.base_layer.bias"] = bias
         return out
-
-
-def _in_other_copy(name: str, adapter_name: str) -> bool:
-    # inside another adapter's trained copy of a head: "classifier.modules_to_save.<other>.bias"
-    parts = name.split(".")
-    return any(p == "modules_to_save" and parts[i + 1] != adapter_name for i, p in enumerate(parts[:-1]))
 
 
 def _make_layer(module: nn.Module, name: str) -> LoraLayer:

@@ -24,13 +24,14 @@ from torch import nn
 
 from ..checkpoint import disk_key
 from ..config import TargetSpec, TargetedConfig, register
-from ..inject import Method, adapter_layers, find_targets, replace_modules, resolve_target_modules
+from ..inject import Method, adapter_layers, every_bias, find_targets, replace_modules, resolve_target_modules
 from ..layers import AdapterLayer, adapter_dtype, param_device
 from .selective_codec import SAVE_DTYPES, pack, unpack
 from .selective_report import write_selection_report
 from .selective_scoring import CRITERIA, LossFn, score_weights, select, unit_scores
 
 RANKINGS = ("global", "per_module")
+BIAS_MODES = ("none", "all")
 GRANULARITIES = ("element", "row", "module")
 DEFAULT_BUDGET = 0.01
 
@@ -48,6 +49,7 @@ class SelectiveConfig(TargetedConfig):
     num_batches: Optional[int] = None  # calibration batches used for scoring; None: all given
     selected_counts: Optional[dict[str, int]] = None  # trainable values per module path, set at selection
     save_dtype: Optional[str] = None  # values written as "float16" / "bfloat16" (lossy, smaller); None: exact
+    bias: str = "none"  # "all": every bias (LayerNorms' too) also trains in full and is saved, as LoRA's bias="all"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,6 +76,7 @@ class SelectiveConfig(TargetedConfig):
             raise ValueError(f"save_dtype must be None (exact) or one of {sorted(SAVE_DTYPES)}, got {self.save_dtype!r}")
         if self.selected_counts is not None:
             self.selected_counts = {str(k): int(v) for k, v in self.selected_counts.items()}
+        self._check_choice("bias", BIAS_MODES)
 
     def _check_choice(self, name: str, allowed: tuple) -> None:
         if getattr(self, name) not in allowed:
@@ -260,6 +263,9 @@ class SelectiveMethod(Method):
         finally:
             config.__dict__.pop("_selection", None)  # indices live in the layers now, not in the config
 
+    def extra_tensors(self, model: nn.Module, config: SelectiveConfig, adapter_name: str) -> dict[str, torch.Tensor]:
+        """With bias="all", every bias trains and is saved beside the sparse deltas (BitFit's parameters)."""
+        return every_bias(model, adapter_name) if config.bias == "all" else {}
 
     def check_loaded(self, model: nn.Module, adapter_name: str, directory: str) -> None:
         """Loaded indices must be strictly increasing and inside the weight (rows or entries)."""
