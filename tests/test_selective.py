@@ -383,3 +383,45 @@ def test_bias_all_trains_every_bias_beside_the_selection_and_reloads(tmp_path):
     assert sum(k.endswith("LayerNorm.bias") for k in saved) == 5  # embeddings + 2 per layer
     loaded = PeftModel.from_pretrained(classifier(), tmp_path)
     assert torch.equal(loaded(input_ids=batch["input_ids"]).logits, expected)
+
+
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_fused_element_path_matches_the_plain_path(bias):
+    """Training an element selection runs base + delta as one GEMM (a copy of W with the values added); the
+    output, the input gradient and every trained gradient equal the plain path's (base GEMM + delta GEMM)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    gen = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(1, 64, (3, 5), generator=gen), "labels": torch.tensor([0, 1, 1])}
+    model = get_peft_model(base, SelectiveConfig(task_type="SEQ_CLS", budget=0.1, bias=bias),
+                           calibration_batches=[batch])
+    layers = [m for m in model.modules() if isinstance(m, SelectiveLayer)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.selective_values["default"].normal_(std=0.1, generator=gen)
+
+    def run():
+        model.zero_grad()
+        embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+        out = model(inputs_embeds=embeds, labels=batch["labels"])
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        return out.logits.detach(), embeds.grad, grads
+
+    x = torch.zeros(1, 32)
+    assert all(layer._fusable(x) == "default" for layer in layers)
+    fused = run()
+    for layer in layers:
+        layer.base_layer.register_forward_hook(lambda mod, inp, out: None)  # a hook sends it down the plain path
+        assert layer._fusable(x) is None
+    plain = run()
+    torch.testing.assert_close(fused[0], plain[0])
+    torch.testing.assert_close(fused[1], plain[1])
+    assert fused[2].keys() == plain[2].keys() and any(".selective_values." in n for n in fused[2])
+    assert (bias == "all") == any(n.endswith("intermediate.dense.base_layer.bias") for n in fused[2])
+    for name in fused[2]:
+        torch.testing.assert_close(fused[2][name], plain[2][name], msg=name)

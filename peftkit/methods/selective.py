@@ -25,7 +25,8 @@ from torch import nn
 from ..checkpoint import disk_key
 from ..config import TargetSpec, TargetedConfig, register
 from ..inject import Method, adapter_layers, every_bias, find_targets, replace_modules, resolve_target_modules
-from ..layers import AdapterLayer, adapter_dtype, param_device
+from ..layers import AdapterLayer, adapter_dtype, current_rows, param_device
+from .lora_kernels import linear
 from .selective_codec import SAVE_DTYPES, pack, unpack
 from .selective_report import write_selection_report
 from .selective_scoring import CRITERIA, LossFn, score_weights, select, unit_scores
@@ -120,6 +121,28 @@ class SelectiveLayer(AdapterLayer):
             return values.new_zeros(shape).index_copy(0, self.selective_indices[name], values.view(-1, shape[1]))
         return _scatter(values, self.selective_indices[name], shape)
 
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = None if args or kwargs else self._fusable(x)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        return _FusedScatteredLinear.apply(x, base.weight, base.bias, self.selective_values[name],
+                                           self.selective_indices[name])
+
+    def _fusable(self, x: torch.Tensor) -> Optional[str]:
+        # training one element-granular adapter on a frozen float32 nn.Linear: base + delta in one GEMM. float32
+        # only: W + delta rounded to bf16 would lose small deltas the two separate products keep
+        if self.disabled or len(self.active_adapters) != 1 or self.merged_adapters or current_rows() is not None:
+            return None
+        name, base = self.active_adapters[0], self.base_layer
+        if (self.granularity[name] != "element" or not torch.is_grad_enabled() or type(base) is not nn.Linear
+                or base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")
+                or base.weight.requires_grad or x.dtype != torch.float32 or base.weight.dtype != torch.float32
+                or self.selective_values[name].dtype != torch.float32
+                or torch.is_autocast_enabled(x.device.type)):
+            return None
+        return name
+
     def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         values = self.selective_values[name]
         x = x.to(values.dtype)
@@ -212,6 +235,41 @@ class _ScatteredLinear(torch.autograd.Function):
             outer = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # (out, in), transient
             grad_values = outer.view(-1)[index]  # (k,)
         return grad_x, grad_values, None, None
+
+
+class _FusedScatteredLinear(torch.autograd.Function):
+    """y = x (W + delta)^T + b for a frozen float32 W, delta zero but ``values`` at flat ``index``.
+
+    The plain path runs the base GEMM and a second, dense GEMM for the delta, and three in backward (g W, g delta,
+    g^T x). Here W + delta is built transiently (a copy of W: a memory pass, not a GEMM), so forward is one GEMM
+    and backward two; nothing (out, in) is saved for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, index):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        y = linear(x2, _with_delta(weight, values, index), bias)  # (N, out)
+        ctx.save_for_backward(x2, weight, values, index)
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x2, weight, values, index = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = linear(g2, _with_delta(weight, values, index).t()).view(ctx.x_shape)  # (..., in)
+        if ctx.needs_input_grad[3]:
+            grad_values = linear(g2.t(), x2.t()).view(-1)[index]  # selected entries of g^T x, (k,)
+        grad_bias = g2.sum(0) if ctx.needs_input_grad[2] else None  # bias="all" trains it
+        return grad_x, None, grad_bias, grad_values, None
+
+
+def _with_delta(weight: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    # a copy of W with the values added at their flat entries, (out, in)
+    return weight.detach().clone().view(-1).index_add_(0, index, values.detach()).view(weight.shape)
 
 
 def _scored_weight(model: nn.Module, name: str) -> nn.Parameter:
