@@ -52,6 +52,8 @@ VARIANTS = {  # name: (family, settings)
     # bias="all": every bias (LayerNorms' too) trains as well, and the sparse budget shrinks by their count
     "selective-sensitivity-bias": ("selective", {"criterion": "sensitivity", "granularity": "element", "bias": "all"}),
     "selective-sensitivity-row-bias": ("selective", {"criterion": "sensitivity", "granularity": "row", "bias": "all"}),
+    # progressive refinement: after the first epoch, re-score the adapted model and re-select at the same budget
+    "selective-sensitivity-row-refine": ("selective", {"criterion": "sensitivity", "granularity": "row", "refine": True}),
 }
 
 
@@ -134,8 +136,9 @@ def build_selective(model, settings: dict, calibration: list[dict], target_count
     return get_peft_model(model, config, calibration_batches=data)
 
 
-def train(model, train_batches: list[dict], lr: float) -> float:
-    """AdamW, linear decay to zero; seconds taken."""
+def train(model, train_batches: list[dict], lr: float, refine_batches=None) -> float:
+    """AdamW, linear decay to zero; seconds taken. With ``refine_batches``, the selection is re-made on them
+    (selective_refine.refine, same budget, Adam state of kept entries carried over) after each epoch but the last."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps = EPOCHS * len(train_batches)
@@ -148,6 +151,10 @@ def train(model, train_batches: list[dict], lr: float) -> float:
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+        if refine_batches is not None and epoch < EPOCHS - 1:
+            from peftkit.methods.selective_refine import refine
+
+            refine(model, refine_batches, model.peft_config["default"].budget, optimizer=opt)
     sync()
     return time.perf_counter() - start
 
@@ -215,7 +222,8 @@ def run_variant(name: str, lr=None) -> dict:
     model, score_s = build(name, [to_device(b) for b in train_batches[:CALIB_BATCHES]], target)
     model.to(device())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    train_s = train(model, train_batches, lr)
+    refine_batches = [to_device(b) for b in train_batches[:CALIB_BATCHES]] if settings.get("refine") else None
+    train_s = train(model, train_batches, lr, refine_batches)
     result = {"variant": name, "lr": lr, "trainable": trainable, "lora_count": target, "score_s": round(score_s, 1),
               "train_s": round(train_s, 1), "accuracy": round(accuracy(model, test_batches), 2),
               "checkpoint_bytes": checkpoint_bytes(model, family), "device": str(device())}
