@@ -201,6 +201,21 @@ class ModulesToSaveWrapper(AdapterLayer):
         return self.base_layer
 
 
+# --- when a fused training kernel may stand in for the layer's plain path ---------------------------------------
+def sole_active_adapter(layer: AdapterLayer) -> Optional[str]:
+    """The one active, unmerged adapter of ``layer`` outside a mixed batch, else None."""
+    if layer.disabled or len(layer.active_adapters) != 1 or layer.merged_adapters or current_rows() is not None:
+        return None
+    return layer.active_adapters[0]
+
+
+def plain_frozen_linear(base: nn.Module, x: torch.Tensor) -> bool:
+    """True for a frozen, hook-free nn.Linear of ``x``'s dtype outside autocast: what the fused kernels compute."""
+    return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
+            and not hasattr(base, "_hf_hook") and not base.weight.requires_grad and x.dtype == base.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type))
+
+
 # --- dropout shared by layers that read the same input (q/k/v, gate/up) -------------------------
 _shared = threading.local()
 

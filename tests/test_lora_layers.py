@@ -176,7 +176,7 @@ def test_conv_and_embedding_deltas_equal_merged_weights():
     torch.testing.assert_close(merged(ids), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("form", ["plain", "a transposed", "b transposed", "bias"])
+@pytest.mark.parametrize("form", ["plain", "a transposed", "b transposed", "both transposed", "bias"])
 def test_kernel_gemm_equals_torch_matmul(form, monkeypatch):
     """lora_kernels.linear (oneDNN for float32 on CPU) computes a @ b^T (+ bias) for every operand layout the
     kernels pass it, and falls back to torch's matmul where oneDNN is off."""
@@ -185,9 +185,9 @@ def test_kernel_gemm_equals_torch_matmul(form, monkeypatch):
         assert lora_kernels._ONEDNN is not None  # the fast path is what these tests exercise
     gen = torch.Generator().manual_seed(0)
     a, b, bias = torch.randn(37, 24, generator=gen), torch.randn(19, 24, generator=gen), torch.randn(19, generator=gen)
-    if form == "a transposed":
+    if form in ("a transposed", "both transposed"):
         a = a.t().contiguous().t()
-    if form == "b transposed":
+    if form in ("b transposed", "both transposed"):
         b = b.t().contiguous().t()
     want = a @ b.t() + (bias if form == "bias" else 0)
     got = lora_kernels.linear(a, b, bias if form == "bias" else None)
@@ -226,3 +226,30 @@ def test_kernel_uses_onednn_under_autograd_only(monkeypatch):
     assert calls == []
     model(x.requires_grad_()).sum().backward()
     assert len(calls) == 6  # forward: base and x A^T; backward: g B, A's grad, B's grad, g W
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_fused_kernels_support_double_backward(dora):
+    """create_graph=True (gradient penalties, Hessian-vector products): the fused kernels' backward runs torch's
+    differentiable matmuls then, and second derivatives equal the plain autograd path's."""
+    torch.manual_seed(0)
+    model = get_peft_model(Net(bias=True), LoraConfig(r=3, target_modules=["proj"], use_dora=dora,
+                                                      init_lora_weights=False))
+    layer = model.base_model.proj
+    x = torch.randn(2, 5, 12)
+
+    def second_order():
+        a, b = layer.lora_A["default"], layer.lora_B["default"]
+        loss = (model(x) ** 2).sum()
+        (ga,) = torch.autograd.grad(loss, a, create_graph=True)
+        (gb,) = torch.autograd.grad(ga.pow(2).sum(), b)
+        return ga.detach(), gb
+
+    assert layer._fusable(x) == "default"
+    fused = second_order()
+    layer.base_layer.register_forward_hook(lambda mod, inp, out: None)
+    plain = second_order()
+    assert plain[1].abs().max() > 0
+    # the forward ran oneDNN, the plain path MKL: float32 rounding, amplified by the squares (values ~1e2)
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused[1], plain[1], rtol=1e-4, atol=1e-4)

@@ -17,7 +17,8 @@ from torch import nn
 from ..config import TargetedConfig, register
 from ..inject import (DEFAULT_TARGETS, every_bias, find_targets, is_linear_like, replace_modules,
                       resolve_target_modules)
-from ..layers import AdapterLayer, MixedRows, adapter_dtype, current_rows, param_device, shared_dropout
+from ..layers import (AdapterLayer, MixedRows, adapter_dtype, param_device, plain_frozen_linear, shared_dropout,
+                      sole_active_adapter)
 from . import lora_mixed
 from .lora_kernels import FusedDoraLinear, FusedLoraLinear, compute_factors, linear
 from .selective_scoring import AutoTargetMethod
@@ -166,26 +167,23 @@ class LoraLinear(LoraLayer):
         name = None if args or kwargs else self._fusable(x)
         if name is None:
             return super().forward(x, *args, **kwargs)
-        base, fast = self.base_layer, torch.is_grad_enabled()  # oneDNN GEMMs for training (lora_kernels.linear)
+        base, a, b = self.base_layer, self.lora_A[name], self.lora_B[name]
+        fast = torch.is_grad_enabled()  # oneDNN GEMMs under grad mode (lora_kernels.linear); no_grad: torch's own
         if name in self.lora_magnitude_vector:
             return FusedDoraLinear.apply(x, base.weight, base.bias, self.lora_A[name], self.lora_B[name],
                                           self.lora_magnitude_vector[name], self.dora_norm(name), self.scaling[name],
                                           fast)
         xd = self.dropped(name, x)
-        return FusedLoraLinear.apply(x, None if xd is x else xd, base.weight, base.bias,
-                                      self.lora_A[name], self.lora_B[name], self.scaling[name], fast)
+        return FusedLoraLinear.apply(x, None if xd is x else xd, base.weight, base.bias, a, b, self.scaling[name], fast)
 
     def _fusable(self, x: torch.Tensor) -> Optional[str]:
-        # the fused kernel serves the common training case: one plain LoRA on a frozen, hook-free nn.Linear
-        if self.disabled or len(self.active_adapters) != 1 or self.merged_adapters or current_rows() is not None:
+        # the fused kernel serves the common training case: one plain LoRA on a frozen, hook-free nn.Linear (autocast
+        # casts per op, which the plain path's ops let it do)
+        name = sole_active_adapter(self)
+        if name is None or not plain_frozen_linear(self.base_layer, x):
             return None
-        if torch.is_autocast_enabled(x.device.type):  # autocast casts per op; the plain path's ops let it
-            return None
-        name, base = self.active_adapters[0], self.base_layer
-        if (type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")
-                or base.weight.requires_grad or (name in self.lora_magnitude_vector and self.dropout[name] > 0
-                                                 and self.training)
-                or x.dtype != base.weight.dtype or self.lora_A[name].dtype not in (x.dtype, torch.float32)):
+        if (name in self.lora_magnitude_vector and self.dropout[name] > 0 and self.training
+                or self.lora_A[name].dtype not in (x.dtype, torch.float32)):
             return None
         return name
 
@@ -217,7 +215,7 @@ class LoraLinear(LoraLayer):
     # --- DoRA, Liu et al. 2024, Eq. 5; the norm is a constant in backprop (Sec. 4.3) ----------
     def dora_norm(self, name: str) -> torch.Tensor:
         """Row norms of W + s B A, (out,), computed without forming the (out, in) matrix."""
-        fast = torch.is_grad_enabled()  # training: oneDNN for W A^T (lora_kernels.linear)
+        fast = torch.is_grad_enabled()  # under grad mode: oneDNN for W A^T (lora_kernels.linear)
         with torch.no_grad():
             a = self.lora_A[name].float()
             b = self.lora_B[name].float()

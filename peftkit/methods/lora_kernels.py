@@ -33,12 +33,16 @@ _ONEDNN = _onednn_linear_op()
 def linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, fast: bool = True) -> torch.Tensor:
     """a @ b^T (+ bias) for 2-D a (N, k) and b (m, k), either of them possibly a transposed view.
 
-    With ``fast``, float32 on CPU runs through oneDNN: torch's own fp32 matmul calls MKL's sgemm, which on
-    AMD CPUs runs at under half of oneDNN's speed (measured on an EPYC: 576x576 weight, 512 rows, 1.56 ms vs
-    0.70 ms). The kernels pass fast=False outside autograd, so that inference rounds exactly as the base
-    model's own nn.Linear does (B = 0 changes no bit of the output).
+    With ``fast``, float32 on CPU runs through oneDNN (unless torch.backends.mkldnn.enabled is False): torch's
+    own fp32 matmul calls MKL's sgemm, which on AMD CPUs runs at under half of oneDNN's speed (measured on an
+    EPYC: 576x576 weight, 512 rows, 1.56 ms vs 0.70 ms). The kernels pass fast=False with grad mode off
+    (torch.no_grad, inference_mode), so inference there rounds exactly as the base model's own nn.Linear
+    does (B = 0 changes no bit of the output); a forward with grad mode on takes oneDNN whatever requires
+    grad, so one model's outputs depend on grad mode only. Also fast=False inside a backward that builds a
+    graph (create_graph=True): oneDNN's op has no derivative, torch's matmul has.
     """
-    if fast and _ONEDNN is not None and a.dtype == torch.float32 and a.device.type == "cpu" and a.numel() and b.numel():
+    if (fast and _ONEDNN is not None and a.dtype == torch.float32 and a.device.type == "cpu" and a.numel()
+            and b.numel() and torch.backends.mkldnn.enabled):
         return _ONEDNN(a, b, bias, "none", [], "")
     return torch.addmm(bias, a, b.t()) if bias is not None else a @ b.t()
 
@@ -80,13 +84,14 @@ class FusedLoraLinear(torch.autograd.Function):
     def backward(ctx, g):
         xd2, weight, a, b, h = ctx.saved_tensors
         need_x, need_xd, _, need_bias, need_a, need_b, _, _ = ctx.needs_input_grad
+        fast = not torch.is_grad_enabled()  # grad mode is on here only under create_graph=True
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
-        gh = linear(g2, b.t()).mul_(ctx.s)  # (N, r)
-        ga = linear(gh.t(), xd2.t()) if need_a else None  # (r, in)
-        gb = linear(h.t(), g2.t()).t().mul_(ctx.s) if need_b else None  # (out, r), from (h^T g): oneDNN's fast form
+        gh = linear(g2, b.t(), fast=fast).mul_(ctx.s)  # (N, r)
+        ga = linear(gh.t(), xd2.t(), fast=fast) if need_a else None  # (r, in)
+        gb = linear(h.t(), g2.t(), fast=fast).t().mul_(ctx.s) if need_b else None  # (out, r), from h^T g: oneDNN's fast form
         gx = gxd = None
         if need_x:
-            gx = linear(g2, weight.t())  # (N, in)
+            gx = linear(g2, weight.t(), fast=fast)  # (N, in)
             if not ctx.dropped:
                 gx.addmm_(gh, a)
             gx = gx.view(ctx.x_shape)
@@ -123,12 +128,13 @@ class FusedDoraLinear(torch.autograd.Function):
     def backward(ctx, g):
         x2, weight, a, b, h, t, scale, norm = ctx.saved_tensors
         need_x, _, need_bias, need_a, need_b, need_m, _, _, _ = ctx.needs_input_grad
+        fast = not torch.is_grad_enabled()  # grad mode is on here only under create_graph=True
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         gs = g2 * scale  # dL/dt, (N, out)
-        gh = linear(gs, b.t()).mul_(ctx.s)  # (N, r)
-        ga = linear(gh.t(), x2.t()).to(ctx.ab_dtype) if need_a else None  # (r, in)
-        gb = linear(h.t(), gs.t()).t().mul_(ctx.s).to(ctx.ab_dtype) if need_b else None  # (out, r)
-        gx = linear(gs, weight.t()).addmm_(gh, a).view(ctx.x_shape) if need_x else None
+        gh = linear(gs, b.t(), fast=fast).mul_(ctx.s)  # (N, r)
+        ga = linear(gh.t(), x2.t(), fast=fast).to(ctx.ab_dtype) if need_a else None  # (r, in)
+        gb = linear(h.t(), gs.t(), fast=fast).t().mul_(ctx.s).to(ctx.ab_dtype) if need_b else None  # (out, r)
+        gx = linear(gs, weight.t(), fast=fast).addmm_(gh, a).view(ctx.x_shape) if need_x else None
         gm = torch.sum(g2 * t, 0, dtype=torch.float32) / norm if need_m else None  # dy/dm = t / n, (out,)
         gbias = g2.sum(0) if need_bias else None
         return gx, None, gbias, ga, gb, gm, None, None, None

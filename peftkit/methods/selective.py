@@ -25,7 +25,7 @@ from torch import nn
 from ..checkpoint import disk_key
 from ..config import TargetSpec, TargetedConfig, register
 from ..inject import Method, adapter_layers, every_bias, find_targets, replace_modules, resolve_target_modules
-from ..layers import AdapterLayer, adapter_dtype, current_rows, param_device
+from ..layers import AdapterLayer, adapter_dtype, param_device, plain_frozen_linear, sole_active_adapter
 from .lora_kernels import linear
 from .selective_codec import SAVE_DTYPES, pack, unpack
 from .selective_report import write_selection_report
@@ -130,16 +130,13 @@ class SelectiveLayer(AdapterLayer):
                                            self.selective_indices[name])
 
     def _fusable(self, x: torch.Tensor) -> Optional[str]:
-        # training one element-granular adapter on a frozen float32 nn.Linear: base + delta in one GEMM. float32
-        # only: W + delta rounded to bf16 would lose small deltas the two separate products keep
-        if self.disabled or len(self.active_adapters) != 1 or self.merged_adapters or current_rows() is not None:
-            return None
-        name, base = self.active_adapters[0], self.base_layer
-        if (self.granularity[name] != "element" or not torch.is_grad_enabled() or type(base) is not nn.Linear
-                or base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")
-                or base.weight.requires_grad or x.dtype != torch.float32 or base.weight.dtype != torch.float32
-                or self.selective_values[name].dtype != torch.float32
-                or torch.is_autocast_enabled(x.device.type)):
+        # training one element-granular adapter on a frozen float32 nn.Linear on the CPU: base + delta in one GEMM.
+        # Full float32 GEMMs only: W + delta rounded to bf16, or to TF32 on a GPU (or with a float32 matmul precision
+        # below "highest"), would lose small deltas that the two separate products keep
+        name = sole_active_adapter(self)
+        if (name is None or self.granularity[name] != "element" or not plain_frozen_linear(self.base_layer, x)
+                or x.device.type != "cpu" or x.dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest"
+                or self.selective_values[name].dtype != torch.float32 or not torch.is_grad_enabled()):
             return None
         return name
 
