@@ -52,6 +52,8 @@ from pathlib import Path
 
 import torch
 
+from peftkit.cli import MMAP_THRESHOLD, TRIM_THRESHOLD  # what the peftkit command sets for itself
+
 VARIANTS = (
     "limit", "limit-onednn", "peftkit-lora", "peft-lora", "peftkit-lora-drop", "peft-lora-drop",
     "peftkit-dora", "peft-dora", "full",
@@ -281,7 +283,7 @@ def schedule(variants: list[str], repeats: int) -> list[str]:
 # allocation order, not on its arithmetic (measured, 135M shape: limit-onednn 98k faults per step, peftkit-lora
 # 229k, peftkit-lora-drop 112k; with these settings all three 98k, the rest being the >32 MB logits buffers).
 # Every variant's child gets the same settings; --default-malloc runs with glibc's defaults instead.
-STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 
 def run_variant(args: argparse.Namespace, variant: str, make_argv=child_argv) -> dict:

@@ -382,9 +382,9 @@ def test_serve_is_a_command_and_a_bad_model_is_one_line(tmp_path, capsys):
     assert code == 0 and "--adapters" in out and "--max-concurrency" in out
 
 
-def test_command_line_keeps_freed_memory_for_reuse(monkeypatch):
-    """main() sets glibc's mmap and trim thresholds for its process (what the benchmark's STEADY_MALLOC does);
-    without glibc's mallopt it changes nothing and says so."""
+def test_command_line_keeps_freed_memory_for_reuse(monkeypatch, tmp_path):
+    """The training commands set glibc's mmap and trim thresholds for their process (what the benchmark's
+    STEADY_MALLOC does); other commands do not; without glibc's mallopt nothing changes and it says so."""
     import peftkit.cli as cli
 
     calls = []
@@ -396,7 +396,9 @@ def test_command_line_keeps_freed_memory_for_reuse(monkeypatch):
 
     monkeypatch.setattr(cli.sys, "platform", "linux")
     monkeypatch.setattr(cli.ctypes, "CDLL", lambda name: FakeLibc())
-    assert main(["--help"]) == 0
+    assert main(["inspect", "--adapter", str(tmp_path / "missing")]) != 0
+    assert calls == []  # not a training command: the process's allocator is left alone
+    assert main(["train", "--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "out")]) != 0
     assert calls == [(-3, 32 * 2**20), (-1, 2**30)]
 
     def no_libc(name):

@@ -58,10 +58,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Run the command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    keep_freed_memory()
     try:
         parser, flags = build_parser()
         args = parser.parse_args(argv)
+        if args.command in TRAINING_COMMANDS:
+            keep_freed_memory()
         return int(args.handler(args, flags) or 0)
     except SystemExit as done:  # --help / --version
         return int(done.code or 0) if not isinstance(done.code, str) else 2
@@ -71,6 +72,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _report(err)
 
 
+TRAINING_COMMANDS = ("train", "compare")  # the ones that set keep_freed_memory(); a long-lived serve does not
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD, TRIM_THRESHOLD = 32 * 2**20, 2**30
@@ -82,8 +84,9 @@ def keep_freed_memory() -> bool:
     A training step frees and re-allocates hundreds of MB of activations. With glibc's defaults, memory freed
     at the top of the heap goes back to the OS and blocks up to 32 MB are fresh mmaps, so the next step
     page-faults it all back in: on the 135M-shaped LoRA benchmark 229k faults and 1.39 s per step, against
-    98k faults and 1.25 s with these settings (bench/train_step.py, STEADY_MALLOC). Only the command line
-    does this: it owns its process; a library import does not change its host's allocator.
+    98k faults and 1.25 s with these settings (bench/train_step.py, STEADY_MALLOC). Only the training
+    commands do this: they own their process; a library import does not change its host's allocator, and a
+    long-lived ``serve`` should give memory back.
     """
     if not sys.platform.startswith("linux"):
         return False
