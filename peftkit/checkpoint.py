@@ -118,23 +118,46 @@ def atomic_file(path: str, write: Callable[[str], None]) -> str:
 
 
 def atomic_dir(path: str, write: Callable[[str], None]) -> str:
-    """Call ``write(tmp)`` on a fresh directory beside ``path``, then rename it to ``path`` (absent or empty).
+    """Call ``write(tmp)`` on a fresh directory beside ``path``, fsync what it wrote, then rename it to ``path``.
 
-    A crash or an error inside ``write`` leaves no ``path`` and removes the partial directory.
+    ``path`` must not exist or be an empty directory (a symlink to one is followed); anything else is refused
+    before ``write`` runs. An error inside ``write`` removes the partial directory; a killed process can leave a
+    hidden ``.<name>.partial-*`` beside ``path``, never a half-written ``path``.
     """
-    parent = os.path.dirname(os.path.abspath(path))
+    target = os.path.realpath(path)
+    if os.path.exists(target) and not (os.path.isdir(target) and not os.listdir(target)):
+        raise FileExistsError(f"{path!r} exists and is not an empty directory; pass a new or empty directory")
+    parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.partial-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=parent)
     try:
         write(tmp)
+        _fsync_tree(tmp)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
-        if os.path.isdir(path) and not os.listdir(path):
-            os.rmdir(path)  # an empty target is replaced (os.replace onto a directory is POSIX-only)
-        os.replace(tmp, path)
+        if os.path.isdir(target):
+            try:
+                os.rmdir(target)  # an empty target is replaced (os.replace onto a directory is POSIX-only)
+            except OSError as err:  # the working directory, a mount point, ...
+                raise OSError(f"cannot replace the empty directory {path!r} ({err.strerror}); pass a path that "
+                              "does not exist yet") from err
+        os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _fsync_tree(directory: str) -> None:
+    # every file written, then the directory itself: the rename must not land before the data
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -215,3 +215,12 @@ def test_atomic_dir_renames_a_finished_directory_and_leaves_nothing_on_a_crash(t
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_dir(str(tmp_path / "crashed"), crash)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"]  # no crashed/, no partial directory
+
+    called = []
+    with pytest.raises(FileExistsError, match="not an empty directory"):  # refused before anything is written
+        atomic_dir(str(tmp_path / "out"), called.append)
+    assert called == [] and (tmp_path / "out" / "weights.bin").read_text() == "x"
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    atomic_dir(str(tmp_path / "link"), write)  # a symlink to an empty directory: the directory gets the files
+    assert (tmp_path / "link" / "weights.bin").read_text() == "x" and (tmp_path / "link").is_symlink()
