@@ -52,6 +52,11 @@ VARIANTS = {  # name: (family, settings)
     # bias="all": every bias (LayerNorms' too) trains as well, and the sparse budget shrinks by their count
     "selective-sensitivity-bias": ("selective", {"criterion": "sensitivity", "granularity": "element", "bias": "all"}),
     "selective-sensitivity-row-bias": ("selective", {"criterion": "sensitivity", "granularity": "row", "bias": "all"}),
+    # the other ranking of each granularity: rows ranked over all modules at once, elements within each module
+    "selective-sensitivity-row-global": ("selective", {"criterion": "sensitivity", "granularity": "row",
+                                                       "ranking": "global"}),
+    "selective-sensitivity-per-module": ("selective", {"criterion": "sensitivity", "granularity": "element",
+                                                       "ranking": "per_module"}),
     # progressive refinement: after the first epoch, re-score the adapted model and re-select at the same budget
     "selective-sensitivity-row-refine": ("selective", {"criterion": "sensitivity", "granularity": "row", "refine": True}),
 }
@@ -128,7 +133,7 @@ def build_selective(model, settings: dict, calibration: list[dict], target_count
     bias = settings.get("bias", "none")
     biases = sum(p.numel() for n, p in model.named_parameters()
                  if n.endswith("bias") and not n.startswith("classifier")) if bias == "all" else 0
-    ranking = "global" if settings["granularity"] == "element" else "per_module"
+    ranking = settings.get("ranking", "global" if settings["granularity"] == "element" else "per_module")
     config = SelectiveConfig(task_type="SEQ_CLS", criterion=settings["criterion"],
                              budget=(target_count - biases) / scored, granularity=settings["granularity"],
                              ranking=ranking, bias=bias)
