@@ -269,10 +269,10 @@ def _scattered_drops(x: torch.Tensor, p: float) -> torch.Tensor:
     independently; with lam = -ln(1 - p) an element is hit at least once (dropped) with probability exactly p.
     """
     n = x.numel()
-    lam = -torch.log1p(torch.tensor(-p, dtype=torch.float64))
-    k = int(torch.poisson(lam * n))
     mask = torch.ones(n, dtype=torch.uint8, device=x.device)
-    mask[torch.randint(n, (k,), device=x.device)] = 0
+    if n:  # randint over an empty range is an error
+        lam = -torch.log1p(torch.tensor(-p, dtype=torch.float64))
+        mask[torch.randint(n, (int(torch.poisson(lam * n)),), device=x.device)] = 0
     return mask.view(x.shape)
 
 

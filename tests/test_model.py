@@ -161,6 +161,7 @@ def test_dropout_masks_are_independent_bernoulli(p):
     assert scale == pytest.approx(1 / (1 - p), rel=1e-4)
     torch.manual_seed(0)
     assert torch.equal(keep_mask(torch.empty(n), p)[0], first)  # the global seed makes it reproducible
+    assert keep_mask(torch.empty(0, 4), p)[0].shape == (0, 4)  # an empty batch
 
 
 def test_frozen_head_gets_a_contiguous_input_and_unload_removes_the_hook():
