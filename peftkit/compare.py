@@ -135,9 +135,10 @@ def _read_summary(directory: str) -> dict:
         return json.load(fh)
 
 
-def variant_job(job: dict, method: str, n_train: Optional[int], full_lr: Optional[float] = None) -> dict:
-    """The shared job for one variant: its method, its method's settings, its training-set size (and lr if full)."""
-    train = {**job["train"], "lr": full_lr} if method == "full" and full_lr is not None else job["train"]
+def variant_job(job: dict, method: str, n_train: Optional[int], lrs: Optional[dict[str, float]] = None) -> dict:
+    """The shared job for one variant: its method, its method's settings, its training-set size, and its own
+    learning rate where ``lrs`` (method -> lr) names one."""
+    train = {**job["train"], "lr": lrs[method]} if lrs and method in lrs else job["train"]
     return {**job, "method": method, "peft": peft_for(method, job.get("peft") or {}), "train": train,
             "data": {**job["data"], "max_train_samples": n_train or job["data"].get("max_train_samples")}}
 
@@ -183,6 +184,9 @@ def _parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a comparison already in --output-dir")
     p.add_argument("--full-lr", type=float, metavar="LR", help="learning rate of the full fine-tuning variants "
                    "(full fine-tuning wants a far smaller one than adapters; default: the shared --lr)")
+    p.add_argument("--method-lr", nargs="+", default=[], metavar="METHOD=LR", help="a learning rate for one "
+                   "method's variants, e.g. --method-lr ia3=1e-2 prompt=3e-2 (IA3 and prompt methods want larger "
+                   "ones than LoRA); the others use --lr")
     p.add_argument("--in-process", action="store_true", help="train the variants in this process (starts faster; "
                    "peak memory is then the process peak so far, not each variant's own)")
     return p
@@ -221,6 +225,28 @@ def _variants(args: argparse.Namespace) -> list[tuple[str, str, Optional[int]]]:
     return out
 
 
+def method_lrs(args: argparse.Namespace, methods: list[str]) -> dict[str, float]:
+    """method -> learning rate from --full-lr and --method-lr, each checked (a compared method, a positive number)."""
+    from .cli.commands import CliError
+
+    lrs = {"full": args.full_lr} if args.full_lr is not None else {}
+    for item in args.method_lr:
+        method, sep, value = item.partition("=")
+        method = method.strip().lower()
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = None
+        if not sep or lr is None or not lr > 0:
+            raise CliError(f"--method-lr {item!r}: write METHOD=LR with a positive learning rate, e.g. ia3=1e-2")
+        if method not in methods:
+            raise CliError(f"--method-lr {item!r}: {method!r} is not among the compared methods ({', '.join(methods)})")
+        if method in lrs:
+            raise CliError(f"--method-lr gives {method!r} a learning rate twice (or with --full-lr); give it once")
+        lrs[method] = lr
+    return lrs
+
+
 def run_compare(args: argparse.Namespace, flags: list) -> int:
     """peftkit compare."""
     from .cli.commands import CliError
@@ -229,6 +255,7 @@ def run_compare(args: argparse.Namespace, flags: list) -> int:
     from .train import load_model
 
     variants = _variants(args)
+    lrs = method_lrs(args, sorted({method for _, method, _ in variants}))
     job = _base_job(args, flags)
     used = {k for _, method, _ in variants for k in peft_for(method, job["peft"])}
     if set(job["peft"]) - used:
@@ -244,12 +271,12 @@ def run_compare(args: argparse.Namespace, flags: list) -> int:
     rows = []
     for name, method, n_train in variants:
         print(f"[{len(rows) + 1}/{len(variants)}] training {name} ...", flush=True)
-        rows.append(measure_variant(name, variant_job(job, method, n_train, args.full_lr), args.output_dir, before,
+        rows.append(measure_variant(name, variant_job(job, method, n_train, lrs), args.output_dir, before,
                                     args.in_process, low_data=n_train is not None))
         print(f"    {_line(rows[-1])}", flush=True)
     result = {"model": job["model"], "task": task, "dataset": job["data"].get("dataset"),
               "forgetting_kind": "lm_loss_delta" if task in CAUSAL_TASKS else "representation_drift",
-              "full_lr": args.full_lr, "peak_memory_scope": "process so far" if args.in_process else "per variant", "rows": rows, "job": job}
+              "full_lr": args.full_lr, "method_lr": lrs, "peak_memory_scope": "process so far" if args.in_process else "per variant", "rows": rows, "job": job}
     write_compare(result, args.output_dir)
     print(f"wrote {os.path.join(args.output_dir, 'compare.md')} (+ compare.json, compare.png)")
     return 1 if any("error" in r for r in rows) else 0

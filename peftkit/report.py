@@ -267,6 +267,14 @@ def classic_table(result: dict) -> list[str]:
     return lines
 
 
+def _variant_lrs(result: dict) -> dict:
+    # per-method learning rates of a comparison (older results hold only full_lr)
+    lrs = dict(result.get("method_lr") or {})
+    if result.get("full_lr") and "full" not in lrs:
+        lrs["full"] = result["full_lr"]
+    return lrs
+
+
 def compare_markdown(result: dict) -> str:
     """compare.md: the measured table, then the classic table filled from it, and the chart."""
     lines = [f"# PEFT vs full fine-tuning: {result.get('model')} on {result.get('dataset')} ({result.get('task')})",
@@ -276,7 +284,8 @@ def compare_markdown(result: dict) -> str:
     if train:
         lines += ["", "## Settings", "", ", ".join(f"{k} {fmt(train.get(k))}" for k in
                                                    ("epochs", "max_steps", "batch_size", "lr") if k in train)
-                  + (f", full fine-tuning lr {fmt(result['full_lr'])}" if result.get("full_lr") else "")]
+                  + "".join(f", {'full fine-tuning' if method == 'full' else method} lr {fmt(lr)}"
+                            for method, lr in sorted(_variant_lrs(result).items()))]
     lines += ["", "![comparison](compare.png)", "", "Forgetting is measured on peftkit's bundled general text: "
               + ("the change of the language-model loss (positive = forgot)." if result.get("forgetting_kind")
                  == "lm_loss_delta" else "1 - mean cosine similarity of mean-pooled last hidden states, "

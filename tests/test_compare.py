@@ -74,10 +74,14 @@ def _lm_loss(model_dir: str, paragraphs: list) -> float:
 def test_compare_full_and_two_methods_with_low_data(assets, capsys):
     out = assets["root"] / "cmp"
     code = main(["compare", "--model", assets["model"], "--dataset", assets["data"], "--methods", "full,lora,ia3",
-                 "--low-data", "8", "--output-dir", str(out), "--in-process", *TRAIN])
+                 "--low-data", "8", "--output-dir", str(out), "--in-process", "--method-lr", "ia3=0.02", *TRAIN])
     assert code == 0, capsys.readouterr().err
     result = json.loads((out / "compare.json").read_text())
     rows = {r["variant"]: r for r in result["rows"]}
+    assert result["method_lr"] == {"ia3": 0.02} and "ia3 lr 0.02" in (out / "compare.md").read_text()
+    for variant in ("ia3", "ia3-n8"):  # each IA3 run trained at its own rate, the others at the shared one
+        assert json.loads((out / variant / "job.json").read_text())["train"]["lr"] == 0.02
+    assert json.loads((out / "lora" / "job.json").read_text())["train"]["lr"] != 0.02
     assert list(rows) == ["full", "lora", "ia3", "full-n8", "lora-n8", "ia3-n8"]
     assert result["forgetting_kind"] == "lm_loss_delta"
     full, lora, ia3 = rows["full"], rows["lora"], rows["ia3"]
@@ -125,11 +129,33 @@ def test_method_flags_go_to_the_methods_that_have_them(capsys):
     assert "['r'] belong to none of the compared methods" in capsys.readouterr().err
 
 
-def test_variant_job_sets_method_size_and_full_lr():
+def test_variant_job_sets_method_size_and_learning_rate():
     job = {"model": "m", "method": "lora", "peft": {"r": 4, "feedforward_modules": ["f"]},
            "data": {"max_train_samples": 500}, "train": {"lr": 1e-3}}
-    lora = compare.variant_job(job, "lora", None, full_lr=1e-5)
+    lrs = {"full": 1e-5, "ia3": 1e-2}
+    lora = compare.variant_job(job, "lora", None, lrs)
     assert lora["peft"] == {"r": 4} and lora["train"]["lr"] == 1e-3 and lora["data"]["max_train_samples"] == 500
-    full = compare.variant_job(job, "full", 8, full_lr=1e-5)
+    full = compare.variant_job(job, "full", 8, lrs)
     assert full["peft"] == {} and full["train"]["lr"] == 1e-5 and full["data"]["max_train_samples"] == 8
+    assert compare.variant_job(job, "ia3", None, lrs)["train"]["lr"] == 1e-2
     assert job["train"]["lr"] == 1e-3  # the shared job is left alone
+
+
+@pytest.mark.parametrize("given, message", [
+    (["ia3"], "write METHOD=LR with a positive learning rate"),
+    (["ia3=fast"], "write METHOD=LR with a positive learning rate"),
+    (["ia3=-1e-3"], "write METHOD=LR with a positive learning rate"),
+    (["prompt=1e-2"], "'prompt' is not among the compared methods"),
+    (["ia3=1e-2", "IA3=2e-2"], "a learning rate twice"),
+    (["full=1e-4"], "a learning rate twice"),  # with --full-lr as well
+])
+def test_method_lr_is_checked_before_any_training(given, message, capsys):
+    argv = ["compare", "--methods", "full,lora,ia3", "--full-lr", "1e-5", "--method-lr", *given]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_method_lrs_merge_full_lr_and_per_method_values():
+    import argparse
+    args = argparse.Namespace(full_lr=5e-5, method_lr=["IA3=1e-2", "lora=2e-3"])
+    assert compare.method_lrs(args, ["full", "ia3", "lora"]) == {"full": 5e-5, "ia3": 1e-2, "lora": 2e-3}

@@ -17,7 +17,8 @@ DEFAULT_OUTPUT_DIR = "peftkit-run"
 # options the commands define themselves; a config field wanting one of these names is a collision
 RESERVED = ("--help", "--debug", "--config", "--output-dir", "--overwrite", "--resume", "--print-config", "--model",
             "--method", "--quiet", "--adapter", "--split", "--json", "--input", "--output", "--prompt",
-            "--max-new-tokens", "--methods", "--low-data", "--limit", "--use-template", "--in-process")
+            "--max-new-tokens", "--methods", "--low-data", "--limit", "--use-template", "--in-process", "--full-lr",
+            "--method-lr")
 
 
 class _Parser(argparse.ArgumentParser):
