@@ -263,9 +263,12 @@ def run_child(args: argparse.Namespace) -> dict:
     for _ in range(WARMUP - 1):
         step()
     sync(args.device)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     times = time_steps(step, args.steps, args.device)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
     return {
         "variant": args.variant, "times_s": times, "median_s": statistics.median(times), "min_s": min(times),
+        "page_faults_per_step": faults,
         "peak_mb": peak_memory_mb(args.device), "peak_rss_mb": peak_rss_mb(),
         "trainable_params": sum(p.numel() for p in params), "first_loss": first_loss,
     }
@@ -280,8 +283,9 @@ def schedule(variants: list[str], repeats: int) -> list[str]:
 # glibc returns freed heap memory to the OS once more than M_TRIM_THRESHOLD sits free at its top, and serves
 # blocks above M_MMAP_THRESHOLD with fresh mmaps: in a training step, which frees and re-allocates hundreds of
 # MB of activations, that means page faults on memory just given back. How often depends on each variant's
-# allocation order, not on its arithmetic (measured, 135M shape: limit-onednn 98k faults per step, peftkit-lora
-# 229k, peftkit-lora-drop 112k; with these settings all three 98k, the rest being the >32 MB logits buffers).
+# allocation order, not on its arithmetic (measured with --variants limit-onednn,peftkit-lora --repeats 1
+# --steps 4: with glibc's defaults 86k and 213k faults per step; with these settings 98k and 99k, the rest being
+# the >32 MB logits buffers). Each child reports page_faults_per_step.
 # Every variant's child gets the same settings; --default-malloc runs with glibc's defaults instead.
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
@@ -349,7 +353,8 @@ def run_parent(args: argparse.Namespace) -> dict:
     for i, variant in enumerate(order, 1):
         result = run_variant(args, variant)
         runs[variant].append(result)
-        note = result.get("error") or f"median {result['median_s']:.3f} s, peak {result['peak_mb']:.0f} MB"
+        note = result.get("error") or (f"median {result['median_s']:.3f} s, peak {result['peak_mb']:.0f} MB, "
+                                       f"{result['page_faults_per_step']:,.0f} page faults per step")
         print(f"[{i}/{len(order)}] {variant}: {note}", file=sys.stderr, flush=True)
     rows = [summarise(v, runs[v]) for v in args.variants]
     keys = ("steps", "repeats", "batch", "seq", "device", "dtype", "threads", "seed", "shape")

@@ -1,5 +1,4 @@
 """Tiny offline assets for the CLI tests: a saved tiny Llama with a word-level tokenizer, and a tiny dataset."""
-import contextlib
 import json
 import os
 import random
@@ -51,24 +50,3 @@ def save_tiny_model(directory: str) -> str:
     model.save_pretrained(directory)
     fast.save_pretrained(directory)
     return directory
-
-
-def _leave_threads(n: int) -> None:
-    """Stands in for torch.set_num_threads while one_thread() holds."""
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run torch on one thread (run_job asks for every core; on a shared 2-core machine tiny ops then wait on
-    each other's threads, ~20 ms each instead of ~50 us)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    original = torch.set_num_threads
-    torch.set_num_threads = _leave_threads
-    try:
-        yield
-    finally:
-        torch.set_num_threads = original
-        torch.set_num_threads(threads)

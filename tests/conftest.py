@@ -1,4 +1,6 @@
 """Tiny models built from configs in-process: no downloads."""
+import contextlib
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -46,3 +48,29 @@ def llama():
 @pytest.fixture
 def ids():
     return torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+
+
+def _leave_threads(n: int) -> None:
+    """Stands in for torch.set_num_threads while one_thread() holds."""
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one thread (run_job asks for every core; on a shared 2-core machine tiny ops then wait on
+    each other's threads, ~20 ms each instead of ~50 us)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    original = torch.set_num_threads
+    torch.set_num_threads = _leave_threads
+    try:
+        yield
+    finally:
+        torch.set_num_threads = original
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """A module marked ``pytestmark = pytest.mark.usefixtures("single_thread")`` runs on one torch thread."""
+    with one_thread():
+        yield

@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from cli_assets import one_thread, make_rows, save_tiny_model, write_data
+from cli_assets import make_rows, save_tiny_model, write_data
 from conftest import tiny_llama
 from peftkit import LoraConfig, PromptTuningConfig, get_peft_model
 from peftkit.cli import RESERVED, build_parser, main
@@ -23,10 +23,7 @@ from peftkit.train import DataConfig, JobConfig, TrainConfig
 TRAIN_FLAGS = ["--max-steps", "2", "--epochs", "1", "--batch-size", "8", "--quiet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads cost more than they save
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from cli_assets import one_thread, save_tiny_model, write_data
+from cli_assets import save_tiny_model, write_data
 from peftkit import compare
 from peftkit.cli import main
 
 TRAIN = ["--max-steps", "1", "--epochs", "1", "--batch-size", "8"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads cost more than they save
 
 
 @pytest.fixture(scope="module")

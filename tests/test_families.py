@@ -35,13 +35,7 @@ MERGE_TOL = {"atol": 1e-5, "rtol": 1e-4}
 EXACT = {"atol": 0.0, "rtol": 0.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: thread start-up and contention cost far more than they save (conv backward: 50x)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: threads cost more than they save
 
 
 # --- tiny bases -----------------------------------------------------------------------------------

@@ -84,8 +84,8 @@ def keep_freed_memory() -> bool:
 
     A training step frees and re-allocates hundreds of MB of activations. With glibc's defaults, memory freed
     at the top of the heap goes back to the OS and blocks up to 32 MB are fresh mmaps, so the next step
-    page-faults it all back in: on the 135M-shaped LoRA benchmark 229k faults and 1.39 s per step, against
-    98k faults and 1.25 s with these settings (bench/train_step.py, STEADY_MALLOC). Only the training
+    page-faults it all back in: on the 135M-shaped LoRA benchmark 213k faults and 1.40 s per step, against
+    99k faults and 1.34 s with these settings (bench/train_step.py with and without --default-malloc). Only the training
     commands do this: they own their process; a library import does not change its host's allocator, and a
     long-lived ``serve`` should give memory back.
     """

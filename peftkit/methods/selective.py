@@ -229,8 +229,7 @@ class _ScatteredLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad @ _scatter(values, index, ctx.shape)  # (..., in)
         if ctx.needs_input_grad[1]:
-            outer = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # (out, in), transient
-            grad_values = outer.view(-1)[index]  # (k,)
+            grad_values = _entry_grads(grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]), index)
         return grad_x, grad_values, None, None
 
 
@@ -259,9 +258,14 @@ class _FusedScatteredLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = linear(g2, _with_delta(weight, values, index).t()).view(ctx.x_shape)  # (..., in)
         if ctx.needs_input_grad[3]:
-            grad_values = linear(g2.t(), x2.t()).view(-1)[index]  # selected entries of g^T x, (k,)
+            grad_values = _entry_grads(g2, x2, index)
         grad_bias = g2.sum(0) if ctx.needs_input_grad[2] else None  # bias="all" trains it
         return grad_x, None, grad_bias, grad_values, None
+
+
+def _entry_grads(g2: torch.Tensor, x2: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    # the selected flat entries of g^T x: (N, out), (N, in) -> (k,); the (out, in) product is transient
+    return linear(g2.t(), x2.t()).view(-1)[index]
 
 
 def _with_delta(weight: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,115 @@
+"""Kernel-level timings behind peftkit's CPU choices, each pair measured side by side in one process.
+
+    gemm       torch's float32 matmul (MKL sgemm on x86) against lora_kernels.linear (oneDNN) for the
+               SmolLM2-135M projection shapes at 4 x 128 tokens, forward (x W^T) and input gradient (g W)
+    mask       a dropout keep-mask at p = 0.05: 16 random bits per element (_lane_mask) against drawing the
+               dropped positions (_scattered_drops, Poisson splitting)
+    selective  one training step (forward, backward, AdamW) of a MiniLM-shaped BERT classifier (random weights)
+               with an element selection of 1.5% of its linear weights: the fused path (base + delta in one
+               GEMM) against the plain path (a forward hook on each base layer sends it there)
+
+Pairs alternate, medians of --repeats timings are printed. Run on a quiet machine:
+
+    python bench/kernels.py                 # all three, 2 threads
+    python bench/kernels.py --only gemm --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+SHAPES = {"q/o": (576, 576), "k/v": (576, 192), "gate/up": (576, 1536), "down": (1536, 576)}  # (in, out)
+ROWS = 4 * 128
+
+
+def timed(fn, repeats: int) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls (after 3 warm-up calls)."""
+    for _ in range(3):
+        fn()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1e3)
+    return out
+
+
+def pair(name: str, first, second, repeats: int, labels: tuple[str, str]) -> None:
+    """Time two functions alternately; print both medians and their ratio."""
+    a, b = [], []
+    for _ in range(repeats):
+        a += timed(first, 1)
+        b += timed(second, 1)
+    ma, mb = statistics.median(a), statistics.median(b)
+    print(f"| {name} | {labels[0]} {ma:.3f} ms | {labels[1]} {mb:.3f} ms | {ma / mb:.2f}x |")
+
+
+def bench_gemm(repeats: int) -> None:
+    from peftkit.methods.lora_kernels import linear
+
+    gen = torch.Generator().manual_seed(0)
+    for name, (inp, out) in SHAPES.items():
+        x, w, g = (torch.randn(ROWS, inp, generator=gen), torch.randn(out, inp, generator=gen),
+                   torch.randn(ROWS, out, generator=gen))
+        pair(f"{name} forward x W^T", lambda: x @ w.t(), lambda: linear(x, w), repeats, ("torch", "oneDNN"))
+        pair(f"{name} input grad g W", lambda: g @ w, lambda: linear(g, w.t()), repeats, ("torch", "oneDNN"))
+
+
+def bench_mask(repeats: int) -> None:
+    from peftkit.layers import _lane_mask, _scattered_drops
+
+    for inp in (576, 1536):
+        x = torch.empty(ROWS, inp)
+        pair(f"mask {ROWS}x{inp}, p=0.05", lambda: _lane_mask(x, 0.05), lambda: _scattered_drops(x, 0.05), repeats,
+             ("16-bit lanes", "scattered drops"))
+
+
+def bench_selective(repeats: int) -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from peftkit import SelectiveConfig, get_peft_model
+    from peftkit.methods.selective import SelectiveLayer
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12,
+                        num_labels=2)
+    batch = {"input_ids": torch.randint(1, config.vocab_size, (32, 48)), "labels": torch.randint(0, 2, (32,))}
+    model = get_peft_model(BertForSequenceClassification(config), SelectiveConfig(task_type="SEQ_CLS", budget=0.015),
+                           calibration_batches=[batch]).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    layers = [m for m in model.modules() if isinstance(m, SelectiveLayer)]
+    hooks = []
+
+    def step(plain: bool):
+        def run():
+            if plain and not hooks:  # a hook on the base layer sends the layer down its plain path
+                hooks.extend(m.base_layer.register_forward_hook(lambda *a: None) for m in layers)
+            if not plain:
+                while hooks:
+                    hooks.pop().remove()
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    pair("selective element training step", step(plain=True), step(plain=False), repeats, ("plain", "fused"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", choices=("gemm", "mask", "selective"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=30)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print("| what | first | second | first / second |\n|---|---|---|---|")
+    for name, fn in (("gemm", bench_gemm), ("mask", bench_mask), ("selective", bench_selective)):
+        if args.only in (None, name):
+            fn(args.repeats if name != "selective" else max(3, args.repeats // 5))
+
+
+if __name__ == "__main__":
+    main()
