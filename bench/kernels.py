@@ -3,14 +3,18 @@
     gemm       torch's float32 matmul (MKL sgemm on x86) against lora_kernels.linear (oneDNN) for the
                SmolLM2-135M projection shapes at 4 x 128 tokens, forward (x W^T) and input gradient (g W)
     mask       a dropout keep-mask at p = 0.05: 16 random bits per element (_lane_mask) against drawing the
-               dropped positions (_scattered_drops, Poisson splitting)
+               dropped positions (drop_positions, Poisson splitting) into a uint8 mask (keep_mask)
+    dropout    inverted dropout at p = 0.05, forward and backward: multiplying by a uint8 keep-mask and the scale
+               against scaling and zeroing the saved dropped positions (what peftkit's _Dropout does on CPU)
     selective  one training step (forward, backward, AdamW) of a MiniLM-shaped BERT classifier (random weights)
                with an element selection of 1.5% of its linear weights: the fused path (base + delta in one
                GEMM) against the plain path (a forward hook on each base layer sends it there)
 
-Pairs alternate, medians of --repeats timings are printed. Run on a quiet machine:
+Pairs alternate, medians of --repeats timings are printed. The process keeps freed memory for reuse as the
+peftkit training commands do (peftkit.cli.keep_freed_memory), so that one side's frees returned to the OS do
+not make the other side page-fault; --default-malloc leaves glibc's defaults. Run on a quiet machine:
 
-    python bench/kernels.py                 # all three, 2 threads
+    python bench/kernels.py                 # all four, 2 threads
     python bench/kernels.py --only gemm --threads 1
 """
 from __future__ import annotations
@@ -59,12 +63,30 @@ def bench_gemm(repeats: int) -> None:
 
 
 def bench_mask(repeats: int) -> None:
-    from peftkit.layers import _lane_mask, _scattered_drops
+    from peftkit.layers import _lane_mask, keep_mask
 
     for inp in (576, 1536):
         x = torch.empty(ROWS, inp)
-        pair(f"mask {ROWS}x{inp}, p=0.05", lambda: _lane_mask(x, 0.05), lambda: _scattered_drops(x, 0.05), repeats,
+        pair(f"mask {ROWS}x{inp}, p=0.05", lambda: _lane_mask(x, 0.05), lambda: keep_mask(x, 0.05), repeats,
              ("16-bit lanes", "scattered drops"))
+
+
+def bench_dropout(repeats: int) -> None:
+    from peftkit.layers import _scaled_without, drop_positions, keep_mask
+
+    p, scale = 0.05, 1 / 0.95
+    for inp in (576, 1536):
+        x, g = torch.randn(ROWS, inp), torch.randn(ROWS, inp)
+
+        def by_mask():
+            mask, _ = keep_mask(x, p)
+            return x.mul(mask).mul_(scale), g.mul(mask).mul_(scale)
+
+        def by_positions():
+            positions = drop_positions(x, p)
+            return _scaled_without(x, scale, positions), _scaled_without(g, scale, positions)
+
+        pair(f"dropout fwd+bwd {ROWS}x{inp}, p=0.05", by_mask, by_positions, repeats, ("uint8 mask", "positions"))
 
 
 def bench_selective(repeats: int) -> None:
@@ -100,13 +122,19 @@ def bench_selective(repeats: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=("gemm", "mask", "selective"))
+    p.add_argument("--only", choices=("gemm", "mask", "dropout", "selective"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc thresholds at their defaults")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.default_malloc:
+        from peftkit.cli import keep_freed_memory
+
+        keep_freed_memory()
     print("| what | first | second | first / second |\n|---|---|---|---|")
-    for name, fn in (("gemm", bench_gemm), ("mask", bench_mask), ("selective", bench_selective)):
+    for name, fn in (("gemm", bench_gemm), ("mask", bench_mask), ("dropout", bench_dropout),
+                     ("selective", bench_selective)):
         if args.only in (None, name):
             fn(args.repeats if name != "selective" else max(3, args.repeats // 5))
 

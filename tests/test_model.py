@@ -119,6 +119,26 @@ def test_dropout_mask_shared_within_a_pass_not_across():
     assert not torch.equal(shared_dropout(x, 0.5), first)
 
 
+def test_dropout_drawn_once_per_shared_input_in_a_training_pass(ids, monkeypatch):
+    """Llama's q/k/v read one hidden state and gate/up another: with all seven projections adapted, a layer
+    draws four masks (qkv, o, gate/up, down), and k and v train on the very tensor q was given."""
+    from peftkit import layers
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules="all-linear", lora_dropout=0.1)).train()
+    draws, apply = [], layers._Dropout.apply
+    monkeypatch.setattr(layers._Dropout, "apply", lambda x, p: draws.append(x.shape[-1]) or apply(x, p))
+    seen = {}
+    llama = model.base_model
+    attn = llama.model.layers[1].self_attn  # layer 0 reads the frozen embeddings: no graph behind its input
+    for name in ("q_proj", "k_proj", "v_proj"):
+        getattr(attn, name).register_forward_hook(lambda m, a, out, name=name: seen.setdefault(name, out.grad_fn) and None)
+    model(ids).logits.sum().backward()
+    assert len(draws) == 4 * len(llama.model.layers)
+    hidden, inter = llama.config.hidden_size, llama.config.intermediate_size
+    assert sorted(draws[:4]) == sorted([hidden, hidden, hidden, inter])
+    dropped = [s.next_functions[1][0] for s in seen.values()]  # the xd input of each fused kernel
+    assert dropped[0] is dropped[1] is dropped[2] and type(dropped[0]).__name__ == "_DropoutBackward"
+
+
 def test_dropout_trains_and_is_off_in_eval(ids):
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.5))
     randomize_adapters(model)

@@ -96,7 +96,7 @@ class FusedLoraLinear(torch.autograd.Function):
                 gx.addmm_(gh, a)
             gx = gx.view(ctx.x_shape)
         if ctx.dropped and need_xd:
-            gxd = (gh @ a).view(ctx.x_shape)
+            gxd = linear(gh, a.t(), fast=fast).view(ctx.x_shape)
         gbias = g2.sum(0) if need_bias else None
         # back to the parameters' own dtype (float32 adapters over a bf16 base)
         ga = ga.to(ctx.ab_dtype) if ga is not None else None
