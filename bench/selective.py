@@ -3,8 +3,8 @@
 Every variant sees the same data and steps: 2,000 training sentences (a fixed sample of train.tsv), 2 epochs,
 batch 32, max_length 64, AdamW with linear decay, seed 0; the new classifier head trains in full in every
 variant. Selective variants get the trainable count of LoRA r=8 on query/key/value/dense (counted, not
-assumed). Each variant runs in its own subprocess, so peak memory (max RSS on CPU, max allocated on CUDA)
-is its own.
+assumed). Selective variants score on the first 16 training batches, the *-calib-all ones on all 63. Each
+variant runs in its own subprocess, so peak memory (max RSS on CPU, max allocated on CUDA) is its own.
 
     python bench/selective.py                       # every variant, table printed, bench/results/selective.json
     python bench/selective.py --variants full lora-peft selective-fisher
@@ -59,6 +59,19 @@ VARIANTS = {  # name: (family, settings)
                                                        "ranking": "per_module"}),
     # progressive refinement: after the first epoch, re-score the adapted model and re-select at the same budget
     "selective-sensitivity-row-refine": ("selective", {"criterion": "sensitivity", "granularity": "row", "refine": True}),
+    # scored on every training batch (63) instead of the first CALIB_BATCHES
+    "selective-sensitivity-calib-all": ("selective", {"criterion": "sensitivity", "granularity": "element", "calib": 0}),
+    "selective-sensitivity-row-calib-all": ("selective", {"criterion": "sensitivity", "granularity": "row", "calib": 0}),
+    "selective-grad-calib-all": ("selective", {"criterion": "grad", "granularity": "element", "calib": 0}),
+    "selective-sensitivity-row-bias-calib-all": ("selective", {"criterion": "sensitivity", "granularity": "row",
+                                                               "bias": "all", "calib": 0}),
+    # dynamic sparse training after epoch 1 (refine(regrow=0.3), re-scored on the first 16 batches): the 70% of
+    # units with the largest trained deltas stay, 30% of the budget goes to the best-scoring units not yet selected
+    "selective-sensitivity-calib-all-regrow": ("selective", {"criterion": "sensitivity", "granularity": "element",
+                                                             "calib": 0, "refine": True, "regrow": 0.3}),
+    "selective-sensitivity-row-bias-calib-all-regrow": ("selective", {"criterion": "sensitivity", "granularity": "row",
+                                                                      "bias": "all", "calib": 0, "refine": True,
+                                                                      "regrow": 0.3}),
 }
 
 
@@ -141,7 +154,7 @@ def build_selective(model, settings: dict, calibration: list[dict], target_count
     return get_peft_model(model, config, calibration_batches=data)
 
 
-def train(model, train_batches: list[dict], lr: float, refine_batches=None) -> float:
+def train(model, train_batches: list[dict], lr: float, refine_batches=None, regrow=None) -> float:
     """AdamW, linear decay to zero; seconds taken. With ``refine_batches``, the selection is re-made on them
     (selective_refine.refine, same budget, Adam state of kept entries carried over) after each epoch but the last."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -159,7 +172,7 @@ def train(model, train_batches: list[dict], lr: float, refine_batches=None) -> f
         if refine_batches is not None and epoch < EPOCHS - 1:
             from peftkit.methods.selective_refine import refine
 
-            refine(model, refine_batches, model.peft_config["default"].budget, optimizer=opt)
+            refine(model, refine_batches, model.peft_config["default"].budget, optimizer=opt, regrow=regrow)
     sync()
     return time.perf_counter() - start
 
@@ -224,11 +237,12 @@ def run_variant(name: str, lr=None) -> dict:
     test_rows = read_tsv("test.tsv")[:64] if smoke else read_tsv("test.tsv")
     train_batches, test_batches = batches(rows, tokenizer, SEED), batches(test_rows, tokenizer)
     target = lora_count()
-    model, score_s = build(name, [to_device(b) for b in train_batches[:CALIB_BATCHES]], target)
+    calib = settings.get("calib", CALIB_BATCHES) or len(train_batches)  # "calib": 0 scores on every batch
+    model, score_s = build(name, [to_device(b) for b in train_batches[:calib]], target)
     model.to(device())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     refine_batches = [to_device(b) for b in train_batches[:CALIB_BATCHES]] if settings.get("refine") else None
-    train_s = train(model, train_batches, lr, refine_batches)
+    train_s = train(model, train_batches, lr, refine_batches, settings.get("regrow"))
     result = {"variant": name, "lr": lr, "trainable": trainable, "lora_count": target, "score_s": round(score_s, 1),
               "train_s": round(train_s, 1), "accuracy": round(accuracy(model, test_batches), 2),
               "checkpoint_bytes": checkpoint_bytes(model, family), "device": str(device())}

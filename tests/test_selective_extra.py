@@ -178,6 +178,18 @@ def test_auto_errors():
 
 
 # --- progressive refinement ----------------------------------------------------------------------------------
+def _trained_selective(config):
+    """A selective tiny Llama after three Adam steps on one batch (eval mode), its optimizer and that batch."""
+    model = get_peft_model(tiny_llama(), config, calibration_batches=_batches())
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = _batches(1, seed=9)[0]
+    for _ in range(3):
+        model.train()(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval(), opt, batch
+
+
 def _dense_deltas(model, name="default"):
     return {p: m.delta_weight(name).detach().clone() for p, m in model.base_model.named_modules()
             if isinstance(m, SelectiveLayer) and name in m.adapter_names}
@@ -189,15 +201,7 @@ def test_refine_keeps_surviving_values_drops_the_rest_and_remaps_adam(granularit
 
     from peftkit.methods.selective_refine import refine
 
-    model = get_peft_model(tiny_llama(), SelectiveConfig(criterion="fisher", budget=old, granularity=granularity),
-                           calibration_batches=_batches())
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch = _batches(1, seed=9)[0]
-    for _ in range(3):
-        model.train()(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    model, opt, batch = _trained_selective(SelectiveConfig(criterion="fisher", budget=old, granularity=granularity))
     before = _dense_deltas(model)
     moments = {p: _scatter_state(m, opt) for p, m in model.base_model.named_modules() if isinstance(m, SelectiveLayer)}
     reference = copy.deepcopy(model)
@@ -224,6 +228,55 @@ def test_refine_keeps_surviving_values_drops_the_rest_and_remaps_adam(granularit
     assert held == sum(counts.values())
     model.train()(**batch).loss.backward()  # the optimizer steps on the new sizes
     opt.step()
+
+
+@pytest.mark.parametrize("granularity, ranking, budget", [("element", "global", 0.05), ("row", "per_module", 0.25)])
+def test_refine_regrow_keeps_the_largest_trained_deltas_and_grows_the_best_scores(granularity, ranking, budget):
+    """Drop and grow: of the k units the budget allows, the (1 - f) k held units with the largest |delta| (mean
+    over a row) stay with their values; the rest are the best-scoring units not held before, starting at zero."""
+    from peftkit.methods.selective_refine import _score_adapted, refine
+    from peftkit.methods.selective_scoring import unit_scores
+
+    model, opt, _ = _trained_selective(SelectiveConfig(criterion="sensitivity", budget=budget, ranking=ranking,
+                                                       granularity=granularity))
+    config, base = model.peft_config["default"], model.base_model
+    layers = {p: m for p, m in base.named_modules() if isinstance(m, SelectiveLayer)}
+    names = [n for n, m in tiny_llama().named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    weights = {n: (layers[n].base_layer if n in layers else base.get_submodule(n)).weight for n in names}
+    scores = _score_adapted(base, weights, config, "default", _batches(), None)
+    before = {}  # (module, unit) -> (|delta| of the unit, its values)
+    for path, layer in layers.items():
+        values = layer.selective_values["default"].detach()
+        index = layer.selective_indices["default"]
+        rows = values.view(index.numel(), -1)
+        before.update({(path, int(u)): (float(rows[j].abs().mean()), rows[j].clone()) for j, u in enumerate(index)})
+    f = 0.5
+    refine(model, _batches(), budget, optimizer=opt, regrow=f)
+    groups = [[n] for n in names] if ranking == "per_module" else [names]
+    for group in groups:
+        units = {n: unit_scores(scores[n], granularity) for n in group}
+        k = round(budget * sum(u.numel() for u in units.values()))
+        held_here = sorted((m, key) for key, (m, _) in before.items() if key[0] in group)
+        keep = min(len(held_here), round((1 - f) * k))
+        expect_kept = {key for _, key in held_here[len(held_here) - keep:]}
+        after = {}
+        for n in group:
+            layer = base.get_submodule(n)
+            if isinstance(layer, SelectiveLayer) and "default" in layer.adapter_names:
+                index = layer.selective_indices["default"]
+                rows = layer.selective_values["default"].detach().view(index.numel(), -1)
+                after.update({(n, int(u)): rows[j] for j, u in enumerate(index)})
+        assert len(after) == k
+        assert {key for key in after if key in before} == expect_kept
+        for key in expect_kept:
+            assert torch.equal(after[key], before[key][1])  # kept with its trained values
+        grown = [key for key in after if key not in before]
+        assert all(not after[key].any() for key in grown)  # new units start at zero
+        rest = sorted(((float(units[n][u]), (n, u)) for n in group for u in range(units[n].numel())
+                       if (n, u) not in before), reverse=True)
+        assert {key for _, key in rest[:len(grown)]} == set(grown)
+    with pytest.raises(ValueError, match="regrow must be a fraction"):
+        refine(model, _batches(), budget, regrow=0.0)
 
 
 def _mask(layer):

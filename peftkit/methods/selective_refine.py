@@ -7,6 +7,12 @@ Call ``refine`` from a training loop, e.g. every N steps with a shrinking budget
         if step in (200, 400):
             refine(model, calibration, budget={200: 0.02, 400: 0.01}[step], optimizer=opt)
 
+With ``regrow=f`` the re-selection follows the drop-and-grow rule of dynamic sparse training (RigL, Evci et al.,
+2020; SpIEL, Ansell et al., 2024) instead of a fresh ranking: of the ``k`` units the budget allows, the
+(1 - f) k selected units whose trained delta is largest in magnitude stay, and the f k best-scoring units not
+selected yet come in. Trained entries have small gradients precisely because they have been trained, so
+re-ranking everything by a gradient score drops what was learned; the magnitude of the delta keeps it.
+
 Decisions (why): scoring sees the current model, base plus this adapter (merged for the duration and unmerged
 bit-exactly), so the scores rank the weights the model now uses. Entries that leave the selection lose their
 delta: the adapter stays a delta on the untouched base, so a saved checkpoint still reloads onto the original
@@ -22,25 +28,71 @@ from torch import nn
 
 from ..inject import adapter_layers, find_targets, replace_modules, unwrap
 from .selective import SelectiveConfig, SelectiveLayer, _counts, _make_layer, _scored_weight
-from .selective_scoring import LossFn, score_weights, select, unit_scores
+from .selective_scoring import LossFn, score_weights, select, top_k, unit_scores
 
 
 def refine(model: nn.Module, batches: Optional[Iterable[dict]], budget: float, adapter_name: str = "default",
-           loss_fn: Optional[LossFn] = None, optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, int]:
-    """Re-select ``adapter_name`` of a PeftModel at ``budget``; returns the new ``selected_counts``."""
+           loss_fn: Optional[LossFn] = None, optimizer: Optional[torch.optim.Optimizer] = None,
+           regrow: Optional[float] = None) -> dict[str, int]:
+    """Re-select ``adapter_name`` of a PeftModel at ``budget``; returns the new ``selected_counts``.
+
+    ``regrow`` (a fraction in (0, 1]): keep the selected units with the largest trained deltas and bring in that
+    fraction of the budget as new units by score (see the module docstring); None re-ranks every unit by score.
+    """
     config = _checked_config(model, adapter_name, budget)
+    if regrow is not None and not (isinstance(regrow, (int, float)) and 0.0 < regrow <= 1.0):
+        raise ValueError(f"regrow must be a fraction in (0, 1] of the budget to re-select, got {regrow!r}")
     base = model.base_model
     names = find_targets(base, config)
     weights = {name: _scored_weight(base, name) for name in names}
     scores = _score_adapted(base, weights, config, adapter_name, batches, loss_fn)
     units = [unit_scores(scores.pop(name), config.granularity) for name in names]
-    chosen = dict(zip(names, select(units, budget, None, config.ranking)))
+    if regrow is None:
+        chosen = dict(zip(names, select(units, budget, None, config.ranking)))
+    else:
+        held = [_held(base, name, adapter_name, u.numel()) for name, u in zip(names, units)]
+        chosen = dict(zip(names, _drop_and_grow(units, held, budget, regrow, config.ranking)))
     for name in names:
         _reselect(model, name, chosen[name], config, adapter_name, optimizer)
     config.budget, config.threshold = budget, None
     config.selected_counts = {n: _counts(c, weights[n], config.granularity) for n, c in chosen.items() if c.numel()}
     model.set_adapter(model.active_adapters)  # new layers learn which adapters are active; trainable flags
     return dict(config.selected_counts)
+
+
+def _held(base: nn.Module, name: str, adapter_name: str, n_units: int) -> torch.Tensor:
+    """Per unit of one module: the magnitude of its trained delta (mean |value| over a row) where selected, -inf
+    where not."""
+    out = torch.full((n_units,), float("-inf"))
+    layer = base.get_submodule(name)
+    if isinstance(layer, SelectiveLayer) and adapter_name in layer.adapter_names:
+        index = layer.selective_indices[adapter_name].detach().cpu()
+        values = layer.selective_values[adapter_name].detach().float().cpu()
+        out[index] = values.view(index.numel(), -1).abs().mean(1) if index.numel() else values[:0]
+    return out
+
+
+def _drop_and_grow(units: list[torch.Tensor], held: list[torch.Tensor], budget: float, regrow: float,
+                   ranking: str) -> list[torch.Tensor]:
+    """Per module, the unit indices to train: within each ranking group (all modules, or each one) the budget's k
+    units are the largest held deltas, (1 - regrow) k of them at most, then the best scores among the rest."""
+    if not all(torch.isfinite(u).all() for u in units):
+        raise ValueError("importance scores contain NaN/inf (the calibration loss diverged); check the batches")
+    groups = [[i] for i in range(len(units))] if ranking == "per_module" else [list(range(len(units)))]
+    chosen: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long)] * len(units)
+    for group in groups:
+        total = sum(units[i].numel() for i in group)
+        now = sum(int(torch.isfinite(held[i]).sum()) for i in group)
+        k = round(budget * total)
+        keep = min(now, max(round((1.0 - regrow) * k), k - (total - now)))  # enough unselected units to grow into
+        kept = top_k([held[i] for i in group], keep) if keep else [torch.zeros(0, dtype=torch.long)] * len(group)
+        fresh = [torch.where(torch.isfinite(held[i]), float("-inf"), units[i].float().cpu()) for i in group]
+        grown = top_k(fresh, k - keep) if k - keep else [torch.zeros(0, dtype=torch.long)] * len(group)
+        for j, i in enumerate(group):
+            chosen[i] = torch.cat([kept[j], grown[j]]).sort().values
+    if not any(c.numel() for c in chosen):
+        raise ValueError(f"budget {budget} selects nothing; raise the budget (or use a finer granularity)")
+    return chosen
 
 
 def _checked_config(model: nn.Module, adapter_name: str, budget: float) -> SelectiveConfig:
