@@ -65,6 +65,14 @@ VARIANTS = {  # name: (family, settings)
     "selective-grad-calib-all": ("selective", {"criterion": "grad", "granularity": "element", "calib": 0}),
     "selective-sensitivity-row-bias-calib-all": ("selective", {"criterion": "sensitivity", "granularity": "row",
                                                                "bias": "all", "calib": 0}),
+    # scored on every training sentence as its own batch: the mean of per-example scores (FISH mask's per-example
+    # Fisher, Sung et al. 2021), not of batch gradients
+    "selective-sensitivity-row-bias-per-example": ("selective", {"criterion": "sensitivity", "granularity": "row",
+                                                                 "bias": "all", "calib": 0, "per_example": True}),
+    "selective-sensitivity-per-example": ("selective", {"criterion": "sensitivity", "granularity": "element",
+                                                        "calib": 0, "per_example": True}),
+    "selective-fisher-per-example": ("selective", {"criterion": "fisher", "granularity": "element", "calib": 0,
+                                                   "per_example": True}),
     # dynamic sparse training after epoch 1 (refine(regrow=0.3), re-scored on the first 16 batches): the 70% of
     # units with the largest trained deltas stay, 30% of the budget goes to the best-scoring units not yet selected
     "selective-sensitivity-calib-all-regrow": ("selective", {"criterion": "sensitivity", "granularity": "element",
@@ -89,14 +97,14 @@ def read_tsv(name: str) -> list[tuple[str, int]]:
         return [(row["sentence"], int(row["label"])) for row in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)]
 
 
-def batches(rows: list, tokenizer, shuffle_seed=None) -> list[dict]:
-    """Batches of 32, padded to their longest sentence (at most 64 tokens), with labels."""
+def batches(rows: list, tokenizer, shuffle_seed=None, size: int = BATCH) -> list[dict]:
+    """Batches of ``size`` (32), padded to their longest sentence (at most 64 tokens), with labels."""
     order = list(range(len(rows)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
     out = []
-    for start in range(0, len(order), BATCH):
-        chunk = [rows[i] for i in order[start:start + BATCH]]
+    for start in range(0, len(order), size):
+        chunk = [rows[i] for i in order[start:start + size]]
         enc = tokenizer([s for s, _ in chunk], truncation=True, max_length=MAX_LEN, padding=True, return_tensors="pt")
         enc["labels"] = torch.tensor([y for _, y in chunk])
         out.append(dict(enc))
@@ -238,7 +246,10 @@ def run_variant(name: str, lr=None) -> dict:
     train_batches, test_batches = batches(rows, tokenizer, SEED), batches(test_rows, tokenizer)
     target = lora_count()
     calib = settings.get("calib", CALIB_BATCHES) or len(train_batches)  # "calib": 0 scores on every batch
-    model, score_s = build(name, [to_device(b) for b in train_batches[:calib]], target)
+    calibration = train_batches[:calib]
+    if settings.get("per_example"):  # the same sentences one at a time: scores averaged over examples, not batches
+        calibration = batches(rows, tokenizer, SEED, size=1)[:calib * BATCH]
+    model, score_s = build(name, [to_device(b) for b in calibration], target)
     model.to(device())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     refine_batches = [to_device(b) for b in train_batches[:CALIB_BATCHES]] if settings.get("refine") else None
