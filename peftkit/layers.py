@@ -222,9 +222,9 @@ _shared = threading.local()
 
 def new_forward_pass() -> None:
     """Start a new forward pass: dropout masks are never reused across passes."""
-    _shared.last = None  # the previous pass's dropped activation is not kept past it
     if torch.compiler.is_compiling():  # traced, the counter becomes a guard and torch.compile recompiles every call
         return
+    _shared.last = None  # the previous pass's dropped activation (and the graph behind it) is let go
     _shared.step = getattr(_shared, "step", 0) + 1
 
 
@@ -234,17 +234,26 @@ def shared_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     q/k/v (and gate/up) read one hidden state; one mask for all of them saves two mask draws and two
     (batch, seq, in) activations per block, and is the same regulariser.
 
-    The dropped tensor is held strongly until the next dropout or the next pass, so sharing never depends on
-    whether a layer kept the tensor object itself or only a view of it (the fused kernel saves a reshape);
-    it is saved for backward anyway. The input is held weakly.
-    """
+    The dropped tensor is held strongly, so sharing never depends on whether a layer kept the tensor object
+    itself or only a view of it (the fused kernel saves a reshape); it is saved for backward anyway. It is let
+    go at the next dropout, the next pass (PeftModel's forward and generate), or when its backward runs, so a
+    caller that feeds one long-lived tensor to the layers without PeftModel still gets a new mask per step.
+    (Left: such a caller whose tensor needs no gradient, with no other dropout in between, reuses the mask;
+    call ``new_forward_pass()`` per step there.) The input is held weakly."""
     step = getattr(_shared, "step", 0)
     last = getattr(_shared, "last", None)
     if last is not None and last[0]() is x and last[1] == (p, step, x._version):
         return last[2]
-    out = _Dropout.apply(x, p)
-    _shared.last = (weakref.ref(x), (p, step, x._version), out)
+    token = object()
+    out = _Dropout.apply(x, p, token)
+    _shared.last = (weakref.ref(x), (p, step, x._version), out, token)
     return out
+
+
+def _forget_dropped(token: object) -> None:
+    last = getattr(_shared, "last", None)
+    if last is not None and last[3] is token:
+        _shared.last = None
 
 
 def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
@@ -297,24 +306,28 @@ def _lane_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
 
 
 def _scaled_without(t: torch.Tensor, scale: float, positions: torch.Tensor) -> torch.Tensor:
-    """A new contiguous ``t * scale`` with the flat ``positions`` set to zero."""
+    """A new contiguous ``t * scale`` with the flat ``positions`` set to zero (differentiable when grad mode is on,
+    as in a backward that builds a graph)."""
+    positions = positions.long()
+    if torch.is_grad_enabled() and t.requires_grad:
+        return t.mul(scale).reshape(-1).index_fill(0, positions, 0).view(t.shape)
     out = torch.mul(t, scale, out=torch.empty(t.shape, dtype=t.dtype, device=t.device))
     out.view(-1).index_fill_(0, positions, 0)
     return out  # not a view: an autograd Function's output must own its tensor
 
 
 class _Dropout(torch.autograd.Function):
-    """Inverted dropout. On CPU with small p it saves the dropped positions (int64, ~p n of them: 0.4 bytes per
-    element at p = 0.05) and applies them with index_fill_: a float tensor times a uint8 mask is a
-    mixed-dtype op that torch runs about 10x slower on CPU than a scale plus a scattered fill (512 x 576,
-    0.77 ms against 0.06 ms). Otherwise it saves a bool mask (1 byte per element)."""
+    """Inverted dropout. On CPU with p <= 0.2 it saves the dropped positions, about -ln(1 - p) n of them, as
+    int32 where they fit (0.21 bytes per element at p = 0.05, 0.89 at p = 0.2), and applies them as a scale plus
+    a scattered zero fill, about 1.2x faster than multiplying by a uint8 keep-mask (``python bench/kernels.py
+    --only dropout``). Otherwise it saves a bool mask (1 byte per element)."""
 
     @staticmethod
-    def forward(ctx, x, p):
-        ctx.scale = 1.0 / (1.0 - p)
+    def forward(ctx, x, p, token=None):
+        ctx.scale, ctx.token = 1.0 / (1.0 - p), token
         if _scatters(x, p):
             positions = drop_positions(x, p)
-            ctx.save_for_backward(positions)
+            ctx.save_for_backward(positions.int() if x.numel() < 2 ** 31 else positions)
             ctx.scattered = True
             return _scaled_without(x, ctx.scale, positions)
         mask, ctx.scale = _lane_mask(x, p)
@@ -324,10 +337,11 @@ class _Dropout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        _forget_dropped(ctx.token)
         (saved,) = ctx.saved_tensors
         if ctx.scattered:
-            return _scaled_without(g, ctx.scale, saved), None
-        return g.mul(saved).mul_(ctx.scale), None
+            return _scaled_without(g, ctx.scale, saved), None, None
+        return g.mul(saved).mul_(ctx.scale), None, None
 
 
 # --- mixed-adapter batches: which adapter each row uses, for the length of one forward / generate ---------

@@ -65,6 +65,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
 
     def generate(self, *args, **kwargs):
         """``base_model.generate`` with the active adapters in place (or ``adapter_names=``: one per row)."""
+        new_forward_pass()
         rows = kwargs.pop("adapter_names", None)
         if rows is not None:
             with self._mixed_batch(rows, args, kwargs):

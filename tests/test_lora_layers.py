@@ -253,3 +253,32 @@ def test_fused_kernels_support_double_backward(dora):
     # the forward ran oneDNN, the plain path MKL: float32 rounding, amplified by the squares (values ~1e2)
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fused[1], plain[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_supports_double_backward(p):
+    """Through the dropout's own backward too (drawn positions at small p, a bool mask above): with one mask
+    fixed by the seed, the second derivative matches the same mask applied by hand."""
+    from peftkit.layers import new_forward_pass
+    model = get_peft_model(Net(bias=True), LoraConfig(r=3, target_modules=["proj"], lora_dropout=p,
+                                                      init_lora_weights=False)).train()
+    layer = model.base_model.proj
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    torch.manual_seed(4)
+    new_forward_pass()
+    out = model(x)
+    (gx,) = torch.autograd.grad((out ** 2).sum(), x, create_graph=True)
+    (gb,) = torch.autograd.grad(gx.pow(2).sum(), layer.lora_B["default"])
+    # the same mask by hand: dropped entries are where the dropped input is zero and x is not
+    a, b, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
+    torch.manual_seed(4)
+    from peftkit.layers import shared_dropout
+    new_forward_pass()
+    keep = (shared_dropout(x.detach(), p) != 0).float() / (1 - p)
+    x2 = x.detach().clone().requires_grad_(True)
+    out2 = layer.base_layer(x2) + s * (x2 * keep) @ a.t() @ b.t()
+    (gx2,) = torch.autograd.grad((out2 ** 2).sum(), x2, create_graph=True)
+    (gb2,) = torch.autograd.grad(gx2.pow(2).sum(), b)
+    assert gb.abs().max() > 0
+    torch.testing.assert_close(gx, gx2, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gb, gb2, rtol=1e-4, atol=1e-4)

@@ -125,7 +125,7 @@ def test_dropout_drawn_once_per_shared_input_in_a_training_pass(ids, monkeypatch
     from peftkit import layers
     model = get_peft_model(tiny_llama(), LoraConfig(target_modules="all-linear", lora_dropout=0.1)).train()
     draws, apply = [], layers._Dropout.apply
-    monkeypatch.setattr(layers._Dropout, "apply", lambda x, p: draws.append(x.shape[-1]) or apply(x, p))
+    monkeypatch.setattr(layers._Dropout, "apply", lambda x, *rest: draws.append(x.shape[-1]) or apply(x, *rest))
     seen = {}
     llama = model.base_model
     attn = llama.model.layers[1].self_attn  # layer 0 reads the frozen embeddings: no graph behind its input
@@ -137,6 +137,23 @@ def test_dropout_drawn_once_per_shared_input_in_a_training_pass(ids, monkeypatch
     assert sorted(draws[:4]) == sorted([hidden, hidden, hidden, inter])
     dropped = [s.next_functions[1][0] for s in seen.values()]  # the xd input of each fused kernel
     assert dropped[0] is dropped[1] is dropped[2] and type(dropped[0]).__name__ == "_DropoutBackward"
+
+
+def test_dropout_draws_a_new_mask_per_step_when_layers_are_called_directly():
+    """Called without PeftModel's forward (no new pass is announced) on one long-lived input that requires grad:
+    each step still draws its own mask, and the second backward does not meet the first step's freed graph."""
+    from torch import nn
+
+    from peftkit import get_peft_model
+    model = get_peft_model(nn.Sequential(nn.Linear(12, 10)), LoraConfig(target_modules=["0"], lora_dropout=0.5,
+                                                                       init_lora_weights=False)).train()
+    x = torch.randn(4, 12, requires_grad=True)
+    outs = []
+    for _ in range(2):
+        out = model.base_model(x)
+        out.sum().backward()
+        outs.append(out.detach())
+    assert not torch.equal(outs[0], outs[1])
 
 
 def test_dropout_trains_and_is_off_in_eval(ids):

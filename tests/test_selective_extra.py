@@ -230,14 +230,18 @@ def test_refine_keeps_surviving_values_drops_the_rest_and_remaps_adam(granularit
     opt.step()
 
 
-@pytest.mark.parametrize("granularity, ranking, budget", [("element", "global", 0.05), ("row", "per_module", 0.25)])
-def test_refine_regrow_keeps_the_largest_trained_deltas_and_grows_the_best_scores(granularity, ranking, budget):
+@pytest.mark.parametrize("granularity, ranking, old, budget, f", [
+    ("element", "global", 0.05, 0.05, 0.5), ("element", "global", 0.05, 0.02, 0.5),
+    ("element", "global", 0.02, 0.05, 0.5), ("row", "per_module", 0.25, 0.25, 0.5),
+    ("row", "per_module", 0.5, 0.8, 1.0)])  # the last: fewer unselected rows than the grown share
+def test_refine_regrow_keeps_the_largest_trained_deltas_and_grows_the_best_scores(granularity, ranking, old, budget, f):
     """Drop and grow: of the k units the budget allows, the (1 - f) k held units with the largest |delta| (mean
-    over a row) stay with their values; the rest are the best-scoring units not held before, starting at zero."""
+    over a row) stay with their values (all held ones if fewer; more if too few units are left to grow into);
+    the rest are the best-scoring units not held before, starting at zero."""
     from peftkit.methods.selective_refine import _score_adapted, refine
     from peftkit.methods.selective_scoring import unit_scores
 
-    model, opt, _ = _trained_selective(SelectiveConfig(criterion="sensitivity", budget=budget, ranking=ranking,
+    model, opt, _ = _trained_selective(SelectiveConfig(criterion="sensitivity", budget=old, ranking=ranking,
                                                        granularity=granularity))
     config, base = model.peft_config["default"], model.base_model
     layers = {p: m for p, m in base.named_modules() if isinstance(m, SelectiveLayer)}
@@ -250,14 +254,14 @@ def test_refine_regrow_keeps_the_largest_trained_deltas_and_grows_the_best_score
         index = layer.selective_indices["default"]
         rows = values.view(index.numel(), -1)
         before.update({(path, int(u)): (float(rows[j].abs().mean()), rows[j].clone()) for j, u in enumerate(index)})
-    f = 0.5
     refine(model, _batches(), budget, optimizer=opt, regrow=f)
     groups = [[n] for n in names] if ranking == "per_module" else [names]
     for group in groups:
         units = {n: unit_scores(scores[n], granularity) for n in group}
         k = round(budget * sum(u.numel() for u in units.values()))
+        total = sum(u.numel() for u in units.values())
         held_here = sorted((m, key) for key, (m, _) in before.items() if key[0] in group)
-        keep = min(len(held_here), round((1 - f) * k))
+        keep = min(len(held_here), max(round((1 - f) * k), k - (total - len(held_here))))
         expect_kept = {key for _, key in held_here[len(held_here) - keep:]}
         after = {}
         for n in group:

@@ -9,8 +9,8 @@ Call ``refine`` from a training loop, e.g. every N steps with a shrinking budget
 
 With ``regrow=f`` the re-selection follows the drop-and-grow rule of dynamic sparse training (RigL, Evci et al.,
 2020; SpIEL, Ansell et al., 2024) instead of a fresh ranking: of the ``k`` units the budget allows, the
-(1 - f) k selected units whose trained delta is largest in magnitude stay, and the f k best-scoring units not
-selected yet come in. Trained entries have small gradients precisely because they have been trained, so
+(1 - f) k selected units whose trained delta is largest in magnitude stay (all of them if fewer are held), and
+the rest of the budget goes to the best-scoring units not selected yet. Trained entries have small gradients precisely because they have been trained, so
 re-ranking everything by a gradient score drops what was learned; the magnitude of the delta keeps it.
 
 Decisions (why): scoring sees the current model, base plus this adapter (merged for the duration and unmerged
@@ -68,6 +68,9 @@ def _held(base: nn.Module, name: str, adapter_name: str, n_units: int) -> torch.
     if isinstance(layer, SelectiveLayer) and adapter_name in layer.adapter_names:
         index = layer.selective_indices[adapter_name].detach().cpu()
         values = layer.selective_values[adapter_name].detach().float().cpu()
+        if not torch.isfinite(values).all():
+            raise ValueError(f"the trained values of {name!r} contain NaN/inf (training diverged); regrow ranks units "
+                             "by them: lower the learning rate, or refine without regrow")
         out[index] = values.view(index.numel(), -1).abs().mean(1) if index.numel() else values[:0]
     return out
 
@@ -75,7 +78,8 @@ def _held(base: nn.Module, name: str, adapter_name: str, n_units: int) -> torch.
 def _drop_and_grow(units: list[torch.Tensor], held: list[torch.Tensor], budget: float, regrow: float,
                    ranking: str) -> list[torch.Tensor]:
     """Per module, the unit indices to train: within each ranking group (all modules, or each one) the budget's k
-    units are the largest held deltas, (1 - regrow) k of them at most, then the best scores among the rest."""
+    units are the largest held deltas, (1 - regrow) k of them (fewer if fewer are held; more only where too few
+    units are unselected to grow the rest), then the best scores among the others. regrow=1 keeps none."""
     if not all(torch.isfinite(u).all() for u in units):
         raise ValueError("importance scores contain NaN/inf (the calibration loss diverged); check the batches")
     groups = [[i] for i in range(len(units))] if ranking == "per_module" else [list(range(len(units)))]
