@@ -1,0 +1,104 @@
+"""A/B of one implementation choice inside a training step: both sides alternate step by step in one process.
+
+Separate-process runs (bench/train_step.py) drift by ~5% between rounds on a shared 2-core machine, which is
+as large as most kernel choices. Here one model trains, and the choice is flipped before every step (the
+order alternating: A B, B A, ...), so both sides see the same machine state, heap and caches; medians and
+minima of --steps steps per side are printed. Memory is not compared (one process holds both).
+
+Choices (--toggle):
+
+    onednn    the LoRA / DoRA kernels' float32 CPU GEMMs on oneDNN (A) or on torch's matmul (B)
+    fused     LoRA's fused training kernel (A) or the plain autograd path of the same layer (B)
+    dropout   LoRA dropout at p <= 0.2 on the CPU: saved dropped positions (A) or a bool keep-mask (B)
+
+Run (from the repository root), on the train_step model (SmolLM2-135M shape, batch 4 x 128, r=16 on all seven
+projections):
+
+    python bench/ab_step.py --toggle onednn
+    python bench/ab_step.py --toggle dropout --variant peftkit-lora-drop --steps 16
+    python bench/ab_step.py --toggle fused --layers 2 --steps 2     # a quick check that it runs
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_step  # noqa: E402  (the same model, batch and step as the step benchmark)
+
+TOGGLES = ("onednn", "fused", "dropout")
+
+
+@contextlib.contextmanager
+def side(toggle: str, first: bool):
+    """Within the block, the implementation choice is side A (``first``) or side B."""
+    from peftkit import layers
+    from peftkit.methods import lora, lora_kernels
+
+    if toggle == "onednn":
+        saved = lora_kernels._ONEDNN
+        lora_kernels._ONEDNN = saved if first else None
+        try:
+            yield
+        finally:
+            lora_kernels._ONEDNN = saved
+    elif toggle == "fused":
+        saved = lora.LoraLinear._fusable
+        if not first:
+            lora.LoraLinear._fusable = lambda self, x: None
+        try:
+            yield
+        finally:
+            lora.LoraLinear._fusable = saved
+    else:
+        saved = layers._SCATTER_MAX_P
+        layers._SCATTER_MAX_P = saved if first else 0.0
+        try:
+            yield
+        finally:
+            layers._SCATTER_MAX_P = saved
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--toggle", choices=TOGGLES, required=True)
+    p.add_argument("--variant", default="peftkit-lora", choices=[v for v in train_step.VARIANTS if "peftkit" in v])
+    p.add_argument("--steps", type=int, default=16, help="timed steps per side")
+    p.add_argument("--layers", type=int, help="override the number of decoder layers (quick checks)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc thresholds at their defaults")
+    args = p.parse_args()
+    if not args.default_malloc:
+        from peftkit.cli import keep_freed_memory
+
+        keep_freed_memory()  # as train_step's children and the training commands run
+    torch.set_num_threads(args.threads)
+    settings = train_step.parse_args(["--variants", args.variant] + (["--layers", str(args.layers)] if args.layers else []))
+    model = train_step.apply_variant(train_step.build_model(settings), args.variant)
+    step, _ = train_step.make_step(model, args.variant, train_step.make_batch(settings))
+    for first in (True, False):  # warm both sides up
+        with side(args.toggle, first):
+            step()
+            step()
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(args.steps):
+        for first in ((True, False) if i % 2 == 0 else (False, True)):
+            with side(args.toggle, first):
+                start = time.perf_counter()
+                step()
+                times[first].append(time.perf_counter() - start)
+    a, b = statistics.median(times[True]), statistics.median(times[False])
+    print(f"{args.variant}, --toggle {args.toggle}, {args.steps} steps per side, alternating in one process")
+    print(f"A: median {a:.3f} s, min {min(times[True]):.3f} s")
+    print(f"B: median {b:.3f} s, min {min(times[False]):.3f} s")
+    print(f"B / A = {b / a:.3f}")
+
+
+if __name__ == "__main__":
+    main()
