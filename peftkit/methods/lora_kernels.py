@@ -47,13 +47,19 @@ def linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, f
     return torch.addmm(bias, a, b.t()) if bias is not None else a @ b.t()
 
 
+def compute_dtype(activations: torch.dtype, adapter: torch.dtype) -> torch.dtype:
+    """The dtype the adapter's matmuls run in: the activations' for float32 adapters over bf16/fp16 activations
+    (as torch.autocast would; upcasting the (N, in) activations instead costs a float32 copy of them, saved for
+    backward, and float32 matmuls), else the adapter's own."""
+    if activations in (torch.bfloat16, torch.float16) and adapter == torch.float32:
+        return activations
+    return adapter
+
+
 def compute_factors(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A and B in the dtype the adapter's matmuls run in: the activations' for float32 adapters over bf16/fp16
-    activations (as torch.autocast would; upcasting the (N, in) activations instead costs a float32 copy of
-    them, saved for backward, and float32 matmuls), else the adapter's own."""
-    if x.dtype in (torch.bfloat16, torch.float16) and a.dtype == torch.float32:
-        return a.to(x.dtype), b.to(x.dtype)
-    return a, b
+    """A and B in ``compute_dtype`` for the activations ``x``."""
+    dtype = compute_dtype(x.dtype, a.dtype)
+    return a.to(dtype), b.to(dtype)
 
 
 class FusedLoraLinear(torch.autograd.Function):

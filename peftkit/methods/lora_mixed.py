@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..layers import MixedRows
+from .lora_kernels import compute_dtype
 
 
 class Stacks(NamedTuple):
@@ -76,8 +77,7 @@ def mixed_forward(layer, x: torch.Tensor, result: torch.Tensor, rows: MixedRows)
         raise ValueError(f"adapter_names has {len(rows.names)} names but a LoRA layer sees a batch of {batch} "
                          "rows; pass one name per row of the (expanded) batch")
     a0 = next(iter(layer.lora_A.values()))
-    low = x.dtype in (torch.bfloat16, torch.float16) and a0.dtype == torch.float32
-    st = stacks(layer, x.dtype if low else a0.dtype)  # float32 adapters run in bf16 activations' dtype, as autocast
+    st = stacks(layer, compute_dtype(x.dtype, a0.dtype))  # float32 adapters run in bf16 activations' dtype, as autocast
     idx = rows.index(st.slots, x.device)  # (batch,)
     x3 = x.reshape(batch, -1, x.shape[-1]).to(st.a.dtype)  # (batch, seq, in)
     h = torch.bmm(x3, st.a[idx])  # (batch, seq, r_max)
