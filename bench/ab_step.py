@@ -35,34 +35,27 @@ import train_step  # noqa: E402  (the same model, batch and step as the step ben
 TOGGLES = ("onednn", "fused", "dropout")
 
 
-@contextlib.contextmanager
-def side(toggle: str, first: bool):
-    """Within the block, the implementation choice is side A (``first``) or side B."""
+def _switch(toggle: str):
+    """(owner, attribute, side B's value) of one choice; side A is whatever the attribute holds."""
     from peftkit import layers
     from peftkit.methods import lora, lora_kernels
 
-    if toggle == "onednn":
-        saved = lora_kernels._ONEDNN
-        lora_kernels._ONEDNN = saved if first else None
-        try:
-            yield
-        finally:
-            lora_kernels._ONEDNN = saved
-    elif toggle == "fused":
-        saved = lora.LoraLinear._fusable
-        if not first:
-            lora.LoraLinear._fusable = lambda self, x: None
-        try:
-            yield
-        finally:
-            lora.LoraLinear._fusable = saved
-    else:
-        saved = layers._SCATTER_MAX_P
-        layers._SCATTER_MAX_P = saved if first else 0.0
-        try:
-            yield
-        finally:
-            layers._SCATTER_MAX_P = saved
+    return {"onednn": (lora_kernels, "_ONEDNN", None),  # linear() falls back to torch's matmul
+            "fused": (lora.LoraLinear, "_fusable", lambda self, x: None),  # every call takes the plain path
+            "dropout": (layers, "_SCATTER_MAX_P", 0.0)}[toggle]  # no p is small enough for drawn positions
+
+
+@contextlib.contextmanager
+def side(toggle: str, first: bool):
+    """Within the block, the implementation choice is side A (``first``) or side B."""
+    owner, attribute, b_value = _switch(toggle)
+    saved = getattr(owner, attribute)
+    if not first:
+        setattr(owner, attribute, b_value)
+    try:
+        yield
+    finally:
+        setattr(owner, attribute, saved)
 
 
 def main() -> None:

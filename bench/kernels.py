@@ -2,8 +2,8 @@
 
     gemm       torch's float32 matmul (MKL sgemm on x86) against lora_kernels.linear (oneDNN) for the
                SmolLM2-135M projection shapes at 4 x 128 tokens, forward (x W^T) and input gradient (g W)
-    mask       a dropout keep-mask at p = 0.05: 16 random bits per element (_lane_mask) against drawing the
-               dropped positions (drop_positions, Poisson splitting) into a uint8 mask (keep_mask)
+    mask       dropout's draw at p = 0.05: a keep-mask from 16 random bits per element (_lane_mask) against
+               drawing the dropped positions (drop_positions, Poisson splitting)
     dropout    inverted dropout at p = 0.05, forward and backward: multiplying by a uint8 keep-mask and the scale
                against scaling and zeroing the saved dropped positions (what peftkit's _Dropout does on CPU)
     selective  one training step (forward, backward, AdamW) of a MiniLM-shaped BERT classifier (random weights)
@@ -63,23 +63,23 @@ def bench_gemm(repeats: int) -> None:
 
 
 def bench_mask(repeats: int) -> None:
-    from peftkit.layers import _lane_mask, keep_mask
+    from peftkit.layers import _lane_mask, drop_positions
 
     for inp in (576, 1536):
         x = torch.empty(ROWS, inp)
-        pair(f"mask {ROWS}x{inp}, p=0.05", lambda: _lane_mask(x, 0.05), lambda: keep_mask(x, 0.05), repeats,
-             ("16-bit lanes", "scattered drops"))
+        pair(f"mask {ROWS}x{inp}, p=0.05", lambda: _lane_mask(x, 0.05), lambda: drop_positions(x, 0.05), repeats,
+             ("16-bit lanes", "drawn positions"))
 
 
 def bench_dropout(repeats: int) -> None:
-    from peftkit.layers import _scaled_without, drop_positions, keep_mask
+    from peftkit.layers import _scaled_without, drop_positions
 
     p, scale = 0.05, 1 / 0.95
     for inp in (576, 1536):
         x, g = torch.randn(ROWS, inp), torch.randn(ROWS, inp)
 
-        def by_mask():
-            mask, _ = keep_mask(x, p)
+        def by_mask():  # the same draw made into a uint8 keep-mask
+            mask = torch.ones(x.numel(), dtype=torch.uint8).index_fill_(0, drop_positions(x, p), 0).view(x.shape)
             return x.mul(mask).mul_(scale), g.mul(mask).mul_(scale)
 
         def by_positions():

@@ -256,20 +256,6 @@ def _forget_dropped(token: object) -> None:
         _shared.last = None
 
 
-def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
-    """A mask keeping each element of ``x`` with probability 1 - p, and the inverted-dropout scale.
-
-    uint8 0/1 on CPU with p <= 0.2, where the dropped positions are drawn by Poisson splitting
-    (``drop_positions``, O(p n) random numbers instead of O(n)); otherwise bool, from ``_lane_mask``.
-    """
-    if p <= 0.0:
-        return torch.ones(x.shape, dtype=torch.bool, device=x.device), 1.0
-    if _scatters(x, p):
-        mask = torch.ones(x.numel(), dtype=torch.uint8, device=x.device)
-        return mask.index_fill_(0, drop_positions(x, p), 0).view(x.shape), 1.0 / (1.0 - p)
-    return _lane_mask(x, p)
-
-
 _SCATTER_MAX_P = 0.2  # above this, k ~ n * -ln(1 - p) index draws cost more than _lane_mask's n / 4
 
 

@@ -170,9 +170,8 @@ class LoraLinear(LoraLayer):
         base, a, b = self.base_layer, self.lora_A[name], self.lora_B[name]
         fast = torch.is_grad_enabled()  # oneDNN GEMMs under grad mode (lora_kernels.linear); no_grad: torch's own
         if name in self.lora_magnitude_vector:
-            return FusedDoraLinear.apply(x, base.weight, base.bias, self.lora_A[name], self.lora_B[name],
-                                          self.lora_magnitude_vector[name], self.dora_norm(name), self.scaling[name],
-                                          fast)
+            return FusedDoraLinear.apply(x, base.weight, base.bias, a, b, self.lora_magnitude_vector[name],
+                                          self.dora_norm(name), self.scaling[name], fast)
         xd = self.dropped(name, x)
         return FusedLoraLinear.apply(x, None if xd is x else xd, base.weight, base.bias, a, b, self.scaling[name], fast)
 

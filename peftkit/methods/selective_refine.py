@@ -10,8 +10,9 @@ Call ``refine`` from a training loop, e.g. every N steps with a shrinking budget
 With ``regrow=f`` the re-selection follows the drop-and-grow rule of dynamic sparse training (RigL, Evci et al.,
 2020; SpIEL, Ansell et al., 2024) instead of a fresh ranking: of the ``k`` units the budget allows, the
 (1 - f) k selected units whose trained delta is largest in magnitude stay (all of them if fewer are held), and
-the rest of the budget goes to the best-scoring units not selected yet. Trained entries have small gradients precisely because they have been trained, so
-re-ranking everything by a gradient score drops what was learned; the magnitude of the delta keeps it.
+the rest of the budget goes to the best-scoring units not selected yet. Trained entries have small gradients
+precisely because they have been trained, so re-ranking everything by a gradient score drops what was learned;
+the magnitude of the delta keeps it.
 
 Decisions (why): scoring sees the current model, base plus this adapter (merged for the duration and unmerged
 bit-exactly), so the scores rank the weights the model now uses. Entries that leave the selection lose their
@@ -28,7 +29,7 @@ from torch import nn
 
 from ..inject import adapter_layers, find_targets, replace_modules, unwrap
 from .selective import SelectiveConfig, SelectiveLayer, _counts, _make_layer, _scored_weight
-from .selective_scoring import LossFn, score_weights, select, top_k, unit_scores
+from .selective_scoring import LossFn, check_finite, score_weights, select, top_k, unit_scores
 
 
 def refine(model: nn.Module, batches: Optional[Iterable[dict]], budget: float, adapter_name: str = "default",
@@ -80,8 +81,7 @@ def _drop_and_grow(units: list[torch.Tensor], held: list[torch.Tensor], budget: 
     """Per module, the unit indices to train: within each ranking group (all modules, or each one) the budget's k
     units are the largest held deltas, (1 - regrow) k of them (fewer if fewer are held; more only where too few
     units are unselected to grow the rest), then the best scores among the others. regrow=1 keeps none."""
-    if not all(torch.isfinite(u).all() for u in units):
-        raise ValueError("importance scores contain NaN/inf (the calibration loss diverged); check the batches")
+    check_finite(units)
     groups = [[i] for i in range(len(units))] if ranking == "per_module" else [list(range(len(units)))]
     chosen: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long)] * len(units)
     for group in groups:

@@ -148,12 +148,17 @@ def top_k(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     return chosen
 
 
-def select(scores: list[torch.Tensor], budget: Optional[float], threshold: Optional[float],
-           ranking: str) -> list[torch.Tensor]:
-    """Selected unit indices per tensor: the top ``budget`` fraction (global or per tensor), or above ``threshold``."""
+def check_finite(scores: list[torch.Tensor]) -> None:
+    """Refuse scores with NaN/inf, which no ranking can order."""
     for s in scores:
         if not torch.isfinite(s).all():
             raise ValueError("importance scores contain NaN/inf (the calibration loss diverged); check the batches")
+
+
+def select(scores: list[torch.Tensor], budget: Optional[float], threshold: Optional[float],
+           ranking: str) -> list[torch.Tensor]:
+    """Selected unit indices per tensor: the top ``budget`` fraction (global or per tensor), or above ``threshold``."""
+    check_finite(scores)
     if threshold is not None:
         chosen = [(s > threshold).nonzero().flatten() for s in scores]
         if not any(c.numel() for c in chosen):
