@@ -10,12 +10,18 @@ Choices (--toggle):
     onednn    the LoRA / DoRA kernels' float32 CPU GEMMs on oneDNN (A) or on torch's matmul (B)
     fused     LoRA's fused training kernel (A) or the plain autograd path of the same layer (B)
     dropout   LoRA dropout at p <= 0.2 on the CPU: saved dropped positions (A) or a bool keep-mask (B)
+    adapter   the adapter's whole cost: the --variant training step (A) against the limit-onednn step of
+              train_step.py on the same model (B): every LoRA layer runs its frozen base through the same
+              oneDNN GEMM, forward + backward to the input embeddings, no weight gradients, no optimizer.
+              B / A is the inverse of the ratio train_step.py reports as peftkit / limit-onednn, without
+              the drift between separate processes.
 
 Run (from the repository root), on the train_step model (SmolLM2-135M shape, batch 4 x 128, r=16 on all seven
 projections):
 
     python bench/ab_step.py --toggle onednn
     python bench/ab_step.py --toggle dropout --variant peftkit-lora-drop --steps 16
+    python bench/ab_step.py --toggle adapter --steps 16
     python bench/ab_step.py --toggle fused --layers 2 --steps 2     # a quick check that it runs
 """
 from __future__ import annotations
@@ -32,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step  # noqa: E402  (the same model, batch and step as the step benchmark)
 
-TOGGLES = ("onednn", "fused", "dropout")
+TOGGLES = ("onednn", "fused", "dropout", "adapter")
 
 
 def _switch(toggle: str):
@@ -42,7 +48,13 @@ def _switch(toggle: str):
 
     return {"onednn": (lora_kernels, "_ONEDNN", None),  # linear() falls back to torch's matmul
             "fused": (lora.LoraLinear, "_fusable", lambda self, x: None),  # every call takes the plain path
-            "dropout": (layers, "_SCATTER_MAX_P", 0.0)}[toggle]  # no p is small enough for drawn positions
+            "dropout": (layers, "_SCATTER_MAX_P", 0.0),  # no p is small enough for drawn positions
+            "adapter": (lora.LoraLinear, "forward", _frozen_forward)}[toggle]  # the frozen base only
+
+
+def _frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """A LoRA layer as limit-onednn runs its projection: the frozen base through oneDNN, nothing else."""
+    return train_step.FrozenLinear.apply(x, self.base_layer.weight, self.base_layer.bias)
 
 
 @contextlib.contextmanager
@@ -56,6 +68,18 @@ def side(toggle: str, first: bool):
         yield
     finally:
         setattr(owner, attribute, saved)
+
+
+def _limit_step(model: torch.nn.Module, ids: torch.Tensor):
+    """The limit's step on ``model`` (train_step.make_step's for limit variants, without an optimizer: the
+    adapter's parameters stay out of the graph while side B's forward bypasses them)."""
+    embed = model.get_input_embeddings()
+
+    def step() -> None:
+        x = embed(ids).detach().requires_grad_(True)
+        model(inputs_embeds=x, labels=ids).loss.backward()
+
+    return step
 
 
 def main() -> None:
@@ -74,23 +98,27 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     settings = train_step.parse_args(["--variants", args.variant] + (["--layers", str(args.layers)] if args.layers else []))
     model = train_step.apply_variant(train_step.build_model(settings), args.variant)
-    step, _ = train_step.make_step(model, args.variant, train_step.make_batch(settings))
+    ids = train_step.make_batch(settings)
+    step = train_step.make_step(model, args.variant, ids)[0]
+    steps = {True: step, False: _limit_step(model, ids) if args.toggle == "adapter" else step}
     for first in (True, False):  # warm both sides up
         with side(args.toggle, first):
-            step()
-            step()
+            steps[first]()
+            steps[first]()
     times: dict[bool, list[float]] = {True: [], False: []}
     for i in range(args.steps):
         for first in ((True, False) if i % 2 == 0 else (False, True)):
             with side(args.toggle, first):
                 start = time.perf_counter()
-                step()
+                steps[first]()
                 times[first].append(time.perf_counter() - start)
     a, b = statistics.median(times[True]), statistics.median(times[False])
     print(f"{args.variant}, --toggle {args.toggle}, {args.steps} steps per side, alternating in one process")
     print(f"A: median {a:.3f} s, min {min(times[True]):.3f} s")
     print(f"B: median {b:.3f} s, min {min(times[False]):.3f} s")
     print(f"B / A = {b / a:.3f}")
+    if args.toggle == "adapter":
+        print(f"A / B = {a / b:.3f} (the training step against the limit-onednn step)")
 
 
 if __name__ == "__main__":
