@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from peftkit.train import DataConfig, JobConfig, ModelLoadError, TrainConfig, TrainingInterrupted, load_model, run_job
 from peftkit.train import trainer as trainer_module
+from peftkit.train.job import holds_run
 
 import train_tiny
 
@@ -62,6 +63,20 @@ def test_run_writes_every_output(model_dir, data_dir, tmp_path):
     config = json.load(open(os.path.join(out, "adapter", "adapter_config.json")))
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["base_model_name_or_path"] == model_dir
     assert AutoPeftModelForCausalLM is not None
+
+
+def test_a_directory_with_only_an_adapter_counts_as_a_run(model_dir, data_dir, tmp_path):
+    # the same markers as the CLI's check: adapter/ alone (a run whose logs were removed) is refused, then replaced
+    # whole with --overwrite, not written into
+    out = tmp_path / "run"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "old.txt").write_text("from an earlier run")
+    assert holds_run(str(out)) and not holds_run(str(tmp_path / "missing")) and not holds_run(str(out / "adapter" / "old.txt"))
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        run_job(job(model_dir, data_dir, epochs=1), str(out), progress=False, log=quiet)
+    assert (out / "adapter" / "old.txt").exists()
+    run_job(job(model_dir, data_dir, epochs=1), str(out), overwrite=True, progress=False, log=quiet)
+    assert not (out / "adapter" / "old.txt").exists() and (out / "adapter" / "adapter_config.json").exists()
 
 
 def test_existing_run_is_refused_then_overwritten_safely(model_dir, data_dir, tmp_path):

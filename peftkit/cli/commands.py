@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 from .errors import CliError
 from .flags import check_method_flags, given_values, method_classes_from_registry
-from .runs import data_labels, holds_run, load_run_model, resolve_run, run_labels, write_rows
-from ..train.job import JOB_FILE  # the run's job, recorded by run_job: the one record --resume reads
+from .runs import data_labels, load_run_model, resolve_run, run_labels, write_rows
+from ..train.job import JOB_FILE, holds_run  # JOB_FILE: the run's job, recorded by run_job: the one record --resume reads
 
 
 @dataclass

@@ -11,7 +11,6 @@ from typing import Any, Optional
 from .errors import CliError
 
 ADAPTER_CONFIG = "adapter_config.json"
-RUN_MARKERS = ("summary.json", "metrics.jsonl", "checkpoints", "adapter", "model")
 
 
 @dataclass
@@ -57,11 +56,6 @@ def resolve_run(path: str) -> Run:
         return Run(None, path, _read_json(os.path.join(run_dir, "summary.json")))
     raise CliError(f"--adapter {path!r} holds no {ADAPTER_CONFIG} (and no adapter/ or model/ inside); pass the output "
                    "directory of `peftkit train` or an adapter directory")
-
-
-def holds_run(path: str) -> bool:
-    """True when ``path`` already holds (part of) a training run."""
-    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in RUN_MARKERS)
 
 
 def base_model_name(run: Run, model: Optional[str]) -> str:

@@ -20,7 +20,9 @@ from .metrics import evaluate
 from .models import load_model, method_config, method_type, needs_calibration, wrap_model
 from .trainer import TrainConfig, Trainer, TrainingInterrupted, seed_everything
 
-RUN_MARKERS = ("summary.json", "metrics.jsonl", "checkpoints")  # an output_dir holding any of these holds a run
+# an output_dir holding any of these holds (part of) a run: what run_job writes (adapter/ or model/ for full
+# fine-tuning); `peftkit train` and the commands that read runs (evaluate, predict) use this one list
+RUN_MARKERS = ("summary.json", "metrics.jsonl", "checkpoints", "adapter", "model")
 JOB_FILE = "job.json"  # the run's JobConfig, written when the run starts
 
 
@@ -76,8 +78,8 @@ class JobConfig:
 
 
 def holds_run(output_dir: str) -> bool:
-    """True when ``output_dir`` already holds (part of) a run."""
-    return any(os.path.exists(os.path.join(output_dir, m)) for m in RUN_MARKERS)
+    """True when ``output_dir`` is a directory that already holds (part of) a run."""
+    return os.path.isdir(output_dir) and any(os.path.exists(os.path.join(output_dir, m)) for m in RUN_MARKERS)
 
 
 def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> None:
