@@ -450,3 +450,97 @@ def test_flags_and_a_missing_model(tmp_path, capsys):
     assert (args.host, args.port) == ("127.0.0.1", 8000)
     assert main(args) == 2  # a clear message, no traceback, no server
     assert "missing" in capsys.readouterr().err
+
+
+# --- incremental decoding of a stream ------------------------------------------------------------------------
+SAMPLE = ("Hello wörld, the café sells crème brûlée. 日本語のテキスト and emoji 🙂👍 mixed in; "
+          "naïve façade, ✓ done. Ünïcödé again: 東京 🙂 end.")
+
+
+def trained_tokenizer(kind: str) -> PreTrainedTokenizerFast:
+    """A small tokenizer trained here: byte-level BPE (GPT-2 / SmolLM2 style, multi-byte characters split over
+    tokens) or Metaspace BPE (SentencePiece / Llama style, a word's leading space in its first token)."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None if kind == "bytelevel" else "<unk>"))
+    if kind == "bytelevel":
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        alphabet = sorted(set(SAMPLE))
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"], initial_alphabet=alphabet)
+    tok.train_from_iterator([SAMPLE.replace("🙂", "")] * 3, trainer)  # the emoji stay split into bytes / unknown
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+
+
+class CountingTokenizer:
+    """Forwards decode, counting the tokens it was given."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def decode(self, tokens, **kw) -> str:
+        self.decoded += len(tokens)
+        return self.tokenizer.decode(tokens, **kw)
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+def test_text_so_far_equals_the_full_decode_at_every_step(kind):
+    from peftkit.serve.schemas import TextSoFar
+
+    tokenizer = trained_tokenizer(kind)
+    ids = tokenizer(SAMPLE, add_special_tokens=False)["input_ids"]
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    assert len(ids) > 20 and "🙂" in full
+    for chunk in (1, 3):
+        so_far, unfinished = TextSoFar(tokenizer), 0
+        for i in range(0, len(ids), chunk):
+            text = so_far.extend(ids[i:i + chunk])
+            prefix = tokenizer.decode(ids[:i + chunk], skip_special_tokens=True)
+            assert not text.endswith("\ufffd") and full.startswith(text)
+            if prefix.endswith("\ufffd"):  # a character split over tokens waits until it is whole
+                unfinished += 1
+                assert prefix.startswith(text) and len(text) < len(prefix)
+            else:
+                assert text == prefix
+        assert so_far.finish() == full
+        assert unfinished > 0 or kind == "metaspace"  # byte-level BPE does split the emoji
+
+
+def test_text_so_far_decodes_each_token_a_bounded_number_of_times():
+    from peftkit.serve.schemas import TextSoFar
+
+    counting = CountingTokenizer(trained_tokenizer("bytelevel"))
+    ids = counting.tokenizer(SAMPLE * 4, add_special_tokens=False)["input_ids"]
+    so_far = TextSoFar(counting)
+    for token in ids:
+        so_far.extend([token])
+    assert so_far.finish() == counting.tokenizer.decode(ids)
+    assert counting.decoded <= 8 * len(ids)  # a full decode per token would be len(ids)^2 / 2 (about 60x more here)
+    assert len(ids) ** 2 / 2 > 40 * counting.decoded
+
+
+def test_text_so_far_stops_at_end_of_sequence_and_max_tokens():
+    from peftkit.serve.schemas import TextSoFar
+
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer("red blue green one two", add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    so_far = TextSoFar(tokenizer, frozenset({eos}), max_tokens=10)
+    assert so_far.extend(ids[:2]) == "red blue"
+    assert so_far.extend([ids[2], eos, ids[3]]) == "red blue green" and so_far.ended
+    assert so_far.extend([ids[4]]) == "red blue green" and so_far.finish() == "red blue green"
+    capped = TextSoFar(tokenizer, frozenset({eos}), max_tokens=3)
+    assert capped.extend(ids) == "red blue green" and capped.tokens == ids[:3]
+
+
+def test_render_counts_the_tokens_up_to_the_stop_string():
+    from peftkit.serve.engine import Generated
+    from peftkit.serve.schemas import render
+
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer("the cat sat on the mat and the dog", add_special_tokens=False)["input_ids"]
+    assert render(tokenizer, Generated(ids, "length"), [" on the"]) == ("the cat sat", 5, "stop")
+    assert render(tokenizer, Generated(ids, "length"), ["dog"]) == ("the cat sat on the mat and the ", 9, "stop")
+    assert render(tokenizer, Generated(ids, "length"), ["bird"]) == ("the cat sat on the mat and the dog", 9, "length")

@@ -22,8 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .engine import Engine, Job, Sampling, ServeError, TokenStream
 from .limits import ServeLimits
 from .schemas import (
-    ChatRequest, CompletionRequest, LoadRequest, UnloadRequest, chat_body, chat_chunk, chat_prompt_ids, check_supported,
-    completion_body, completion_prompt, error_body, first_stop, held_back, parse, render, stop_list, usage,
+    ChatRequest, CompletionRequest, LoadRequest, TextSoFar, UnloadRequest, chat_body, chat_chunk, chat_prompt_ids,
+    check_supported, completion_body, completion_prompt, error_body, first_stop, held_back, parse, render, stop_list,
+    usage,
 )
 
 
@@ -242,28 +243,35 @@ def _chunk(rid: str, model: str, text: Optional[str], finish: Optional[str], cha
 
 async def _events(engine: Engine, job: Job, stops: list[str], model: str, chat: bool,
                   include_usage: bool) -> AsyncIterator[str]:
-    """The SSE stream of one request: text deltas as tokens arrive, held back while they could start a stop string."""
-    tokens, sent, stopped = [], 0, False
+    """The SSE stream of one request: text deltas as tokens arrive, held back while they could start a stop string.
+
+    The text is decoded incrementally (TextSoFar: each token costs a decode of the last few, not of the whole
+    answer) and only its unsent end is searched for stop strings: a stop cannot begin in text already sent,
+    since that text never ends in the start of one.
+    """
+    so_far, sent, cut = TextSoFar(engine.tokenizer, engine.eos_ids, job.max_tokens), 0, None
     try:
         if chat:
             yield _sse(chat_chunk(job.id, model, {"role": "assistant", "content": ""}, None))
         while (item := await job.stream.queue.get()) is not None:
-            tokens.extend(item)
-            if stopped:
-                continue  # drain until generate notices the cancel
-            text = engine.tokenizer.decode(engine.cut(tokens, job.max_tokens).tokens, skip_special_tokens=True)
-            cut = first_stop(text, stops)
             if cut is not None:
-                stopped = True
+                continue  # drain until generate notices the cancel
+            text = so_far.extend(item)
+            cut = first_stop(text, stops, sent)
+            if cut is not None:
                 job.stream.cancel.set()
             end = cut if cut is not None else len(text) - held_back(text, stops)
-            if text[sent:end] and not text[:end].endswith("\ufffd"):  # an unfinished UTF-8 character waits
+            if text[sent:end]:
                 yield _chunk(job.id, model, text[sent:end], None, chat)
                 sent = end
         result = await asyncio.wrap_future(job.future)
-        text, n_tokens, finish = render(engine.tokenizer, result, stops)
-        if text[sent:]:
-            yield _chunk(job.id, model, text[sent:], None, chat)
+        _, n_tokens, finish = render(engine.tokenizer, result, stops)
+        if cut is None:  # the end: nothing is held back any more, an unfinished last character included
+            text = so_far.finish()
+            cut = first_stop(text, stops, sent)
+            end = cut if cut is not None else len(text)
+            if text[sent:end]:
+                yield _chunk(job.id, model, text[sent:end], None, chat)
         yield _chunk(job.id, model, None, finish, chat)
         if include_usage:
             yield _sse({"id": job.id, "object": "chat.completion.chunk" if chat else "text_completion",

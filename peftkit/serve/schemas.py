@@ -148,20 +148,68 @@ def _content_text(message: ChatMessage) -> str:
     return message.content or ""
 
 
+class TextSoFar:
+    """The text of a growing list of generated tokens, decoded a few tokens at a time.
+
+    Decoding the whole list again for each new token costs O(n^2) over an n-token answer. Here each step
+    decodes only the tokens since the last emitted text, twice: from the same starting token without and
+    with the new ones, so tokenizers that treat a leading space or a word start specially (SentencePiece,
+    byte-level BPE) agree on the shared part, and the difference is the new text. A step whose text ends in
+    an unfinished UTF-8 character (U+FFFD) emits nothing until the character is complete. The text only
+    grows: what was emitted is never rewritten. Tokens after the first end-of-sequence id, or past
+    ``max_tokens``, are ignored, as ``Engine.cut`` does.
+    """
+
+    def __init__(self, tokenizer, eos_ids: frozenset = frozenset(), max_tokens: Optional[int] = None) -> None:
+        self.tokenizer, self.eos_ids, self.max_tokens = tokenizer, eos_ids, max_tokens
+        self.tokens: list[int] = []
+        self.text = ""
+        self.ended = False
+        self._start = self._read = 0  # decode window: tokens[_start:_read] are already in text
+
+    def extend(self, new: list[int]) -> str:
+        """Take the next tokens; the whole text so far."""
+        for token in new:
+            if self.ended or token in self.eos_ids or (self.max_tokens is not None and len(self.tokens) >= self.max_tokens):
+                self.ended = True
+                break
+            self.tokens.append(token)
+        self._advance(final=False)
+        return self.text
+
+    def finish(self) -> str:
+        """The whole text, an unfinished last character included (as a full decode writes it)."""
+        self._advance(final=True)
+        return self.text
+
+    def _advance(self, final: bool) -> None:
+        if len(self.tokens) == self._read:
+            return
+        done = self._decode(self.tokens[self._start:self._read])
+        now = self._decode(self.tokens[self._start:])
+        if len(now) > len(done) and (final or not now.endswith("\ufffd")):
+            self.text += now[len(done):]
+            self._start, self._read = self._read, len(self.tokens)
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True) if tokens else ""
+
+
 def render(tokenizer, result: Generated, stops: list[str]) -> tuple[str, int, str]:
     """(text, completion tokens, finish reason) of a finished request, cut before the first stop string."""
     text = tokenizer.decode(result.tokens, skip_special_tokens=True)
     cut = first_stop(text, stops)
     if cut is None:
         return text, len(result.tokens), result.finish_reason
-    used = next(k for k in range(1, len(result.tokens) + 1)  # tokens up to the one that completed the stop string
-                if first_stop(tokenizer.decode(result.tokens[:k], skip_special_tokens=True), stops) is not None)
+    so_far = TextSoFar(tokenizer)  # the tokens up to the one that completed the stop string, in one pass
+    used = next((k for k, token in enumerate(result.tokens, 1) if first_stop(so_far.extend([token]), stops) is not None),
+                len(result.tokens))
     return text[:cut], used, "stop"
 
 
-def first_stop(text: str, stops: list[str]) -> Optional[int]:
-    """Where the earliest stop string starts in ``text``, or None."""
-    found = [text.find(s) for s in stops if s in text]
+def first_stop(text: str, stops: list[str], start: int = 0) -> Optional[int]:
+    """Where the earliest stop string starts in ``text`` (at ``start`` or later), or None."""
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return min(found) if found else None
 
 
