@@ -535,6 +535,12 @@ def test_text_so_far_stops_at_end_of_sequence_and_max_tokens():
     assert capped.extend(ids) == "red blue green" and capped.tokens == ids[:3]
 
 
+def first_stopping_prefix(tokenizer, ids: list[int], stops: list[str]) -> int:
+    """The definition of the completion count at a stop: the first k whose full decode of ids[:k] holds a stop."""
+    return next(k for k in range(1, len(ids) + 1)
+                if any(s in tokenizer.decode(ids[:k], skip_special_tokens=True) for s in stops))
+
+
 def test_render_counts_the_tokens_up_to_the_stop_string():
     from peftkit.serve.engine import Generated
     from peftkit.serve.schemas import render
@@ -542,5 +548,108 @@ def test_render_counts_the_tokens_up_to_the_stop_string():
     tokenizer = tiny_tokenizer()
     ids = tokenizer("the cat sat on the mat and the dog", add_special_tokens=False)["input_ids"]
     assert render(tokenizer, Generated(ids, "length"), [" on the"]) == ("the cat sat", 5, "stop")
-    assert render(tokenizer, Generated(ids, "length"), ["dog"]) == ("the cat sat on the mat and the ", 9, "stop")
+    assert render(tokenizer, Generated(ids, "length"), ["mat", " and"]) == ("the cat sat on the ", 6, "stop")
     assert render(tokenizer, Generated(ids, "length"), ["bird"]) == ("the cat sat on the mat and the dog", 9, "length")
+    # multi-byte characters split over byte-level tokens: a stop just before one is complete when the token that
+    # starts the character arrives (its decode ends in U+FFFD), not a token later
+    tokenizer = trained_tokenizer("bytelevel")
+    ids = tokenizer(SAMPLE, add_special_tokens=False)["input_ids"]
+    text = tokenizer.decode(ids)
+    checked = 0
+    for start in range(0, len(text) - 4, 3):
+        for width in (1, 2, 4):
+            stop = text[start:start + width]
+            if "\ufffd" in stop or not stop.strip():
+                continue
+            got = render(tokenizer, Generated(ids, "length"), [stop])
+            assert got == (text[:text.index(stop)], first_stopping_prefix(tokenizer, ids, [stop]), "stop"), stop
+            checked += 1
+    assert checked > 80
+
+
+class FakeEngine:
+    """What _events reads of the engine: a tokenizer, its end-of-sequence ids and Engine.cut."""
+
+    def __init__(self, tokenizer, eos_ids) -> None:
+        from peftkit.serve.engine import Engine
+
+        self.tokenizer, self.eos_ids, self._cut = tokenizer, set(eos_ids), Engine.cut
+
+    def cut(self, tokens, max_tokens):
+        return self._cut(self, tokens, max_tokens)
+
+
+def streamed(tokenizer, ids: list[int], stops: list[str], chunk: int, eos_ids=(), max_tokens=100) -> tuple:
+    """(text, completion tokens, finish reason) of peftkit.serve.app._events fed ``ids`` ``chunk`` at a time."""
+    import asyncio
+    import concurrent.futures
+    import types
+
+    from peftkit.serve.app import _events
+
+    engine = FakeEngine(tokenizer, eos_ids)
+    job = types.SimpleNamespace(id="x", max_tokens=max_tokens, input_ids=[1], future=concurrent.futures.Future(),
+                                stream=types.SimpleNamespace(queue=asyncio.Queue(), cancel=threading.Event()))
+    for i in range(0, len(ids), chunk):
+        job.stream.queue.put_nowait(ids[i:i + chunk])
+    job.stream.queue.put_nowait(None)
+    job.future.set_result(engine.cut(ids, max_tokens))
+
+    async def collect():
+        return [event async for event in _events(engine, job, stops, "m", False, True)]
+
+    texts, count, finish = [], None, None
+    for event in asyncio.run(collect()):
+        body = event[len("data: "):].strip()
+        if body == "[DONE]":
+            continue
+        data = json.loads(body)
+        assert "error" not in data, data
+        if data["choices"]:
+            texts.append(data["choices"][0]["text"])
+            finish = data["choices"][0]["finish_reason"] or finish
+        else:
+            count = data["usage"]["completion_tokens"]
+    assert not any("\ufffd" in t for t in texts[:-2])  # no half character was sent before the end
+    return "".join(texts), count, finish
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+def test_stream_equals_the_whole_response_with_multibyte_text(kind):
+    from peftkit.serve.engine import Generated
+    from peftkit.serve.schemas import render
+
+    tokenizer = trained_tokenizer(kind)
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(SAMPLE, add_special_tokens=False)["input_ids"]
+    text = tokenizer.decode(ids)
+    cases = [([], {}), ([text[40:44]], {}), ([text[-5:]], {}), (["zzz", text[10:12]], {}),  # a stop at the very end too
+             ([], {"eos_ids": [eos], "ids": ids[:20] + [eos] + ids[20:]}), ([], {"max_tokens": 17})]
+    for stops, extra in cases:
+        seq = extra.get("ids", ids)
+        engine = FakeEngine(tokenizer, extra.get("eos_ids", ()))
+        whole = render(tokenizer, engine.cut(seq, extra.get("max_tokens", 100)), stops)
+        for chunk in (1, 2, 5):
+            got = streamed(tokenizer, seq, stops, chunk, extra.get("eos_ids", ()), extra.get("max_tokens", 100))
+            assert got == whole, (stops, extra.keys(), chunk)
+    assert render(tokenizer, Generated(ids, "length"), [text[-5:]])[2] == "stop"
+
+
+def test_stream_with_a_tokenizer_that_cleans_up_spaces():
+    # WordPiece-style decoding with clean_up_tokenization_spaces: "it ' s" decodes to "it's" only with the text
+    # before it, so the stream decodes whole (as render does) and honours a stop that the cleanup creates
+    from tokenizers import decoders
+
+    from peftkit.serve.schemas import render
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "</s>", "it", "'", "s", "is", "ok", "."])}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = Whitespace(), decoders.WordPiece()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>",
+                                        clean_up_tokenization_spaces=True)
+    ids = [vocab[w] for w in ["it", "'", "s", "is", "ok", "."]]
+    assert tokenizer.decode(ids) == "it's is ok."
+    for stops in ([], ["it's"], ["ok."], ["s is"]):
+        for chunk in (1, 2):
+            assert streamed(tokenizer, ids, stops, chunk) == render(tokenizer, FakeEngine(tokenizer, ()).cut(ids, 100), stops)
+    assert streamed(tokenizer, ids, ["it's"], 1) == ("", 3, "stop")

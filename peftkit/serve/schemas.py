@@ -158,7 +158,14 @@ class TextSoFar:
     an unfinished UTF-8 character (U+FFFD) emits nothing until the character is complete. The text only
     grows: what was emitted is never rewritten. Tokens after the first end-of-sequence id, or past
     ``max_tokens``, are ignored, as ``Engine.cut`` does.
+
+    A tokenizer that cleans up spaces after decoding (``clean_up_tokenization_spaces``: "it ' s" -> "it's")
+    needs the text before a window to decode the window's start, so there every step decodes all tokens, as
+    ``render`` does, and the last ``CLEANUP_REACH`` characters wait for the next step or ``finish``: the
+    cleanup's patterns (" n't", " 's", " ." ...) rewrite at most the last 3 characters of a text when it grows.
     """
+
+    CLEANUP_REACH = 8
 
     def __init__(self, tokenizer, eos_ids: frozenset = frozenset(), max_tokens: Optional[int] = None) -> None:
         self.tokenizer, self.eos_ids, self.max_tokens = tokenizer, eos_ids, max_tokens
@@ -166,6 +173,7 @@ class TextSoFar:
         self.text = ""
         self.ended = False
         self._start = self._read = 0  # decode window: tokens[_start:_read] are already in text
+        self._whole = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
 
     def extend(self, new: list[int]) -> str:
         """Take the next tokens; the whole text so far."""
@@ -183,6 +191,12 @@ class TextSoFar:
         return self.text
 
     def _advance(self, final: bool) -> None:
+        if self._whole:
+            now = self._decode(self.tokens)
+            stable = now if final else now[:len(now) - self.CLEANUP_REACH]
+            if final or (stable.startswith(self.text) and not stable.endswith("\ufffd")):
+                self.text = stable
+            return
         if len(self.tokens) == self._read:
             return
         done = self._decode(self.tokens[self._start:self._read])
@@ -196,15 +210,26 @@ class TextSoFar:
 
 
 def render(tokenizer, result: Generated, stops: list[str]) -> tuple[str, int, str]:
-    """(text, completion tokens, finish reason) of a finished request, cut before the first stop string."""
+    """(text, completion tokens, finish reason) of a finished request, cut before the first stop string.
+
+    The token count runs to the first token whose prefix decodes to text holding a stop string (an unfinished
+    last character decodes as U+FFFD, as in any full decode), found by bisection: log2(n) full decodes instead
+    of one per token. (Bisection takes a prefix that holds a stop to keep it as tokens are added, which holds
+    unless a decode rewrites text behind its end.)
+    """
     text = tokenizer.decode(result.tokens, skip_special_tokens=True)
     cut = first_stop(text, stops)
     if cut is None:
         return text, len(result.tokens), result.finish_reason
-    so_far = TextSoFar(tokenizer)  # the tokens up to the one that completed the stop string, in one pass
-    used = next((k for k, token in enumerate(result.tokens, 1) if first_stop(so_far.extend([token]), stops) is not None),
-                len(result.tokens))
-    return text[:cut], used, "stop"
+
+    def stopped(k: int) -> bool:
+        return first_stop(tokenizer.decode(result.tokens[:k], skip_special_tokens=True), stops) is not None
+
+    low, high = 0, len(result.tokens)  # stopped(high); the first k with stopped(k) lies in (low, high]
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if stopped(mid) else (mid, high)
+    return text[:cut], high, "stop"
 
 
 def first_stop(text: str, stops: list[str], start: int = 0) -> Optional[int]:
