@@ -22,6 +22,7 @@ projections):
     python bench/ab_step.py --toggle onednn
     python bench/ab_step.py --toggle dropout --variant peftkit-lora-drop --steps 16
     python bench/ab_step.py --toggle adapter --steps 16
+    python bench/ab_step.py --toggle adapter --batch 1 --seq 1     # what is left at one token: the fixed cost
     python bench/ab_step.py --toggle fused --layers 2 --steps 2     # a quick check that it runs
 """
 from __future__ import annotations
@@ -88,6 +89,8 @@ def main() -> None:
     p.add_argument("--variant", default="peftkit-lora", choices=[v for v in train_step.VARIANTS if "peftkit" in v])
     p.add_argument("--steps", type=int, default=16, help="timed steps per side")
     p.add_argument("--layers", type=int, help="override the number of decoder layers (quick checks)")
+    p.add_argument("--batch", type=int, help="sequences per batch (default: train_step's, 4)")
+    p.add_argument("--seq", type=int, help="tokens per sequence (default: train_step's, 128; 1 leaves the fixed cost)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc thresholds at their defaults")
     args = p.parse_args()
@@ -96,7 +99,8 @@ def main() -> None:
 
         keep_freed_memory()  # as train_step's children and the training commands run
     torch.set_num_threads(args.threads)
-    settings = train_step.parse_args(["--variants", args.variant] + (["--layers", str(args.layers)] if args.layers else []))
+    overrides = [f"--{k}={v}" for k, v in (("layers", args.layers), ("batch", args.batch), ("seq", args.seq)) if v]
+    settings = train_step.parse_args(["--variants", args.variant] + overrides)
     model = train_step.apply_variant(train_step.build_model(settings), args.variant)
     ids = train_step.make_batch(settings)
     step = train_step.make_step(model, args.variant, ids)[0]

@@ -6,6 +6,11 @@
                drawing the dropped positions (drop_positions, Poisson splitting)
     dropout    inverted dropout at p = 0.05, forward and backward: multiplying by a uint8 keep-mask and the scale
                against scaling and zeroing the saved dropped positions (what peftkit's _Dropout does on CPU)
+    rank16     LoRA's six rank-16 products per projection shape as its fused kernel runs them (r = 16): x A^T,
+               y += s h B^T, g B, g_x += g_h A, and A's and B's gradients (one time each, no pair)
+    grouped    LoRA's rank-16 products for the projections that read one input (q/k/v: 3, gate/up: 2) as the
+               fused kernel runs them, one call per projection, against one grouped call: x [A_1; A_2; ...]^T,
+               [g_h1 g_h2 ...]^T x, and g_x += [g_h1 g_h2 ...] [A_1; A_2; ...] (a K = 16 k accumulation)
     selective  one training step (forward, backward, AdamW) of a MiniLM-shaped BERT classifier (random weights)
                with an element selection of 1.5% of its linear weights: the fused path (base + delta in one
                GEMM) against the plain path (a forward hook on each base layer sends it there)
@@ -14,7 +19,7 @@ Pairs alternate, medians of --repeats timings are printed. The process keeps fre
 peftkit training commands do (peftkit.cli.keep_freed_memory), so that one side's frees returned to the OS do
 not make the other side page-fault; --default-malloc leaves glibc's defaults. Run on a quiet machine:
 
-    python bench/kernels.py                 # all four, 2 threads
+    python bench/kernels.py                 # all six, 2 threads
     python bench/kernels.py --only gemm --threads 1
 """
 from __future__ import annotations
@@ -89,6 +94,45 @@ def bench_dropout(repeats: int) -> None:
         pair(f"dropout fwd+bwd {ROWS}x{inp}, p=0.05", by_mask, by_positions, repeats, ("uint8 mask", "positions"))
 
 
+def bench_rank16(repeats: int) -> None:
+    from peftkit.methods.lora_kernels import linear
+
+    gen = torch.Generator().manual_seed(0)
+    for name, (inp, out) in SHAPES.items():
+        x, g, y, gx = (torch.randn(ROWS, inp, generator=gen), torch.randn(ROWS, out, generator=gen),
+                       torch.randn(ROWS, out, generator=gen), torch.randn(ROWS, inp, generator=gen))
+        a, b, h, gh = (torch.randn(16, inp, generator=gen), torch.randn(out, 16, generator=gen),
+                       torch.randn(ROWS, 16, generator=gen), torch.randn(ROWS, 16, generator=gen))
+        products = {"x A^T": lambda: linear(x, a), "y += s h B^T": lambda: y.addmm_(h, b.t(), alpha=2.0),
+                    "g B": lambda: linear(g, b.t()), "g_x += g_h A": lambda: gx.addmm_(gh, a),
+                    "A's gradient": lambda: linear(gh.t(), x.t()), "B's gradient": lambda: linear(h.t(), g.t())}
+        times = {k: statistics.median(timed(f, repeats)) for k, f in products.items()}
+        print(f"| {name} rank-16 products: " + ", ".join(f"{k} {v:.3f}" for k, v in times.items())
+              + f" | sum {sum(times.values()):.3f} ms | | |")
+
+
+def bench_grouped(repeats: int) -> None:
+    from peftkit.methods.lora_kernels import linear
+
+    gen = torch.Generator().manual_seed(0)
+    inp, r = SHAPES["q/o"][0], 16
+    x, gx = torch.randn(ROWS, inp, generator=gen), torch.randn(ROWS, inp, generator=gen)
+    for name, k in (("q/k/v", 3), ("gate/up", 2)):
+        a = [torch.randn(r, inp, generator=gen) for _ in range(k)]
+        gh = [torch.randn(ROWS, r, generator=gen) for _ in range(k)]
+        a_all, gh_all = torch.cat(a), torch.cat(gh, 1)
+
+        def accumulate_each():
+            for g, f in zip(gh, a):
+                gx.addmm_(g, f)
+
+        pair(f"{name} x A^T", lambda: [linear(x, f) for f in a], lambda: linear(x, a_all), repeats,
+             ("each", "grouped"))
+        pair(f"{name} A's gradients g_h^T x", lambda: [linear(g.t(), x.t()) for g in gh],
+             lambda: linear(gh_all.t(), x.t()), repeats, ("each", "grouped"))
+        pair(f"{name} g_x += g_h A", accumulate_each, lambda: gx.addmm_(gh_all, a_all), repeats, ("each", "grouped"))
+
+
 def bench_selective(repeats: int) -> None:
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -122,7 +166,7 @@ def bench_selective(repeats: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=("gemm", "mask", "dropout", "selective"))
+    p.add_argument("--only", choices=("gemm", "mask", "dropout", "rank16", "grouped", "selective"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc thresholds at their defaults")
@@ -134,7 +178,7 @@ def main() -> None:
         keep_freed_memory()
     print("| what | first | second | first / second |\n|---|---|---|---|")
     for name, fn in (("gemm", bench_gemm), ("mask", bench_mask), ("dropout", bench_dropout),
-                     ("selective", bench_selective)):
+                     ("rank16", bench_rank16), ("grouped", bench_grouped), ("selective", bench_selective)):
         if args.only in (None, name):
             fn(args.repeats if name != "selective" else max(3, args.repeats // 5))
 
