@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
 from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
@@ -157,8 +158,12 @@ class PeftModel(SaveLoadMixin, nn.Module):
         self._update_trainable(adapter_name)
 
     def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not name or "." in name or name == BASE_ADAPTER:
-            raise ValueError(f"adapter name {name!r} is invalid: use a non-empty name without dots, not {BASE_ADAPTER!r}")
+        # no dots (module paths), no path separators (save_pretrained writes a non-default adapter to a subfolder
+        # of that name, which must stay inside the save directory)
+        if (not isinstance(name, str) or not name or "." in name or name == BASE_ADAPTER
+                or any(c in name for c in ("/", "\\", "\0"))):
+            raise ValueError(f"adapter name {name!r} is invalid: use a non-empty name without dots, slashes or "
+                             f"backslashes, not {BASE_ADAPTER!r}")
         if name in self.peft_config:
             raise ValueError(f"an adapter named {name!r} already exists; delete_adapter({name!r}) first or pick another name")
 
@@ -179,6 +184,11 @@ class PeftModel(SaveLoadMixin, nn.Module):
                 raise ValueError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}")
         if len(names) > 1 and any(name in self.prompt_modules for name in names):
             raise ValueError(f"adapters {names} include a prompt adapter, which runs alone; activate one at a time")
+        merged = sorted({n for _, layer in adapter_layers(self.base_model) for n in layer.merged_adapters})
+        if merged and set(merged) != set(names):  # the merged deltas would stay in the weights under the new choice
+            warnings.warn(f"adapter(s) {merged} are merged into the base weights; unmerging them before activating "
+                          f"{names}", stacklevel=2)
+            self.unmerge_adapter()
         self._active = names
         for _, layer in adapter_layers(self.base_model):
             layer.set_active(names)
@@ -193,9 +203,9 @@ class PeftModel(SaveLoadMixin, nn.Module):
         remaining = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]
         if remaining:
             self.set_adapter(remaining)
-        else:
+        else:  # the last one: the base parameters train again as they did before
             self._active = []
-            self._update_trainable()
+            self._restore_grads()
 
     def _remove(self, adapter_name: str) -> None:
         if adapter_name in self.prompt_modules:

@@ -64,6 +64,8 @@ class SaveLoadMixin:
         except Exception:
             peft_model.unload()
             raise
+        if not is_trainable:  # as PEFT does: an adapter loaded for inference runs without dropout
+            peft_model.eval()
         return peft_model
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
@@ -80,6 +82,8 @@ class SaveLoadMixin:
             self.delete_adapter(adapter_name)
             raise
         self.set_adapter(self._active or [adapter_name])
+        if not is_trainable:  # as PEFT does: the model goes to eval mode (dropout off); train() turns it back
+            self.eval()
 
     def _fill(self, adapter_name: str, tensors: dict[str, torch.Tensor], directory: str) -> None:
         tensors = lookup(self.peft_config[adapter_name].peft_type)[1].unpack_tensors(tensors)

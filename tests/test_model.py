@@ -231,3 +231,51 @@ def test_a_failed_wrap_leaves_no_hook_on_the_head():
     with pytest.raises(ValueError):
         get_peft_model(base, LoraConfig(r=2, target_modules=["no_such_module"]))
     assert len(base.lm_head._forward_pre_hooks) == 0
+
+
+def test_deleting_the_last_adapter_lets_the_base_train_again():
+    base = tiny_llama()
+    before = {n: p.requires_grad for n, p in base.named_parameters()}
+    model = get_peft_model(base, CFG_A)
+    assert not any(p.requires_grad for n, p in base.named_parameters() if "lora_" not in n)
+    model.delete_adapter("default")
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == before and all(before.values())
+
+
+@pytest.mark.parametrize("name", ["a/b", "../x", "/abs", "a\\b"])
+def test_adapter_names_that_are_paths_are_refused(name):
+    model = get_peft_model(tiny_llama(), CFG_A)
+    with pytest.raises(ValueError, match="slashes"):
+        model.add_adapter(name, CFG_B)
+    assert list(model.peft_config) == ["default"]
+
+
+def test_activating_another_adapter_unmerges_the_merged_one_first(ids):
+    model = _two_adapters()
+    model.set_adapter("b")
+    with torch.no_grad():
+        only_b = model(ids).logits
+    model.set_adapter("default")
+    model.merge_adapter()
+    with pytest.warns(UserWarning, match="unmerging"):
+        model.set_adapter("b")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, only_b)
+    assert not any(layer.merged_adapters for _, layer in model.named_modules() if hasattr(layer, "merged_adapters"))
+
+
+def test_an_adapter_loaded_for_inference_runs_in_eval_mode(tmp_path, ids):
+    cfg = LoraConfig(r=4, lora_dropout=0.5, target_modules=["q_proj", "v_proj"])
+    saved = get_peft_model(tiny_llama(), cfg)
+    randomize_adapters(saved)
+    saved.save_pretrained(str(tmp_path / "a"))
+    saved.add_adapter("b", cfg)
+    saved.save_pretrained(str(tmp_path / "ab"), selected_adapters=["b"])
+    loaded = PeftModel.from_pretrained(tiny_llama().train(), str(tmp_path / "a"))
+    assert not loaded.training and not any(m.training for m in loaded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, loaded(ids).logits)  # no dropout: the same twice
+    trainable = PeftModel.from_pretrained(tiny_llama().train(), str(tmp_path / "a"), is_trainable=True)
+    assert trainable.training
+    trainable.load_adapter(str(tmp_path / "ab" / "b"), adapter_name="b")
+    assert not trainable.training  # load_adapter for inference switches to eval, as PEFT's does
