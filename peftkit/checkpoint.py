@@ -82,25 +82,42 @@ def _targets_embedding(model: nn.Module, target_modules) -> bool:
     return any(n in (target_modules or ()) for n in EMBEDDING_NAMES)
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], directory: str) -> str:
-    """Write ``adapter_model.safetensors`` atomically (temp file + rename)."""
+def save_adapter_files(directory: str, tensors: dict[str, torch.Tensor], config_json: str,
+                       safe_serialization: bool = True) -> None:
+    """Write one adapter's weights (safetensors, or a pickle ``.bin``) and ``adapter_config.json`` together.
+
+    Both are written in full to temp names first; only then are they renamed into place, weights first,
+    config last. A crash while writing leaves the old adapter as it was; only one between the two renames,
+    back to back, can leave new weights beside the old config. The other format's weights file, left by an
+    earlier save, is removed after (else loading would prefer a stale ``.safetensors`` to a new ``.bin``).
+    """
+    from .config import CONFIG_NAME
+
     data = _cpu_copies(tensors)
-    return atomic_file(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(data, tmp, metadata={"format": "pt"}))
+    weights, stale = (WEIGHTS_NAME, PICKLE_NAME) if safe_serialization else (PICKLE_NAME, WEIGHTS_NAME)
+    write = (lambda tmp: save_file(data, tmp, metadata={"format": "pt"})) if safe_serialization else (
+        lambda tmp: torch.save(data, tmp))
+    write_together({os.path.join(directory, weights): write,
+                    os.path.join(directory, CONFIG_NAME): lambda tmp: _write_text(tmp, config_json)})
+    if os.path.exists(os.path.join(directory, stale)):
+        os.remove(os.path.join(directory, stale))
 
 
-def save_pickle(tensors: dict[str, torch.Tensor], directory: str) -> str:
-    """Write ``adapter_model.bin`` (torch.save) atomically, for tools that want the old format."""
-    data = _cpu_copies(tensors)
-    return atomic_file(os.path.join(directory, PICKLE_NAME), lambda tmp: torch.save(data, tmp))
+def write_together(files: dict[str, Callable[[str], None]]) -> None:
+    """``write(tmp)`` for each path (in order) to a temp name beside it, fsynced; then rename each into place."""
+    staged: list[tuple[str, str]] = []
+    try:
+        for path, write in files.items():
+            staged.append((_stage(path, write), path))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
-def _cpu_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # independent contiguous copies: safetensors refuses shared or strided storage
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-
-
-def atomic_file(path: str, write: Callable[[str], None]) -> str:
-    """Call ``write(tmp)`` on a temp name in ``path``'s directory, fsync, then rename it over ``path``."""
+def _stage(path: str, write: Callable[[str], None]) -> str:
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
@@ -110,10 +127,25 @@ def atomic_file(path: str, write: Callable[[str], None]) -> str:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a saved file gets the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException:
+        os.remove(tmp)
+        raise
+    return tmp
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def _cpu_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # independent contiguous copies: safetensors refuses shared or strided storage
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def atomic_file(path: str, write: Callable[[str], None]) -> str:
+    """Call ``write(tmp)`` on a temp name in ``path``'s directory, fsync, then rename it over ``path``."""
+    write_together({path: write})
     return path
 
 
@@ -168,11 +200,7 @@ def _umask() -> int:
 
 def atomic_write_text(path: str, text: str) -> None:
     """Write a text file so a crash leaves either the old file or the new one, never half of one."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    atomic_file(path, write)
+    atomic_file(path, lambda tmp: _write_text(tmp, text))
 
 
 def load_tensors(directory: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

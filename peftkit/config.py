@@ -120,11 +120,15 @@ class PeftConfig:
             raise TypeError(f"{file} holds a {type(config).__name__}, not a {cls.__name__}")
         return config
 
+    def to_json(self) -> str:
+        """The text of ``adapter_config.json``."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
     def save_pretrained(self, directory: str) -> None:
         """Write ``adapter_config.json`` atomically."""
         from .checkpoint import atomic_write_text
 
-        atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        atomic_write_text(os.path.join(directory, CONFIG_NAME), self.to_json())
 
 
 def _jsonable(value: Any) -> Any:

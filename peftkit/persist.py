@@ -36,13 +36,9 @@ class SaveLoadMixin:
             method = lookup(self.peft_config[name].peft_type)[1]
             tensors = method.pack_tensors(self.base_model, self.peft_config[name], name, self.adapter_parameters(name))
             tensors.update(self._embedding_tensors(name))  # as PEFT: full weights of targeted embeddings
-            if safe_serialization:
-                checkpoint.save_tensors(tensors, directory)
-            else:
-                checkpoint.save_pickle(tensors, directory)
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
-            config.save_pretrained(directory)
+            checkpoint.save_adapter_files(directory, tensors, config.to_json(), safe_serialization)
             method.write_extras(self.base_model, self.peft_config[name], name, directory)
 
     @classmethod

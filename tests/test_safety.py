@@ -153,6 +153,38 @@ def test_crash_while_saving_keeps_previous_adapter(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+def test_crash_while_writing_the_config_keeps_the_previous_weights_too(tmp_path, monkeypatch):
+    # weights and config are both written in full before either is renamed: a failure on the config (the second
+    # file) must not leave new weights beside the old config
+    _saved(tmp_path)
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    model = get_peft_model(tiny_llama(), LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+
+    def crash(path, text):
+        with open(path, "w") as fh:
+            fh.write("{")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "_write_text", crash)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path)
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before  # no temp files either
+
+
+def test_saving_in_the_other_format_removes_the_stale_weights_file(tmp_path, ids):
+    old = _saved(tmp_path)  # adapter_model.safetensors
+    new = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(new, seed=9)
+    new.save_pretrained(tmp_path, safe_serialization=False)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.bin"]
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, allow_pickle=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, new(ids).logits)
+        assert not torch.allclose(loaded(ids).logits, old(ids).logits)
+    new.save_pretrained(tmp_path)  # and back
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def test_target_not_found_suggests_names():
     with pytest.raises(ValueError, match=r"target module 'qproj' not found; did you mean 'q_proj'\?.*candidates"):
         get_peft_model(tiny_llama(), LoraConfig(target_modules=["qproj"]))

@@ -226,12 +226,30 @@ def _assert_untouched(base, original):
     (SelectiveConfig(criterion="magnitude", target_modules=["qproj"]), None, "did you mean 'q_proj'"),
     (SelectiveConfig(criterion="magnitude", target_modules=["embed_tokens"]), None, "nn.Linear weights only"),
     (SelectiveConfig(criterion="magnitude"), [{"input_ids": torch.zeros(1, 4, dtype=torch.long)}], "uses no data"),
+    (SelectiveConfig(criterion="fisher"),  # every label ignored: the loss is NaN and no weight gets a gradient
+     [{"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.full((2, 4), -100)}], "score is zero"),
 ])
 def test_bad_input_fails_before_training(config, batches, message):
     base = tiny_llama()
     original = {n: p.detach().clone() for n, p in base.named_parameters()}
     with pytest.raises(ValueError, match=message):
         get_peft_model(base, config, calibration_batches=batches)
+    _assert_untouched(base, original)
+
+
+def test_calibration_takes_tokenizer_output_and_refuses_a_bare_batch():
+    from transformers import BatchEncoding
+
+    batches = _llama_batches()
+    encoded = [BatchEncoding(dict(b)) for b in batches]  # what tokenizers and DataCollatorWithPadding return
+    config = SelectiveConfig(criterion="fisher", budget=0.01)
+    from_dicts = get_peft_model(tiny_llama(), config, calibration_batches=batches)
+    from_encodings = get_peft_model(tiny_llama(), config, calibration_batches=encoded)
+    assert from_dicts.peft_config["default"].selected_counts == from_encodings.peft_config["default"].selected_counts
+    base = tiny_llama()
+    original = {n: p.detach().clone() for n, p in base.named_parameters()}
+    with pytest.raises(TypeError, match=r"one batch .*pass a list of batches"):
+        get_peft_model(base, config, calibration_batches=batches[0])
     _assert_untouched(base, original)
 
 

@@ -17,6 +17,7 @@ The same scores, averaged per module, rank whole modules for ``target_modules="a
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable, Iterable, Optional, Union
 
 import torch
@@ -30,7 +31,7 @@ LossFn = Callable[[object, dict], torch.Tensor]  # (model outputs, batch) -> sca
 
 
 def _batch_loss(model: nn.Module, batch, loss_fn: Optional[LossFn], index: int) -> torch.Tensor:
-    if not isinstance(batch, dict):
+    if not isinstance(batch, Mapping):  # a dict, or a tokenizer's / collator's BatchEncoding
         raise TypeError(f"calibration batch {index} is a {type(batch).__name__}; pass dicts of model inputs "
                         "(input_ids=..., labels=...)")
     outputs = model(**batch)
@@ -71,6 +72,8 @@ def score_weights(model: nn.Module, weights: dict[str, nn.Parameter], criterion:
     if batches is None:
         raise ValueError(f"criterion {criterion!r} scores weights on data: pass calibration_batches=[{{'input_ids': "
                          "..., 'labels': ...}}, ...] to get_peft_model, or use criterion='magnitude'")
+    if isinstance(batches, Mapping):
+        raise TypeError("calibration_batches is one batch (a dict of inputs); pass a list of batches: [batch]")
     params = list(model.parameters())
     saved_flags = [p.requires_grad for p in params]
     saved_grads = {name: w.grad for name, w in weights.items()}
@@ -96,6 +99,9 @@ def score_weights(model: nn.Module, weights: dict[str, nn.Parameter], criterion:
         model.train(was_training)
     for score in scores.values():
         score.div_(seen)
+    if all(not bool(score.any()) for score in scores.values()):
+        raise ValueError(f"every {criterion!r} score is zero: the calibration loss gave the scored weights no gradient "
+                         "(are all labels -100, or is the loss NaN or constant?); check the batches' labels / loss_fn")
     return scores
 
 
