@@ -455,3 +455,22 @@ def test_fused_element_path_matches_the_plain_path(bias):
     assert (bias == "all") == any(n.endswith("intermediate.dense.base_layer.bias") for n in fused[2])
     for name in fused[2]:
         torch.testing.assert_close(fused[2][name], plain[2][name], msg=name)
+
+
+@pytest.mark.parametrize("granularity, budget", [("element", 0.05), ("row", 0.1), ("module", 0.3)])
+def test_selective_trains_under_bf16_autocast(granularity, budget):
+    # mixed precision (torch.autocast, as HF Trainer's bf16=True): the delta's product runs in bf16, its gradient
+    # comes back float32 and close to the float32 run's
+    batch = _llama_batches(1)[0]
+    grads = {}
+    for autocast in (False, True):
+        model = get_peft_model(tiny_llama(), SelectiveConfig(criterion="magnitude", budget=budget, granularity=granularity))
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch).loss
+        loss.backward()
+        grads[autocast] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for name, g in grads[True].items():
+        assert g.dtype == torch.float32 and g.abs().sum() > 0, name
+        assert torch.allclose(g, grads[False][name], rtol=0.1, atol=0.02 * float(grads[False][name].abs().max())), name

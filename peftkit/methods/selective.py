@@ -226,10 +226,13 @@ class _ScatteredLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, values, index = ctx.saved_tensors
         grad_x = grad_values = None
+        # under autocast the forward ran in bf16/fp16, so grad arrives in that dtype while the values are float32:
+        # g delta in grad's dtype (as the forward's product was), the values' gradient in their own
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ _scatter(values, index, ctx.shape)  # (..., in)
+            grad_x = grad @ _scatter(values, index, ctx.shape).to(grad.dtype)  # (..., in)
         if ctx.needs_input_grad[1]:
-            grad_values = _entry_grads(grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]), index)
+            g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+            grad_values = _entry_grads(g2.to(values.dtype), x2.to(values.dtype), index)
         return grad_x, grad_values, None, None
 
 
