@@ -125,12 +125,16 @@ def _head_names(model: nn.Module, task_type: Optional[str]) -> set[str]:
 
 
 def expand_all_linear(model: nn.Module, task_type: Optional[str], supported: tuple) -> list[str]:
-    """Resolve "all-linear": every linear layer but the output head, as leaf names (full names where needed)."""
+    """Resolve "all-linear": every linear layer but the output head, as leaf names (full names where needed).
+
+    A layer another adapter already wrapped counts under its own name (the wrapper's), by its base layer.
+    """
     heads = _head_names(model, task_type)
-    chosen = [n for n, m in model.named_modules() if isinstance(m, supported) and is_linear_like(m)
+    layers = _unwrapped_modules(model)
+    chosen = [n for n, m in layers if isinstance(m, supported) and is_linear_like(m)
               and n not in heads and not any(n.startswith(h + ".") for h in heads)]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in chosen})
-    linear_names = [n for n, m in model.named_modules() if is_linear_like(m)]
+    linear_names = [n for n, m in layers if is_linear_like(m)]
     if {n for n in linear_names if name_matches(n, leaves)} == set(chosen):
         return leaves
     return sorted(chosen)
@@ -162,6 +166,18 @@ def find_targets(model: nn.Module, config) -> list[str]:
     if not found:
         raise _nearest_error(config.target_modules, model)
     return found
+
+
+def _unwrapped_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the model as it was before any adapter: a wrapper stands for its base layer, under
+    the wrapper's name; what lives inside wrappers is left out."""
+    inside = _wrapper_prefixes(model)
+    out = []
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        out.append((name, module.base_layer if isinstance(module, AdapterLayer) else module))
+    return out
 
 
 def _wrapper_prefixes(model: nn.Module) -> tuple[str, ...]:

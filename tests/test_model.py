@@ -279,3 +279,14 @@ def test_an_adapter_loaded_for_inference_runs_in_eval_mode(tmp_path, ids):
     assert trainable.training
     trainable.load_adapter(str(tmp_path / "ab" / "b"), adapter_name="b")
     assert not trainable.training  # load_adapter for inference switches to eval, as PEFT's does
+
+
+def test_all_linear_for_a_second_adapter_counts_the_layers_the_first_one_wrapped():
+    fresh = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules="all-linear"))
+    model = get_peft_model(tiny_llama(), CFG_A)  # q_proj, v_proj wrapped
+    model.add_adapter("b", LoraConfig(r=2, target_modules="all-linear"))
+    assert model.peft_config["b"].target_modules == fresh.peft_config["default"].target_modules
+    layers = {n for n, m in model.named_modules() if hasattr(m, "lora_A") and "b" in m.lora_A}
+    assert layers == {n for n, m in fresh.named_modules() if hasattr(m, "lora_A")}
+    model.add_adapter("c", LoraConfig(r=2, target_modules="all-linear"))  # every linear is wrapped by now
+    assert model.peft_config["c"].target_modules == fresh.peft_config["default"].target_modules
