@@ -230,6 +230,32 @@ def test_refine_keeps_surviving_values_drops_the_rest_and_remaps_adam(granularit
     opt.step()
 
 
+def test_refine_carries_accumulated_gradients_and_keeps_frozen_adapters_frozen():
+    from peftkit.methods.selective_refine import refine
+
+    model, opt, batch = _trained_selective(SelectiveConfig(criterion="fisher", budget=0.05))
+    model.train()(**batch).loss.backward()  # a gradient accumulated before the refine
+    before = {p: (m._flat_positions("default").clone(), m.selective_values["default"].grad.clone())
+              for p, m in model.base_model.named_modules() if isinstance(m, SelectiveLayer)}
+    refine(model, _batches(), 0.03, optimizer=opt)
+    for path, layer in model.base_model.named_modules():
+        if not isinstance(layer, SelectiveLayer):
+            continue
+        values, flat = layer.selective_values["default"], layer._flat_positions("default")
+        assert values.grad is not None and values.grad.shape == values.shape
+        old_flat, old_grad = before.get(path, (flat[:0], values.grad[:0]))
+        dense = torch.zeros(layer.base_layer.weight.numel())
+        dense[old_flat] = old_grad
+        assert torch.equal(values.grad, dense[flat])  # kept entries keep their gradient, new ones start at zero
+    model.train()(**batch).loss.backward()  # accumulates onto the carried gradients
+    opt.step()
+    # an adapter that is not trained (inactive, or loaded for inference) stays frozen through a refine
+    model.add_adapter("b", SelectiveConfig(criterion="fisher", budget=0.02), calibration_batches=_batches())
+    refine(model, _batches(), 0.05, adapter_name="b")
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith(".b"))
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.endswith("selective_values.default"))
+
+
 @pytest.mark.parametrize("granularity, ranking, old, budget, f", [
     ("element", "global", 0.05, 0.05, 0.5), ("element", "global", 0.05, 0.02, 0.5),
     ("element", "global", 0.02, 0.05, 0.5), ("row", "per_module", 0.25, 0.25, 0.5),

@@ -57,6 +57,9 @@ def refine(model: nn.Module, batches: Optional[Iterable[dict]], budget: float, a
         _reselect(model, name, chosen[name], config, adapter_name, optimizer)
     config.budget, config.threshold = budget, None
     config.selected_counts = {n: _counts(c, weights[n], config.granularity) for n, c in chosen.items() if c.numel()}
+    for layer in base.modules():  # new layers' values are created trainable: set_adapter decides again below
+        if isinstance(layer, SelectiveLayer) and adapter_name in layer.adapter_names:
+            layer.selective_values[adapter_name].requires_grad_(False)
     model.set_adapter(model.active_adapters)  # new layers learn which adapters are active; trainable flags
     return dict(config.selected_counts)
 
@@ -160,7 +163,11 @@ def _reselect(model: nn.Module, name: str, new: torch.Tensor, config: SelectiveC
         for key, tensor in list(state.items()):
             if isinstance(tensor, torch.Tensor) and tensor.shape == values.shape:
                 state[key] = _carry(tensor, index.numel(), new.numel(), position, kept)
+        # an accumulated gradient (zero_grad(set_to_none=False), gradient accumulation) follows its entries
+        grad = None if values.grad is None else _carry(values.grad, index.numel(), new.numel(), position, kept)
+        values.grad = None
         values.data = _carry(values.data, index.numel(), new.numel(), position, kept)
+        values.grad = grad
         index.data = new.to(index.dtype)
 
 
