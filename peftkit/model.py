@@ -307,8 +307,18 @@ class PeftModel(SaveLoadMixin, nn.Module):
         if offloaded:
             raise ValueError(f"cannot merge into {offloaded[0]!r} ({len(offloaded)} layers in all): its base weight is "
                              "offloaded (on 'meta'). Load the base without disk offload to merge, or run unmerged.")
-        for _, layer in adapter_layers(self.base_model):
-            layer.merge(names, safe=safe_merge)
+        done = []  # (layer, the names this call merged into it)
+        for path, layer in adapter_layers(self.base_model):
+            before = set(layer.merged_adapters)
+            try:
+                layer.merge(names, safe=safe_merge)
+            except Exception as err:  # a safe merge refused here: undo this call's merges in the layers before
+                for merged_layer, merged in reversed(done):
+                    merged_layer.unmerge(merged)
+                if isinstance(err, ValueError):
+                    raise ValueError(f"{err} (at {path!r}); the layers merged before it were unmerged again") from None
+                raise
+            done.append((layer, [n for n in layer.merged_adapters if n not in before]))
 
     def unmerge_adapter(self) -> None:
         """Restore the base weights from every merged adapter."""

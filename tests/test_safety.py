@@ -256,3 +256,23 @@ def test_atomic_dir_renames_a_finished_directory_and_leaves_nothing_on_a_crash(t
     (tmp_path / "link").symlink_to(tmp_path / "real")
     atomic_dir(str(tmp_path / "link"), write)  # a symlink to an empty directory: the directory gets the files
     assert (tmp_path / "link" / "weights.bin").read_text() == "x" and (tmp_path / "link").is_symlink()
+
+
+@pytest.mark.parametrize("method", ["lora", "selective"])
+def test_a_refused_safe_merge_leaves_no_layer_merged(method):
+    from peftkit import SelectiveConfig
+
+    config = (LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if method == "lora"
+              else SelectiveConfig(criterion="magnitude", budget=0.05, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(tiny_llama(), config)
+    randomize_adapters(model)
+    before = {n: p.detach().clone() for n, p in model.base_model.named_parameters() if "base_layer" in n}
+    last = [m for _, m in model.named_modules() if hasattr(m, "merged_adapters")][-1]
+    with torch.no_grad():  # one non-finite entry in the last layer's adapter
+        next(p for n, p in last.named_parameters() if "lora_B" in n or "selective_values" in n).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf.*unmerged again"):
+        model.merge_adapter(safe_merge=True)
+    assert not any(m.merged_adapters for _, m in model.named_modules() if hasattr(m, "merged_adapters"))
+    for n, p in model.base_model.named_parameters():
+        if n in before:  # selective unmerges bit-exactly; LoRA subtracts its delta again
+            assert torch.equal(p, before[n]) if method == "selective" else torch.allclose(p, before[n], atol=1e-6), n
