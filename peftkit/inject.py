@@ -92,9 +92,11 @@ def name_matches(name: str, spec) -> bool:
 
 
 def layer_index(name: str, layers_pattern) -> Optional[int]:
-    """The index of the repeated block ``name`` lives in, as PEFT finds it (last ``<pattern>.<n>.``)."""
+    """The index of the repeated block ``name`` lives in, as PEFT finds it: the first ``<pattern>.<n>.`` (any
+    ``<word>.<n>.`` without a pattern), so T5's ``block.1.layer.0`` is block 1 and an MoE's
+    ``layers.1.experts.0`` layer 1. A pattern is a regex fragment, as in PEFT."""
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-    regexes = [r".*\.[^.]*\.(\d+)\."] if not patterns else [rf"(?:^|.*\.){re.escape(p)}\.(\d+)\." for p in patterns]
+    regexes = [r".*?\.[^.]*\.(\d+)\."] if not patterns else [rf"(?:^|.*?\.){p}\.(\d+)\." for p in patterns]
     for regex in regexes:
         found = re.match(regex, name)
         if found:
@@ -152,20 +154,40 @@ def _nearest_error(spec, model: nn.Module) -> ValueError:
 
 
 def find_targets(model: nn.Module, config) -> list[str]:
-    """Names of the modules ``config`` targets, in model order; an error if none match."""
+    """Names of the modules ``config`` targets, in model order; an error if none match.
+
+    PEFT's rules: nothing inside a module trained in full (``modules_to_save``, and a SEQ_CLS / TOKEN_CLS
+    task's head) is a target; ``layers_to_transform`` narrows the names matched as suffixes of a list, not a
+    full name listed as it is (nor a regex, which config validation refuses with it); an empty list narrows
+    nothing.
+    """
     found, inside = [], _wrapper_prefixes(model)
+    in_full = _trained_in_full(config)
+    layers = config.layers_to_transform or None
     for name, module in model.named_modules():
         if not name or name.startswith(inside):
             continue
         if not name_matches(name, config.target_modules) or name_matches(name, config.exclude_modules):
             continue
-        if config.layers_to_transform is not None:
-            if layer_index(name, config.layers_pattern) not in config.layers_to_transform:
-                continue
+        if in_full and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in in_full):
+            continue
+        listed = not isinstance(config.target_modules, str) and name in config.target_modules
+        if layers is not None and not listed and layer_index(name, config.layers_pattern) not in layers:
+            continue
         found.append(name)
     if not found:
         raise _nearest_error(config.target_modules, model)
     return found
+
+
+def _trained_in_full(config) -> list[str]:
+    """The names of modules a config trains in full: its modules_to_save, plus the head of a classification task."""
+    if not hasattr(config, "modules_to_save"):
+        return []
+    names = list(config.modules_to_save or [])
+    if getattr(config, "task_type", None) in ("SEQ_CLS", "TOKEN_CLS"):
+        names += [h for h in HEAD_NAMES if h not in names]
+    return names
 
 
 def _unwrapped_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

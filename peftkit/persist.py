@@ -52,6 +52,7 @@ class SaveLoadMixin:
         config = copy.deepcopy(config) if config is not None else PeftConfig.from_pretrained(directory)
         tensors = checkpoint.load_tensors(directory, allow_pickle)  # read before touching the model
         config.inference_mode = not is_trainable
+        config._from_saved = True  # the saved tensors replace the initial ones (an init needing data is fine here)
         peft_model = cls(model, config, adapter_name)
         try:
             peft_model._fill(adapter_name, tensors, directory)
@@ -71,6 +72,7 @@ class SaveLoadMixin:
         config = PeftConfig.from_pretrained(directory)
         tensors = checkpoint.load_tensors(directory, allow_pickle)
         config.inference_mode = not is_trainable
+        config._from_saved = True
         self.add_adapter(adapter_name, config)
         try:
             self._fill(adapter_name, tensors, directory)

@@ -44,6 +44,13 @@ def _bert() -> torch.nn.Module:
     return transformers.BertForSequenceClassification(config)
 
 
+def _roberta() -> torch.nn.Module:
+    # its classification head holds a "dense" Linear, which LoRA targets must leave to the head trained in full
+    config = transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=48, max_position_embeddings=40, num_labels=3, pad_token_id=1)
+    return transformers.RobertaForSequenceClassification(config)
+
+
 def _gpt2() -> torch.nn.Module:
     config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32,
                                      bos_token_id=0, eos_token_id=0)
@@ -57,7 +64,7 @@ def base_model(kind: str) -> torch.nn.Module:
     """A fresh copy of one fixed random base per kind (same state dict every call), in eval mode."""
     if kind not in _BASES:
         torch.manual_seed(0)
-        _BASES[kind] = {"llama": _llama, "t5": _t5, "bert": _bert, "gpt2": _gpt2}[kind]().eval()
+        _BASES[kind] = {"llama": _llama, "t5": _t5, "bert": _bert, "gpt2": _gpt2, "roberta": _roberta}[kind]().eval()
     return copy.deepcopy(_BASES[kind])
 
 
@@ -144,6 +151,19 @@ CASES = {
     "gpt2-bias-all": Case("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM",
                                        bias="all")),
     "gpt2": Case("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], task_type="CAUSAL_LM")),
+    # layer indices: T5's first numbered segment (block.1.layer.0 is block 1), with and without a pattern
+    "t5-layers": Case("t5", dict(r=4, lora_alpha=8, target_modules=["q", "v", "wo"], layers_to_transform=[1],
+                                 task_type="SEQ_2_SEQ_LM")),
+    "t5-layers-pattern": Case("t5", dict(r=4, lora_alpha=8, target_modules=["q", "v"], layers_to_transform=[0],
+                                         layers_pattern="block", task_type="SEQ_2_SEQ_LM")),
+    # a full name in the list is taken as it is; layers_to_transform narrows only the suffix names
+    "llama-full-name-and-layers": Case("llama", dict(
+        r=4, lora_alpha=8, target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1],
+        task_type="CAUSAL_LM")),
+    "llama-orthogonal-init": Case("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                init_lora_weights="orthogonal", task_type="CAUSAL_LM")),
+    "roberta-cls-dense": Case("roberta", dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"],
+                                              task_type="SEQ_CLS")),
     "gpt2-dora": Case("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], use_dora=True,
                                    task_type="CAUSAL_LM")),
 }

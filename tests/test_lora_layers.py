@@ -282,3 +282,36 @@ def test_dropout_supports_double_backward(p):
     assert gb.abs().max() > 0
     torch.testing.assert_close(gx, gx2, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gb, gb2, rtol=1e-4, atol=1e-4)
+
+
+def test_orthogonal_init_starts_at_the_base_and_eva_loads_only_from_a_saved_adapter(tmp_path):
+    import json
+
+    from peftkit import LoraConfig, PeftModel, get_peft_model
+    from conftest import tiny_llama
+
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    base = tiny_llama()
+    with torch.no_grad():
+        expected = base(ids).logits
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, init_lora_weights="orthogonal", target_modules=["q_proj", "v_proj"]))
+    layer = model.base_model.model.layers[0].self_attn.q_proj
+    a, b = layer.lora_A["default"], layer.lora_B["default"]
+    assert a.abs().min() > 0 and b.abs().sum() > 0 and (b @ a).abs().max() < 1e-6  # B A = 0 with neither zero
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="even rank"):
+        get_peft_model(tiny_llama(), LoraConfig(r=3, init_lora_weights="orthogonal", target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="'eva'.*from_pretrained"):
+        get_peft_model(tiny_llama(), LoraConfig(r=4, init_lora_weights="eva", target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="rewrite the base weights"):
+        LoraConfig(init_lora_weights="pissa")
+    with torch.no_grad():
+        b.normal_()
+        out = model(ids).logits
+    model.save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(dict(config, init_lora_weights="eva")))
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))  # an EVA adapter as PEFT saves it
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, out)

@@ -276,3 +276,17 @@ def test_a_refused_safe_merge_leaves_no_layer_merged(method):
     for n, p in model.base_model.named_parameters():
         if n in before:  # selective unmerges bit-exactly; LoRA subtracts its delta again
             assert torch.equal(p, before[n]) if method == "selective" else torch.allclose(p, before[n], atol=1e-6), n
+
+
+def test_layers_to_transform_needs_a_list_of_targets_and_an_empty_list_narrows_nothing():
+    with pytest.raises(ValueError, match="not a regex string"):
+        LoraConfig(target_modules=r".*\.q_proj", layers_to_transform=[0])
+    with pytest.raises(ValueError, match="not a regex string"):
+        LoraConfig(target_modules=r".*\.q_proj", layers_to_transform=[0], layers_pattern="layers")
+    LoraConfig(target_modules="all-linear", layers_to_transform=[0])  # resolved to a list of names first
+    every = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    empty = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[]))
+    assert ({n for n, _ in empty.named_modules() if n.endswith("q_proj")}
+            == {n for n, _ in every.named_modules() if n.endswith("q_proj")})
+    one = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[1]))
+    assert {n for n, m in one.named_modules() if hasattr(m, "lora_A")} == {"base_model.model.layers.1.self_attn.q_proj"}

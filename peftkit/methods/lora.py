@@ -24,6 +24,7 @@ from .lora_kernels import FusedDoraLinear, FusedLoraLinear, compute_factors, lin
 from .selective_scoring import AutoTargetMethod
 
 BIAS_MODES = ("none", "all", "lora_only")
+INIT_CHOICES = (True, False, "gaussian", "orthogonal", "eva")
 
 
 @dataclass
@@ -37,12 +38,20 @@ class LoraConfig(TargetedConfig):
     bias: str = "none"  # "none" | "all" (train every bias) | "lora_only" (biases of adapted layers)
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
     use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output feature
-    init_lora_weights: Union[bool, str] = True  # True: Kaiming A, zero B; "gaussian": N(0, 1/r) A; False: random
+    # True: Kaiming A, zero B; "gaussian": N(0, 1/r) A; "orthogonal": BA = 0 from orthogonal rows; False: random B.
+    # "eva" (data-driven A, from PEFT) is taken only by loading a saved adapter, whose A and B are plain LoRA
+    init_lora_weights: Union[bool, str] = True
     rank_pattern: dict = field(default_factory=dict)  # {regex of module name: rank}
     alpha_pattern: dict = field(default_factory=dict)  # {regex of module name: alpha}
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if (isinstance(self.target_modules, str) and self.target_modules not in ("all-linear", "auto")
+                and (self.layers_to_transform is not None or self.layers_pattern is not None)):
+            # PEFT refuses this LoRA config (and would ignore the layers if it did not): the saved adapter must load there
+            raise ValueError("layers_to_transform / layers_pattern narrow a list of target_modules, not a regex string "
+                             "(PEFT refuses such a LoRA config too); put the layer indices into the regex, e.g. "
+                             r"r'.*\.layers\.(0|1)\.self_attn\.q_proj', or list the module names")
         ranks = [self.r, *self.rank_pattern.values()]
         if any(not isinstance(r, int) or isinstance(r, bool) or r <= 0 for r in ranks):
             raise ValueError(f"LoRA rank r must be a positive integer, got {ranks}")
@@ -50,8 +59,9 @@ class LoraConfig(TargetedConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        if self.init_lora_weights not in INIT_CHOICES:
+            raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES}, got {self.init_lora_weights!r} (PEFT's "
+                             "pissa / olora / corda / loftq / lora_ga rewrite the base weights: not supported)")
 
     def rank_for(self, module_name: str) -> int:
         """Rank of ``module_name``: rank_pattern's first matching key, else r."""
@@ -110,6 +120,10 @@ class LoraLayer(AdapterLayer):
         self.B[name] = nn.Parameter(torch.empty(b_shape, **kwargs))
         self.scaling[name] = config.scaling_for(module_name)
         self.dropout[name] = config.lora_dropout
+        if config.init_lora_weights == "eva" and not getattr(config, "_from_saved", False):
+            raise ValueError("init_lora_weights='eva' initialises A from activations on data, which peftkit does not "
+                             "do; a saved EVA adapter loads with PeftModel.from_pretrained. For a new adapter use "
+                             "True, 'gaussian' or 'orthogonal'")
         self.reset(name, config.init_lora_weights, r)
         if config.use_dora:
             self.lora_magnitude_vector[name] = nn.Parameter(self.dora_norm(name).to(kwargs["dtype"]))
@@ -117,9 +131,12 @@ class LoraLayer(AdapterLayer):
     supports_dora = False
 
     def reset(self, name: str, init: Union[bool, str], r: int) -> None:
-        """Initialise A and B as PEFT does (B = 0 unless init is False)."""
+        """Initialise A and B as PEFT does (BA = 0 unless init is False)."""
         a, b = self.A[name], self.B[name]
         with torch.no_grad():
+            if init == "orthogonal":
+                _orthogonal_init(a, b, r)
+                return
             if init == "gaussian":
                 nn.init.normal_(a, std=1 / r)
             else:
@@ -386,3 +403,15 @@ def _make_layer(module: nn.Module, name: str) -> LoraLayer:
 
 
 register("LORA", LoraConfig, LoraMethod())
+
+
+def _orthogonal_init(a: torch.Tensor, b: torch.Tensor, r: int) -> None:
+    """PEFT's "orthogonal" init (https://datta0.github.io/posts/rethink-lora-init/): the rows of one random
+    orthogonal r x r matrix Q split into odd and even; A = (G_in Q_odd)^T / 10, B = G_out Q_even / 10 for Gaussian
+    G, so B A = G_out Q_even Q_odd^T G_in^T / 100 = 0 while neither factor is zero."""
+    if r % 2:
+        raise ValueError(f"init_lora_weights='orthogonal' needs an even rank, got r={r}")
+    q, _ = torch.linalg.qr(torch.randn(r, r))
+    a_flat, b_flat = a.view(r, -1), b.view(b.shape[0], r)
+    a_flat.copy_((torch.randn(a_flat.shape[1], r // 2) @ q[0::2]).T / 10.0)
+    b_flat.copy_(torch.randn(b_flat.shape[0], r // 2) @ q[1::2] / 10.0)
