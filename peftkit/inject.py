@@ -272,9 +272,24 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
 
 def every_bias(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """PEFT's bias="all": every state-dict entry named "bias" (LayerNorms and a trained head's original and copy
-    included), minus those inside another adapter's trained copy of a head; by path."""
-    return {name: tensor for name, tensor in model.state_dict(keep_vars=True).items()
-            if name.rsplit(".", 1)[-1] == "bias" and not _in_other_copy(name, adapter_name)}
+    included), minus those inside another adapter's trained copy of a head; by path.
+
+    A layer wrapped only by other adapters is named as if unwrapped ("value.bias", not "value.base_layer.bias"):
+    the adapter's keys must not depend on what else the model holds, or it would not reload onto a fresh base.
+    (PEFT names it with base_layer there, and then drops it silently on such a load.)
+    """
+    others = {f"{n}.base_layer.": f"{n}." for n, m in model.named_modules()
+              if isinstance(m, AdapterLayer) and not isinstance(m, ModulesToSaveWrapper) and adapter_name not in m.adapter_names}
+    out = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name.rsplit(".", 1)[-1] != "bias" or _in_other_copy(name, adapter_name):
+            continue
+        for wrapped, plain in others.items():
+            if name.startswith(wrapped):
+                name = plain + name[len(wrapped):]
+                break
+        out[name] = tensor
+    return out
 
 
 def _in_other_copy(name: str, adapter_name: str) -> bool:

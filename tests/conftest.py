@@ -6,11 +6,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
-    """A 2-layer Llama with grouped-query attention, random weights, fixed seed."""
+def tiny_llama(seed: int = 0, layers: int = 2, bias: bool = False) -> LlamaForCausalLM:
+    """A 2-layer Llama with grouped-query attention, random weights, fixed seed (projection biases with ``bias``)."""
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         attention_bias=bias, mlp_bias=bias)
     return LlamaForCausalLM(config).eval()
 
 

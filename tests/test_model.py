@@ -290,3 +290,24 @@ def test_all_linear_for_a_second_adapter_counts_the_layers_the_first_one_wrapped
     assert layers == {n for n, m in fresh.named_modules() if hasattr(m, "lora_A")}
     model.add_adapter("c", LoraConfig(r=2, target_modules="all-linear"))  # every linear is wrapped by now
     assert model.peft_config["c"].target_modules == fresh.peft_config["default"].target_modules
+
+
+@pytest.mark.parametrize("kind", ["lora", "selective"])
+def test_bias_all_adapter_saved_beside_another_reloads_onto_a_fresh_base(kind, tmp_path, ids):
+    from peftkit import SelectiveConfig
+
+    config = (LoraConfig(r=2, target_modules=["q_proj"], bias="all") if kind == "lora"
+              else SelectiveConfig(criterion="magnitude", budget=0.05, bias="all", target_modules=["q_proj"]))
+    model = get_peft_model(tiny_llama(bias=True), config)
+    randomize_adapters(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.add_(0.1)
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))  # wraps layers whose biases "default" trains
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(str(tmp_path), selected_adapters=["default"])
+    loaded = PeftModel.from_pretrained(tiny_llama(bias=True), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected)
