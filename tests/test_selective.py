@@ -474,3 +474,22 @@ def test_selective_trains_under_bf16_autocast(granularity, budget):
     for name, g in grads[True].items():
         assert g.dtype == torch.float32 and g.abs().sum() > 0, name
         assert torch.allclose(g, grads[False][name], rtol=0.1, atol=0.02 * float(grads[False][name].abs().max())), name
+
+
+def test_a_config_holding_a_selection_is_not_reused_as_placeholders(tmp_path):
+    # a selected adapter's config records counts per module; a new model built from it without the saved values
+    # would train placeholder indices (the first k entries), so it is refused unless the selection is reset
+    trained = get_peft_model(tiny_llama(), SelectiveConfig(criterion="fisher", budget=0.01), calibration_batches=_llama_batches())
+    config = trained.peft_config["default"]
+    base = tiny_llama()
+    original = {n: p.detach().clone() for n, p in base.named_parameters()}
+    for batches in (None, _llama_batches()):
+        with pytest.raises(ValueError, match="already holds a selection"):
+            get_peft_model(base, config, calibration_batches=batches)
+        _assert_untouched(base, original)
+    import dataclasses
+
+    again = get_peft_model(base, dataclasses.replace(config, selected_counts=None), calibration_batches=_llama_batches())
+    assert again.peft_config["default"].selected_counts == config.selected_counts  # same data: the same selection
+    trained.save_pretrained(str(tmp_path))
+    assert PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).peft_config["default"].selected_counts == config.selected_counts

@@ -301,9 +301,11 @@ class SelectiveMethod(Method):
                   loss_fn: Optional[LossFn]) -> None:
         """Score the targets and stash the selection on ``config``; a config that holds one (loading) is kept."""
         if config.selected_counts is not None:
-            if batches is not None:
-                raise ValueError("this SelectiveConfig already holds a selection (selected_counts): load the adapter "
-                                 "with PeftModel.from_pretrained, or set selected_counts=None to select again")
+            if batches is not None or not getattr(config, "_from_saved", False):
+                # only a saved adapter's values fill a recorded selection; anywhere else it would be placeholders
+                raise ValueError("this SelectiveConfig already holds a selection (selected_counts), made on another "
+                                 "model: load that adapter with PeftModel.from_pretrained, or set "
+                                 "selected_counts=None to select again on this one")
             return
         resolve_target_modules(model, config, {}, "selective ", "'all-linear'")
         weights = {name: _scored_weight(model, name) for name in find_targets(model, config)}
