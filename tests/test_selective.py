@@ -493,3 +493,14 @@ def test_a_config_holding_a_selection_is_not_reused_as_placeholders(tmp_path):
     assert again.peft_config["default"].selected_counts == config.selected_counts  # same data: the same selection
     trained.save_pretrained(str(tmp_path))
     assert PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).peft_config["default"].selected_counts == config.selected_counts
+
+
+def test_gpt2_conv1d_layers_get_an_error_that_says_so():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                       bos_token_id=0, eos_token_id=0))
+    with pytest.raises(ValueError, match=r"is a Conv1D.*not supported; use LoRA or IA3") as err:
+        get_peft_model(model, SelectiveConfig(criterion="magnitude", budget=0.01))  # all-linear by default
+    assert "all-linear" not in str(err.value)

@@ -280,8 +280,10 @@ def _scored_weight(model: nn.Module, name: str) -> nn.Parameter:
     module = model.get_submodule(name)
     base = module.base_layer if isinstance(module, AdapterLayer) else module
     if not isinstance(base, nn.Linear):
+        hint = (" GPT-2-style Conv1D layers (weights stored transposed) are not supported; use LoRA or IA3 there."
+                if type(base).__name__ == "Conv1D" else " Name Linear layers in target_modules (e.g. 'q_proj').")
         raise ValueError(f"target module {name!r} is a {type(base).__name__}; selective fine-tuning scores nn.Linear "
-                         "weights only. Name Linear layers in target_modules (e.g. 'q_proj'), or use 'all-linear'.")
+                         f"weights only.{hint}")
     return base.weight
 
 
