@@ -504,3 +504,19 @@ def test_gpt2_conv1d_layers_get_an_error_that_says_so():
     with pytest.raises(ValueError, match=r"is a Conv1D.*not supported; use LoRA or IA3") as err:
         get_peft_model(model, SelectiveConfig(criterion="magnitude", budget=0.01))  # all-linear by default
     assert "all-linear" not in str(err.value)
+
+
+def test_tied_weights_are_refused_as_targets():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    original = {n: p.detach().clone() for n, p in tied.named_parameters()}
+    for criterion, batches in (("magnitude", None), ("fisher", _llama_batches())):
+        with pytest.raises(ValueError, match="'lm_head' shares its weight with 'model.embed_tokens'"):
+            get_peft_model(tied, SelectiveConfig(criterion=criterion, budget=0.05, target_modules=["lm_head", "q_proj"]),
+                           calibration_batches=batches)
+        assert not any(isinstance(m, SelectiveLayer) for m in tied.modules())
+        assert all(torch.equal(p, original[n]) for n, p in tied.named_parameters())

@@ -276,6 +276,21 @@ def _with_delta(weight: torch.Tensor, values: torch.Tensor, index: torch.Tensor)
     return weight.detach().clone().view(-1).index_add_(0, index, values.detach()).view(weight.shape)
 
 
+def _refuse_shared(model: nn.Module, weights: dict[str, nn.Parameter]) -> None:
+    """Refuse a target whose weight another module shares (tied embeddings and output head): the delta would act
+    in one module's forward but merge into both."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), []).append(name)
+    for name, weight in weights.items():
+        others = [n for n in holders.get(id(weight), []) if n != name and not n.startswith(name + ".")]
+        if others:
+            raise ValueError(f"target module {name!r} shares its weight with {others[0]!r} (tied weights): a selective "
+                             "delta would change both when merged. Leave it out of target_modules (exclude_modules), "
+                             "or untie the weights first")
+
+
 def _scored_weight(model: nn.Module, name: str) -> nn.Parameter:
     module = model.get_submodule(name)
     base = module.base_layer if isinstance(module, AdapterLayer) else module
@@ -311,6 +326,7 @@ class SelectiveMethod(Method):
             return
         resolve_target_modules(model, config, {}, "selective ", "'all-linear'")
         weights = {name: _scored_weight(model, name) for name in find_targets(model, config)}
+        _refuse_shared(model, weights)
         scores = score_weights(model, weights, config.criterion, batches, loss_fn, config.num_batches)
         names = list(scores)
         units = [unit_scores(scores.pop(name), config.granularity) for name in names]  # rows / modules: frees scores
