@@ -12,6 +12,7 @@ from .model import PeftModel
 
 class _AutoPeftModel:
     auto_class_name = ""  # the transformers Auto* class that loads the base
+    task_type = ""  # the adapter's task_type this class loads (an adapter with none is taken as it is)
 
     @classmethod
     def from_pretrained(cls, adapter_path: Union[str, os.PathLike], adapter_name: str = "default",
@@ -22,6 +23,11 @@ class _AutoPeftModel:
         import transformers
 
         config = PeftConfig.from_pretrained(adapter_path)
+        if config.task_type is not None and config.task_type != cls.task_type:
+            # as PEFT: e.g. a causal-LM adapter on a freshly initialised classification head would run silently
+            raise ValueError(f"{adapter_path} holds a {config.task_type} adapter; {cls.__name__} loads "
+                             f"{cls.task_type} adapters. Use the AutoPeftModel class of its task, or load the base "
+                             "yourself and call PeftModel.from_pretrained(base, adapter_path)")
         base_path = config.base_model_name_or_path
         if not base_path:
             raise ValueError(f"{adapter_path}/adapter_config.json has no base_model_name_or_path; load the base "
@@ -38,21 +44,25 @@ class AutoPeftModelForCausalLM(_AutoPeftModel):
     """Causal LM base + adapter."""
 
     auto_class_name = "AutoModelForCausalLM"
+    task_type = "CAUSAL_LM"
 
 
 class AutoPeftModelForSeq2SeqLM(_AutoPeftModel):
     """Seq2seq LM base + adapter."""
 
     auto_class_name = "AutoModelForSeq2SeqLM"
+    task_type = "SEQ_2_SEQ_LM"
 
 
 class AutoPeftModelForSequenceClassification(_AutoPeftModel):
     """Sequence classifier base + adapter (the saved head replaces the fresh one)."""
 
     auto_class_name = "AutoModelForSequenceClassification"
+    task_type = "SEQ_CLS"
 
 
 class AutoPeftModelForTokenClassification(_AutoPeftModel):
     """Token classifier base + adapter."""
 
     auto_class_name = "AutoModelForTokenClassification"
+    task_type = "TOKEN_CLS"

@@ -436,6 +436,18 @@ def test_auto_peft_model_loads_base_and_adapter(tmp_path, auto_cls, make_base, r
         assert not torch.equal(head.base_layer.weight, trained)
 
 
+def test_auto_peft_model_refuses_an_adapter_of_another_task(tmp_path):
+    base = tiny_llama()
+    base.save_pretrained(str(tmp_path / "base"))
+    model = get_peft_model(base, LoraConfig(r=4, task_type="CAUSAL_LM", base_model_name_or_path=str(tmp_path / "base")))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(ValueError, match="holds a CAUSAL_LM adapter; AutoPeftModelForSequenceClassification loads SEQ_CLS"):
+        AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "adapter"))
+    untyped = get_peft_model(tiny_llama(), LoraConfig(r=4, base_model_name_or_path=str(tmp_path / "base")))
+    untyped.save_pretrained(str(tmp_path / "untyped"))  # no task_type recorded: taken as it is
+    assert isinstance(AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "untyped")), PeftModel)
+
+
 def test_auto_peft_model_with_base_path_set_in_config(tmp_path):
     # a base built in memory has no _name_or_path: the user sets base_model_name_or_path
     base = tiny_llama()
