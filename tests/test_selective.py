@@ -520,3 +520,9 @@ def test_tied_weights_are_refused_as_targets():
                            calibration_batches=batches)
         assert not any(isinstance(m, SelectiveLayer) for m in tied.modules())
         assert all(torch.equal(p, original[n]) for n, p in tied.named_parameters())
+
+
+def test_num_batches_takes_no_more_than_it_scores_from_an_iterator():
+    batches = iter(_llama_batches(3))
+    get_peft_model(tiny_llama(), SelectiveConfig(criterion="fisher", budget=0.01, num_batches=2), calibration_batches=batches)
+    assert len(list(batches)) == 1  # the third batch is still there for the caller

@@ -17,6 +17,7 @@ The same scores, averaged per module, rank whole modules for ``target_modules="a
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Callable, Iterable, Optional, Union
 
@@ -116,9 +117,8 @@ def _hook(criterion: str, score: torch.Tensor):
 def _run_batches(model: nn.Module, batches: Iterable[dict], loss_fn: Optional[LossFn],
                  num_batches: Optional[int]) -> int:
     seen = 0
-    for index, batch in enumerate(batches):
-        if num_batches is not None and index >= num_batches:
-            break
+    # islice: a shared iterator loses no batch beyond the num_batches scored
+    for index, batch in enumerate(itertools.islice(batches, num_batches)):
         with torch.enable_grad():
             _batch_loss(model, batch, loss_fn, index).backward()
         seen += 1
