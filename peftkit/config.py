@@ -115,6 +115,9 @@ class PeftConfig:
                 data = json.load(fh)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{file} is not valid JSON ({err}); the file is corrupt, re-save the adapter") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{file} holds a JSON {type(data).__name__}, not an object of config fields; the file is "
+                             "corrupt, re-save the adapter")
         config = cls.from_dict(data)
         if cls is not PeftConfig and not isinstance(config, cls):
             raise TypeError(f"{file} holds a {type(config).__name__}, not a {cls.__name__}")

@@ -92,6 +92,10 @@ def test_corrupt_json_unknown_type_missing_dir(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         PeftConfig.from_pretrained(tmp_path)
+    for text in ("null", "[1, 2]", '"LORA"'):
+        (tmp_path / "adapter_config.json").write_text(text)
+        with pytest.raises(ValueError, match="not an object of config fields"):
+            PeftConfig.from_pretrained(tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "NOPE", "r": 4}))
     with pytest.raises(ValueError, match=r"unknown peft_type 'NOPE'.*LORA"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
