@@ -367,3 +367,19 @@ def test_report_counts_match_saved_indices_and_png_is_valid(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     assert split_name("model.layers.12.self_attn.q_proj") == ("12", "self_attn.q_proj")
     assert split_name("bert.pooler.dense") == ("-", "bert.pooler.dense")
+
+
+def test_refine_into_a_module_another_method_wraps_is_refused_before_any_change():
+    from peftkit.methods.selective_refine import refine
+
+    model = get_peft_model(tiny_llama(), SelectiveConfig(criterion="fisher", budget=0.005), calibration_batches=_batches())
+    counts = dict(model.peft_config["default"].selected_counts)
+    linear = [n for n, m in tiny_llama().named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    free = [n for n in linear if n not in counts]
+    model.add_adapter("lora", LoraConfig(r=2, target_modules=[free[-1]]))
+    before = _dense_deltas(model)
+    with pytest.raises(ValueError, match="LoraLinear wraps.*nothing was changed"):
+        refine(model, _batches(), 0.5)  # a large budget reaches every module, the LoRA-wrapped one too
+    assert model.peft_config["default"].selected_counts == counts
+    after = _dense_deltas(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..inject import adapter_layers, find_targets, replace_modules, unwrap
+from ..layers import AdapterLayer
 from .selective import SelectiveConfig, SelectiveLayer, _counts, _make_layer, _scored_weight
 from .selective_scoring import LossFn, check_finite, score_weights, select, top_k, unit_scores
 
@@ -53,6 +54,7 @@ def refine(model: nn.Module, batches: Optional[Iterable[dict]], budget: float, a
     else:
         held = [_held(base, name, adapter_name, u.numel()) for name, u in zip(names, units)]
         chosen = dict(zip(names, _drop_and_grow(units, held, budget, regrow, config.ranking)))
+    _check_wrappable(base, names, chosen, adapter_name)
     for name in names:
         _reselect(model, name, chosen[name], config, adapter_name, optimizer)
     config.budget, config.threshold = budget, None
@@ -62,6 +64,17 @@ def refine(model: nn.Module, batches: Optional[Iterable[dict]], budget: float, a
             layer.selective_values[adapter_name].requires_grad_(False)
     model.set_adapter(model.active_adapters)  # new layers learn which adapters are active; trainable flags
     return dict(config.selected_counts)
+
+
+def _check_wrappable(base: nn.Module, names: list[str], chosen: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """Refuse, before any module changes, a new selection in a module another method's adapter wraps."""
+    for name in names:
+        module = base.get_submodule(name)
+        if chosen[name].numel() and isinstance(module, AdapterLayer) and not isinstance(module, SelectiveLayer):
+            raise ValueError(f"refine would select entries of {name!r}, which a {type(module).__name__} wraps; one module "
+                             "cannot hold a selective and another method's adapter. Leave it out of this adapter's "
+                             f"targets (model.peft_config[{adapter_name!r}].exclude_modules) and refine again; nothing "
+                             "was changed")
 
 
 def _held(base: nn.Module, name: str, adapter_name: str, n_units: int) -> torch.Tensor:
