@@ -26,6 +26,8 @@ _UNSUPPORTED_FEATURES = {
     "lora_bias": False, "use_qalora": False, "layer_replication": None, "target_parameters": None,
     "trainable_token_indices": None, "alora_invocation_tokens": None, "megatron_config": None,
     "use_bdlora": None, "arrow_config": None,
+    # LoRA variants PEFT switches on with a config object (even an empty one, {}: its defaults)
+    "kasa_config": None, "velora_config": None, "monteclora_config": None,
 }
 
 _REGISTRY: dict[str, tuple[type, Any]] = {}
@@ -58,7 +60,8 @@ def _drop_unknown(cls: type, data: dict) -> dict:
     for key, value in data.items():
         if key in names:
             kept[key] = value
-        elif key in _UNSUPPORTED_FEATURES and value not in (_UNSUPPORTED_FEATURES[key], None, {}, [], False):
+        elif key in _UNSUPPORTED_FEATURES and (value is not None if key.endswith("_config") else
+                                               value not in (_UNSUPPORTED_FEATURES[key], None, {}, [], False)):
             raise ValueError(
                 f"this adapter sets {key}={value!r}, a feature peftkit does not support; "
                 "retrain the adapter without it or load it with the library that wrote it"

@@ -112,6 +112,13 @@ def test_unsupported_feature_in_foreign_config_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="use_qalora=True"):
         PeftConfig.from_pretrained(tmp_path)
+    for variant in ("kasa_config", "velora_config", "monteclora_config"):  # on even with all defaults ({})
+        (tmp_path / "adapter_config.json").write_text(json.dumps(dict(cfg, use_qalora=False, **{variant: {}})))
+        with pytest.raises(ValueError, match=f"sets {variant}=.*does not support"):
+            PeftConfig.from_pretrained(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(dict(cfg, use_qalora=False, kasa_config=None,
+                                                                  megatron_config=None, eva_config=None)))
+    assert PeftConfig.from_pretrained(tmp_path).r == 4  # switched off (as PEFT writes them), they load
 
 
 def test_pickle_needs_opt_in(tmp_path, ids):
