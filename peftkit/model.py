@@ -307,6 +307,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
         if offloaded:
             raise ValueError(f"cannot merge into {offloaded[0]!r} ({len(offloaded)} layers in all): its base weight is "
                              "offloaded (on 'meta'). Load the base without disk offload to merge, or run unmerged.")
+        self._untie_for_merge(names)
         done = []  # (layer, the names this call merged into it)
         for path, layer in adapter_layers(self.base_model):
             before = set(layer.merged_adapters)
@@ -320,10 +321,27 @@ class PeftModel(SaveLoadMixin, nn.Module):
                 raise
             done.append((layer, [n for n in layer.merged_adapters if n not in before]))
 
+    def _untie_for_merge(self, names: list[str]) -> None:
+        """Give a base weight that another module shares (an lm_head tied to the embedding) its own copy before a
+        merge writes into it: the delta belongs to this layer only, and written into the shared tensor it would
+        change the embedding too. unmerge_adapter ties it back."""
+        holders: dict[int, int] = {}
+        for module in self.base_model.modules():
+            for param in module.parameters(recurse=False):
+                holders[id(param)] = holders.get(id(param), 0) + 1
+        for _, layer in adapter_layers(self.base_model):
+            weight = getattr(layer.base_layer, "weight", None)
+            if (isinstance(weight, nn.Parameter) and holders.get(id(weight), 0) > 1 and not hasattr(layer, "_tied_weight")
+                    and any(n in layer.adapter_names and n not in layer.merged_adapters for n in names)):
+                layer.__dict__["_tied_weight"] = weight  # a plain attribute: not a parameter of the layer
+                layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+
     def unmerge_adapter(self) -> None:
-        """Restore the base weights from every merged adapter."""
+        """Restore the base weights from every merged adapter (tied weights are tied again)."""
         for _, layer in adapter_layers(self.base_model):
             layer.unmerge()
+            if not layer.merged_adapters and hasattr(layer, "_tied_weight"):
+                layer.base_layer.weight = layer.__dict__.pop("_tied_weight")
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> nn.Module:
         """Merge the active (or given) adapters and return the plain base model."""
@@ -336,6 +354,10 @@ class PeftModel(SaveLoadMixin, nn.Module):
         return self._unload(merge=False)
 
     def _unload(self, merge: bool) -> nn.Module:
+        untied = any(hasattr(layer, "_tied_weight") for _, layer in adapter_layers(self.base_model))
+        config = getattr(self.base_model, "config", None)
+        if merge and untied and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False  # saved and reloaded, the merged head must not be tied back
         for name, _ in adapter_layers(self.base_model):
             unwrap(self.base_model, name, merge)
         self.prompt_modules.clear()

@@ -311,3 +311,33 @@ def test_bias_all_adapter_saved_beside_another_reloads_onto_a_fresh_base(kind, t
     loaded = PeftModel.from_pretrained(tiny_llama(bias=True), str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, expected)
+
+
+def test_merging_into_a_tied_lm_head_leaves_the_embedding_alone(tmp_path, ids):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def tied():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2,
+                                            tie_word_embeddings=True)).eval()
+
+    base = tied()
+    embedding = base.model.embed_tokens.weight.detach().clone()
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
+    randomize_adapters(model)
+    with torch.no_grad():
+        expected = model(ids).logits
+        model.merge_adapter()
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-4, rtol=1e-4)
+        assert torch.equal(base.model.embed_tokens.weight, embedding)
+        assert not any("_tied_weight" in n for n, _ in model.named_parameters())
+        model.unmerge_adapter()  # tied again, as before the merge
+        assert base.lm_head.base_layer.weight is base.model.embed_tokens.weight
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-4, rtol=1e-4)
+    merged.save_pretrained(str(tmp_path))  # saved and reloaded, the merged head is not tied back to the embedding
+    reloaded = LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-4, rtol=1e-4)
