@@ -65,6 +65,11 @@ VARIANTS = {  # name: (family, settings)
     "selective-grad-calib-all": ("selective", {"criterion": "grad", "granularity": "element", "calib": 0}),
     "selective-sensitivity-row-bias-calib-all": ("selective", {"criterion": "sensitivity", "granularity": "row",
                                                                "bias": "all", "calib": 0}),
+    # rows ranked over all modules at once, filling the parameter budget (selective_scoring._top_by_size)
+    "selective-sensitivity-row-bias-global-calib-all": ("selective", {"criterion": "sensitivity", "granularity": "row",
+                                                                      "bias": "all", "calib": 0, "ranking": "global"}),
+    "selective-sensitivity-row-global-calib-all": ("selective", {"criterion": "sensitivity", "granularity": "row",
+                                                                 "calib": 0, "ranking": "global"}),
     # scored on every training sentence as its own batch: the mean of per-example scores (FISH mask's per-example
     # Fisher, Sung et al. 2021), not of batch gradients
     "selective-sensitivity-row-bias-per-example": ("selective", {"criterion": "sensitivity", "granularity": "row",

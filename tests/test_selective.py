@@ -526,3 +526,23 @@ def test_num_batches_takes_no_more_than_it_scores_from_an_iterator():
     batches = iter(_llama_batches(3))
     get_peft_model(tiny_llama(), SelectiveConfig(criterion="fisher", budget=0.01, num_batches=2), calibration_batches=batches)
     assert len(list(batches)) == 1  # the third batch is still there for the caller
+
+
+def test_global_rows_and_modules_fill_the_budget_in_parameters():
+    from peftkit.methods.selective_scoring import select
+
+    # hand-made: unit widths 10 (tensor 0) and 100 (tensor 1); budget 0.25 of 4*10 + 2*100 = 240 -> 60 parameters
+    scores = [torch.tensor([5.0, 1.0, 4.0, 3.0]), torch.tensor([2.0, 4.5])]
+    chosen = select(scores, 0.25, None, "global", widths=[10, 100])
+    assert [c.tolist() for c in chosen] == [[0, 1, 2, 3], []]  # 4.5 and 2.0 (100 each) never fit in 60; the rest do
+    chosen = select(scores, 0.75, None, "global", widths=[10, 100])
+    assert [c.tolist() for c in chosen] == [[0, 1, 2, 3], [1]]  # 5, 4.5, 4, 3 = 130; 2.0 would pass 180; 1.0 fits
+    # on a model: whole rows of q_proj (in 32) and down_proj (in 48) ranked together hold the budget's parameters
+    for granularity in ("row", "module"):
+        config = SelectiveConfig(criterion="magnitude", budget=0.3, granularity=granularity, ranking="global")
+        model = get_peft_model(tiny_llama(), config)
+        counts = model.peft_config["default"].selected_counts
+        weights = {n: m.weight for n, m in tiny_llama().named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+        total, widest = sum(w.numel() for w in weights.values()), max(w.numel() for w in weights.values())
+        step = max(w.shape[1] for w in weights.values()) if granularity == "row" else widest
+        assert 0.3 * total - step < sum(counts.values()) <= 0.3 * total

@@ -302,6 +302,12 @@ def _scored_weight(model: nn.Module, name: str) -> nn.Parameter:
     return base.weight
 
 
+def _widths(weights: dict, names: list[str], granularity: str) -> list[int]:
+    # parameters per selectable unit of each module: 1 (element), in_features (row), the weight's size (module)
+    return [1 if granularity == "element" else weights[n].shape[1] if granularity == "row" else weights[n].numel()
+            for n in names]
+
+
 def _counts(chosen: torch.Tensor, weight: torch.Tensor, granularity: str) -> int:
     # trainable values of one module: entries, rows x in, or the whole weight
     if granularity == "module":
@@ -330,7 +336,7 @@ class SelectiveMethod(Method):
         scores = score_weights(model, weights, config.criterion, batches, loss_fn, config.num_batches)
         names = list(scores)
         units = [unit_scores(scores.pop(name), config.granularity) for name in names]  # rows / modules: frees scores
-        chosen = select(units, config.budget, config.threshold, config.ranking)
+        chosen = select(units, config.budget, config.threshold, config.ranking, _widths(weights, names, config.granularity))
         selection = {n: c for n, c in zip(names, chosen) if c.numel()}
         config.selected_counts = {n: _counts(c, weights[n], config.granularity) for n, c in selection.items()}
         config._selection = selection

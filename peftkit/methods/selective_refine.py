@@ -29,7 +29,7 @@ from torch import nn
 
 from ..inject import adapter_layers, find_targets, replace_modules, unwrap
 from ..layers import AdapterLayer
-from .selective import SelectiveConfig, SelectiveLayer, _counts, _make_layer, _scored_weight
+from .selective import SelectiveConfig, SelectiveLayer, _counts, _make_layer, _scored_weight, _widths
 from .selective_scoring import LossFn, check_finite, score_weights, select, top_k, unit_scores
 
 
@@ -50,7 +50,7 @@ def refine(model: nn.Module, batches: Optional[Iterable[dict]], budget: float, a
     scores = _score_adapted(base, weights, config, adapter_name, batches, loss_fn)
     units = [unit_scores(scores.pop(name), config.granularity) for name in names]
     if regrow is None:
-        chosen = dict(zip(names, select(units, budget, None, config.ranking)))
+        chosen = dict(zip(names, select(units, budget, None, config.ranking, _widths(weights, names, config.granularity))))
     else:
         held = [_held(base, name, adapter_name, u.numel()) for name, u in zip(names, units)]
         chosen = dict(zip(names, _drop_and_grow(units, held, budget, regrow, config.ranking)))

@@ -162,8 +162,13 @@ def check_finite(scores: list[torch.Tensor]) -> None:
 
 
 def select(scores: list[torch.Tensor], budget: Optional[float], threshold: Optional[float],
-           ranking: str) -> list[torch.Tensor]:
-    """Selected unit indices per tensor: the top ``budget`` fraction (global or per tensor), or above ``threshold``."""
+           ranking: str, widths: Optional[list[int]] = None) -> list[torch.Tensor]:
+    """Selected unit indices per tensor: the top ``budget`` fraction (global or per tensor), or above ``threshold``.
+
+    ``widths``: the parameters each unit of a tensor holds (a row: the weight's in_features; a module: its size).
+    Ranked globally, units of different widths are taken best first until they hold the budget's fraction of
+    the parameters, not a fraction of the units (which a few wide modules or many narrow ones would miss).
+    """
     check_finite(scores)
     if threshold is not None:
         chosen = [(s > threshold).nonzero().flatten() for s in scores]
@@ -173,6 +178,8 @@ def select(scores: list[torch.Tensor], budget: Optional[float], threshold: Optio
         return chosen
     if ranking == "per_module":
         chosen = [_top_in(s, round(budget * s.numel())) for s in scores]
+    elif widths is not None and len(set(widths)) > 1:
+        chosen = _top_by_size(scores, widths, budget)
     else:
         k = round(budget * sum(s.numel() for s in scores))
         chosen = top_k(scores, k) if k else []
@@ -181,6 +188,33 @@ def select(scores: list[torch.Tensor], budget: Optional[float], threshold: Optio
         raise ValueError(f"budget {budget} of {total} units selects nothing; raise the budget (or use a finer "
                          "granularity)")
     return chosen
+
+
+def _top_by_size(scores: list[torch.Tensor], widths: list[int], budget: float) -> list[torch.Tensor]:
+    """Indices per tensor of the units taken in score order (ties: earlier tensor, then lower index), each one
+    that still fits in ``budget`` of all the parameters; a unit too wide for what is left is passed over for
+    narrower ones after it. At least the best unit."""
+    flat = torch.cat([s.flatten().float().cpu() for s in scores])
+    owner = torch.cat([torch.full((s.numel(),), i, dtype=torch.long) for i, s in enumerate(scores)])
+    size = torch.tensor(widths, dtype=torch.long)[owner]
+    order = torch.sort(flat, descending=True, stable=True).indices
+    left = round(budget * int(size.sum()))
+    spent = size[order].cumsum(0)
+    take = max(1, int((spent <= left).sum()))  # the best units that fit one after another
+    picked = torch.zeros(flat.numel(), dtype=torch.bool)
+    picked[order[:take]] = True
+    left -= int(spent[take - 1])
+    narrowest = min(widths)
+    for unit in order[take:].tolist():  # then whatever still fits, best first
+        if left < narrowest:
+            break
+        if int(size[unit]) <= left:
+            picked[unit] = True
+            left -= int(size[unit])
+    starts = [0]
+    for s in scores:
+        starts.append(starts[-1] + s.numel())
+    return [picked[starts[i]:starts[i + 1]].nonzero().flatten() for i in range(len(scores))]
 
 
 def _top_in(score: torch.Tensor, k: int) -> torch.Tensor:
