@@ -61,6 +61,7 @@ class SaveLoadMixin:
         except Exception:
             peft_model.unload()
             raise
+        peft_model.peft_config[adapter_name].__dict__.pop("_from_saved", None)  # filled: a reused config selects anew
         if not is_trainable:  # as PEFT does: an adapter loaded for inference runs without dropout
             peft_model.eval()
         return peft_model
@@ -79,6 +80,7 @@ class SaveLoadMixin:
         except Exception:
             self.delete_adapter(adapter_name)
             raise
+        self.peft_config[adapter_name].__dict__.pop("_from_saved", None)
         self.set_adapter(self._active or [adapter_name])
         if not is_trainable:  # as PEFT does: the model goes to eval mode (dropout off); train() turns it back
             self.eval()

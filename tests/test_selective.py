@@ -492,7 +492,10 @@ def test_a_config_holding_a_selection_is_not_reused_as_placeholders(tmp_path):
     again = get_peft_model(base, dataclasses.replace(config, selected_counts=None), calibration_batches=_llama_batches())
     assert again.peft_config["default"].selected_counts == config.selected_counts  # same data: the same selection
     trained.save_pretrained(str(tmp_path))
-    assert PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).peft_config["default"].selected_counts == config.selected_counts
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    assert loaded.peft_config["default"].selected_counts == config.selected_counts
+    with pytest.raises(ValueError, match="already holds a selection"):  # a loaded adapter's config, reused, too
+        get_peft_model(tiny_llama(), loaded.peft_config["default"])
 
 
 def test_gpt2_conv1d_layers_get_an_error_that_says_so():
