@@ -203,8 +203,13 @@ def _unwrapped_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _wrapper_prefixes(model: nn.Module) -> tuple[str, ...]:
-    # modules inside a wrapper (its base_layer, per-adapter containers) are never targets themselves
-    return tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, AdapterLayer))
+    # modules inside a wrapper (its base_layer, per-adapter containers) are never targets themselves; inside a
+    # block's wrapper (a bottleneck adapter) only its own containers are out, the block's layers stay targets
+    out = []
+    for n, m in model.named_modules():
+        if isinstance(m, AdapterLayer):
+            out += [f"{n}.{attr}." for attr in m.adapter_attrs] if m.wraps_block else [f"{n}."]
+    return tuple(out)
 
 
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

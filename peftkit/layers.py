@@ -34,6 +34,9 @@ class AdapterLayer(nn.Module):
 
     # Attributes holding per-adapter tensors (ParameterDict / ModuleDict keyed by adapter name).
     adapter_attrs: ClassVar[tuple[str, ...]] = ()
+    # a wrapper of a whole block (bottleneck adapters) rather than of one layer: other adapters may target the
+    # layers inside its base_layer
+    wraps_block: ClassVar[bool] = False
     peft_type: ClassVar[str] = ""  # the method that owns this wrapper
 
     def __init__(self, base_layer: nn.Module) -> None:

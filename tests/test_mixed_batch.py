@@ -203,3 +203,20 @@ def test_modules_to_save_heads_per_row():
         mixed = model.eval()(input_ids=ids, adapter_names=names).logits
         expected = row_by_row(model, names, input_ids=ids)
     assert torch.allclose(mixed, expected, atol=1e-5)
+
+
+def test_an_active_bottleneck_adapter_refuses_a_mixed_batch_even_of_base_rows(ids):
+    from peftkit import AdapterConfig
+
+    model = get_peft_model(tiny_llama(), AdapterConfig(adapter_type="houlsby", bottleneck_size=4))
+    model.add_adapter("lora", LoraConfig(r=2, target_modules=["q_proj"]))
+    randomize_adapters(model)
+    rows = [BASE_ADAPTER] * ids.shape[0]
+    for names in (rows, ["lora"] * ids.shape[0]):  # it would run on every row, whatever the row names
+        with pytest.raises(ValueError, match="bottleneck adapter 'default' runs on every row"):
+            model(ids, adapter_names=names)
+    model.set_adapter("lora")  # with only LoRA active, base rows are the base model
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(ids).logits
+        torch.testing.assert_close(model(ids, adapter_names=rows).logits, base)

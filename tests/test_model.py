@@ -341,3 +341,31 @@ def test_merging_into_a_tied_lm_head_leaves_the_embedding_alone(tmp_path, ids):
     reloaded = LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_keys_do_not_depend_on_a_bottleneck_adapter_around_the_block(tmp_path, ids):
+    from safetensors.torch import load_file
+
+    from peftkit import AdapterConfig
+
+    lora = LoraConfig(r=2, target_modules=["q_proj", "down_proj"])
+    alone = get_peft_model(tiny_llama(), lora, adapter_name="lora")
+    alone.save_pretrained(str(tmp_path / "alone"))
+    keys = set(load_file(str(tmp_path / "alone" / "lora" / "adapter_model.safetensors")))
+    bottleneck = AdapterConfig(adapter_type="houlsby", bottleneck_size=4)
+    for order in ("lora first", "bottleneck first"):
+        if order == "lora first":
+            model = get_peft_model(tiny_llama(), lora, adapter_name="lora")
+            model.add_adapter("b", bottleneck)
+        else:  # LoRA can target the layers inside a block a bottleneck adapter wraps
+            model = get_peft_model(tiny_llama(), bottleneck, adapter_name="b")
+            model.add_adapter("lora", lora)
+        randomize_adapters(model)
+        model.set_adapter("lora")
+        with torch.no_grad():
+            expected = model(ids).logits
+        model.save_pretrained(str(tmp_path / order), selected_adapters=["lora"])
+        assert set(load_file(str(tmp_path / order / "lora" / "adapter_model.safetensors"))) == keys, order
+        loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / order / "lora"))  # onto a plain base
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, expected)

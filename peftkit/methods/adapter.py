@@ -126,6 +126,7 @@ class BottleneckLayer(AdapterLayer):
 
     peft_type = "BOTTLENECK"
     adapter_attrs = ("adapter_down", "adapter_up")
+    wraps_block = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -160,6 +161,15 @@ class BottleneckLayer(AdapterLayer):
             if name in holder:
                 out.update({f"{attr}.{p}": t for p, t in holder[name].named_parameters()})
         return out
+
+    def mixed_refusal(self, names: set[str]) -> Optional[str]:
+        """A bottleneck adapter runs on every row of a batch: refused when a row names it, and when one is active at
+        all (it would run on the base model's rows and other adapters' rows too)."""
+        held = sorted(names & set(self.adapter_names)) or ([] if self.disabled else list(self.active_adapters))
+        if held:
+            return (f"bottleneck adapter {held[0]!r} runs on every row; mixed-adapter batches support LoRA / DoRA "
+                    "adapters. Activate a LoRA adapter (set_adapter) or run the batch per adapter")
+        return None
 
     def forward(self, *args, **kwargs):
         # the block's own signature passes through untouched (Llama calls self_attn with keywords only)

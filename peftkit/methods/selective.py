@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import disk_key
+from ..checkpoint import disk_key, plain_path
 from ..config import TargetSpec, TargetedConfig, register
 from ..inject import Method, adapter_layers, every_bias, find_targets, replace_modules, resolve_target_modules
 from ..layers import AdapterLayer, adapter_dtype, param_device, plain_frozen_linear, sole_active_adapter
@@ -374,7 +374,7 @@ class SelectiveMethod(Method):
             if isinstance(layer, SelectiveLayer) and adapter_name in layer.selective_indices:
                 weight = layer.base_layer.weight
                 units = weight.shape[0] if layer.granularity[adapter_name] == "row" else weight.numel()
-                sizes[disk_key(f"{path}.selective_indices")] = units
+                sizes[disk_key(f"{plain_path(path)}.selective_indices")] = units
         return pack(tensors, sizes, config.save_dtype)
 
     def unpack_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
