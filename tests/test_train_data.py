@@ -183,3 +183,34 @@ def test_accuracy_and_macro_f1_by_hand():
     # a: tp2 fp0 fn1 -> 4/5; b: tp1 fp1 fn1 -> 2/4; c: tp1 fp1 fn0 -> 2/3
     assert macro_f1(preds, golds) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
     assert torch.isclose(torch.tensor(macro_f1(["x"], ["y"])), torch.tensor(0.0))
+
+
+def test_blank_or_null_labels_name_their_row_and_split_as_read(tmp_path):
+    rows = [dict(r) for r in ROWS]
+    rows[6]["text_label"] = ""  # an empty CSV cell: not a class of its own
+    path = _write(str(tmp_path / "blank.csv"), rows)
+    with pytest.raises(ValueError, match=r"row 7 of the train split has no value in 'text_label' \(empty or null; 1"):
+        load_splits(DataConfig(dataset=path))
+    rows[6]["text_label"] = None
+    path = _write(str(tmp_path / "null.jsonl"), rows)  # one file: carved later, but the row is the file's own
+    with pytest.raises(ValueError, match=r"row 7 of the train split has no value in 'text_label'"):
+        load_splits(DataConfig(dataset=path))
+
+
+def test_a_given_but_empty_evaluation_file_is_an_error_not_replaced(tmp_path):
+    root = label_dir(str(tmp_path))
+    open(os.path.join(root, "validation.jsonl"), "w").close()
+    data = DataConfig(train_file=os.path.join(root, "train.jsonl"), validation_file=os.path.join(root, "validation.jsonl"),
+                      test_file=os.path.join(root, "test.jsonl"))
+    with pytest.raises(ValueError, match="the validation split is empty"):
+        load_splits(data)
+
+
+def test_whole_number_float_labels_match_integer_labels(tmp_path):
+    # a label column with gaps becomes float in pandas / parquet: 1.0 is the class 1
+    train = [{"text": r["text"], "label": i % 2} for i, r in enumerate(ROWS)]
+    test = [{"text": r["text"], "label": float(i % 2)} for i, r in enumerate(ROWS[:6])]
+    _write(str(tmp_path / "train.jsonl"), train)
+    _write(str(tmp_path / "test.parquet"), test)
+    splits = load_splits(DataConfig(dataset=str(tmp_path), label_column="label"))
+    assert {r["label"] for r in splits["test"]} == {"0", "1"} == {r["label"] for r in splits["train"]}

@@ -186,9 +186,11 @@ def load_splits(data: DataConfig) -> dict[str, list[dict]]:
     splits = _read_sources(data)
     if not splits.get("train"):
         raise ValueError("the training data is empty; check the file (or the dataset name)")
+    for name, rows in splits.items():  # as read, before any carving: rows counted as in the source
+        check_columns(rows, data, name)
     train = list(splits["train"])
     rng = random.Random(data.seed)
-    missing = [s for s in ("validation", "test") if not splits.get(s)]
+    missing = [s for s in ("validation", "test") if s not in splits]
     if missing:
         rng.shuffle(train)
         for split in missing:
@@ -209,15 +211,22 @@ def load_splits(data: DataConfig) -> dict[str, list[dict]]:
 
 
 def check_columns(rows: list[dict], data: DataConfig, split: str) -> None:
-    """Refuse a split that is empty or lacks the text / label column (listing the columns it has)."""
+    """Refuse a split that is empty, lacks the text / label column (listing the columns it has), or has a row
+    whose value there is empty (null, or a blank label: an empty CSV cell would become a class of its own)."""
     if not rows:
         raise ValueError(f"the {split} split is empty; give it rows (or drop the file to carve it from train)")
     for column in (data.text_column, data.label_column):
-        missing = [i for i, row in enumerate(rows) if row.get(column) is None]
-        if missing:
-            raise ValueError(f"column {column!r} is missing in the {split} split (row {missing[0]}); "
-                             f"the data has columns {sorted(rows[missing[0]])}. "
+        absent = [i for i, row in enumerate(rows) if column not in row]
+        if absent:
+            raise ValueError(f"column {column!r} is missing in the {split} split (row {absent[0] + 1}); "
+                             f"the data has columns {sorted(rows[absent[0]])}. "
                              "Pick the right ones with --text-column / --label-column")
+        blank_ok = column == data.text_column or data.task not in LABEL_TASKS
+        empty = [i for i, row in enumerate(rows) if row[column] is None
+                 or (not blank_ok and isinstance(row[column], str) and not row[column].strip())]
+        if empty:
+            raise ValueError(f"row {empty[0] + 1} of the {split} split has no value in {column!r} (empty or null; "
+                             f"{len(empty)} such rows in all); fill them in or drop those rows")
 
 
 def check_labels(splits: dict[str, list[dict]], data: DataConfig) -> None:
@@ -248,6 +257,8 @@ def normalise_row(row: dict, data: DataConfig) -> dict:
                 raise ValueError(f"token-cls row has {len(row[data.text_column])} words but "
                                  f"{len(row[data.label_column])} tags: {row}")
     else:
+        if isinstance(label, float) and label.is_integer():  # 1.0 as a table column with gaps writes 1
+            label = int(label)
         if label is not None:
             row[data.label_column] = str(label).strip() if data.task in LABEL_TASKS else str(label)
         if text is not None:
