@@ -203,3 +203,17 @@ def test_resume_with_another_job_is_refused(model_dir, data_dir, tmp_path, monke
     other.peft = {"r": 2}
     with pytest.raises(ValueError, match=r"cannot resume: \['peft'\] differ"):
         run_job(other, out, resume=True, progress=False, log=quiet)
+
+
+def test_setting_aside_never_lands_on_an_earlier_aside(tmp_path, monkeypatch):
+    from peftkit.train import job as job_module
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(job_module.time, "time", lambda: 1000.0)  # two set-asides in one second
+    taken = []
+    for version in ("first", "second"):
+        out.mkdir(exist_ok=True)
+        (out / "summary.json").write_text(version)
+        taken.append(job_module._set_aside(str(out)))
+    assert taken[0] != taken[1] and all(os.path.isdir(p) for p in taken)
+    assert [open(os.path.join(p, "summary.json")).read() for p in taken] == ["first", "second"]

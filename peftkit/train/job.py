@@ -98,7 +98,10 @@ def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> None:
 
 def _set_aside(output_dir: str) -> str:
     # the old run moves aside in one rename; it is deleted only once the new run has finished
-    aside = f"{output_dir.rstrip(os.sep)}.replaced-{int(time.time())}"
+    stem = f"{output_dir.rstrip(os.sep)}.replaced-{int(time.time())}"
+    aside, n = stem, 1
+    while os.path.exists(aside):  # one left by a run that crashed in this same second
+        aside, n = f"{stem}-{n}", n + 1
     os.replace(output_dir, aside)
     os.makedirs(output_dir)
     return aside
