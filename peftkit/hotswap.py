@@ -133,7 +133,7 @@ def prepare_for_hotswap(model, target_rank: int, adapter_names: Optional[list[st
             scalings[path] = layer.scaling[name]
         _keep_scalings(model.peft_config[name], target_rank, scalings)
     if model.active_adapters:
-        model.set_adapter(model.active_adapters)  # the trainable flags follow the new parameter objects
+        model._activate(model.active_adapters)  # the trainable flags follow the new parameter objects
 
 
 def _padded_zeros(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:

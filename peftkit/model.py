@@ -189,6 +189,10 @@ class PeftModel(SaveLoadMixin, nn.Module):
             warnings.warn(f"adapter(s) {merged} are merged into the base weights; unmerging them before activating "
                           f"{names}", stacklevel=2)
             self.unmerge_adapter()
+        self._activate(names)
+
+    def _activate(self, names: list[str]) -> None:
+        # the library's own re-activation (after a load, a delete, a refine): merges are the user's and stay
         self._active = names
         for _, layer in adapter_layers(self.base_model):
             layer.set_active(names)
@@ -202,7 +206,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
         del self.peft_config[adapter_name]
         remaining = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]
         if remaining:
-            self.set_adapter(remaining)
+            self._activate(remaining)
         else:  # the last one: the base parameters train again as they did before
             self._active = []
             self._restore_grads()
@@ -213,6 +217,8 @@ class PeftModel(SaveLoadMixin, nn.Module):
         for name, layer in adapter_layers(self.base_model):
             if adapter_name in layer.adapter_names:
                 layer.delete_adapter(adapter_name)
+            if not layer.merged_adapters and "_tied_weight" in layer.__dict__:  # merged into a tied weight: tie back
+                layer.base_layer.weight = layer.__dict__.pop("_tied_weight")
             if not layer.adapter_names:
                 unwrap(self.base_model, name, merge=False)
         if not self.peft_config:

@@ -81,7 +81,7 @@ class SaveLoadMixin:
             self.delete_adapter(adapter_name)
             raise
         self.peft_config[adapter_name].__dict__.pop("_from_saved", None)
-        self.set_adapter(self._active or [adapter_name])
+        self._activate(self._active or [adapter_name])
         if not is_trainable:  # as PEFT does: the model goes to eval mode (dropout off); train() turns it back
             self.eval()
 

@@ -369,3 +369,38 @@ def test_lora_keys_do_not_depend_on_a_bottleneck_adapter_around_the_block(tmp_pa
         loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / order / "lora"))  # onto a plain base
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids).logits, expected)
+
+
+def test_loading_or_deleting_another_adapter_keeps_the_users_merge(tmp_path, ids):
+    import warnings
+
+    model = _two_adapters()
+    model.save_pretrained(str(tmp_path), selected_adapters=["b"])
+    model.add_adapter("c", CFG_A)
+    model.merge_adapter(adapter_names=["b"])  # merged, though "default" is the active one
+    with torch.no_grad():
+        merged = model(ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "unmerging" warning: only the user's set_adapter unmerges
+        model.load_adapter(str(tmp_path / "b"), adapter_name="b2")
+        model.delete_adapter("c")
+    assert any("b" in m.merged_adapters for _, m in model.named_modules() if hasattr(m, "merged_adapters"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, merged)
+
+
+def test_deleting_an_adapter_merged_into_a_tied_head_ties_it_back(ids):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    with torch.no_grad():
+        expected = base(ids).logits
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
+    randomize_adapters(model)
+    model.merge_adapter()
+    model.delete_adapter("default")
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).logits, expected, atol=1e-5, rtol=1e-5)

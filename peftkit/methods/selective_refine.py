@@ -62,7 +62,7 @@ def refine(model: nn.Module, batches: Optional[Iterable[dict]], budget: float, a
     for layer in base.modules():  # new layers' values are created trainable: set_adapter decides again below
         if isinstance(layer, SelectiveLayer) and adapter_name in layer.adapter_names:
             layer.selective_values[adapter_name].requires_grad_(False)
-    model.set_adapter(model.active_adapters)  # new layers learn which adapters are active; trainable flags
+    model._activate(model.active_adapters)  # new layers learn which adapters are active; trainable flags
     return dict(config.selected_counts)
 
 
