@@ -214,3 +214,11 @@ def test_whole_number_float_labels_match_integer_labels(tmp_path):
     _write(str(tmp_path / "test.parquet"), test)
     splits = load_splits(DataConfig(dataset=str(tmp_path), label_column="label"))
     assert {r["label"] for r in splits["test"]} == {"0", "1"} == {r["label"] for r in splits["train"]}
+
+
+def test_a_zero_ratio_with_no_such_split_is_an_error(tmp_path):
+    path = _write(str(tmp_path / "all.jsonl"), ROWS)
+    with pytest.raises(ValueError, match="test_ratio is 0 and the data has no test split"):
+        load_splits(DataConfig(dataset=path, test_ratio=0.0))
+    root = label_dir(str(tmp_path / "d"))  # train + test files: validation_ratio still carves validation
+    assert len(load_splits(DataConfig(dataset=root, test_ratio=0.0))["test"]) > 0

@@ -195,6 +195,9 @@ def load_splits(data: DataConfig) -> dict[str, list[dict]]:
         rng.shuffle(train)
         for split in missing:
             ratio = data.validation_ratio if split == "validation" else data.test_ratio
+            if ratio == 0:  # a run evaluates on both splits: none to carve is an error, not one silent row
+                raise ValueError(f"{split}_ratio is 0 and the data has no {split} split; pass a {split} file or a "
+                                 f"{split}_ratio above 0 to hold out part of train")
             count = max(1, round(len(splits["train"]) * ratio))
             if count >= len(train):
                 raise ValueError(f"only {len(splits['train'])} training rows: too few to hold out a {split} split; "
