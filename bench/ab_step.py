@@ -71,18 +71,6 @@ def side(toggle: str, first: bool):
         setattr(owner, attribute, saved)
 
 
-def _limit_step(model: torch.nn.Module, ids: torch.Tensor):
-    """The limit's step on ``model`` (train_step.make_step's for limit variants, without an optimizer: the
-    adapter's parameters stay out of the graph while side B's forward bypasses them)."""
-    embed = model.get_input_embeddings()
-
-    def step() -> None:
-        x = embed(ids).detach().requires_grad_(True)
-        model(inputs_embeds=x, labels=ids).loss.backward()
-
-    return step
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--toggle", choices=TOGGLES, required=True)
@@ -104,7 +92,8 @@ def main() -> None:
     model = train_step.apply_variant(train_step.build_model(settings), args.variant)
     ids = train_step.make_batch(settings)
     step = train_step.make_step(model, args.variant, ids)[0]
-    steps = {True: step, False: _limit_step(model, ids) if args.toggle == "adapter" else step}
+    # side B of "adapter": the limit's step (no optimizer) on the same model, whose LoRA layers side() bypasses
+    steps = {True: step, False: train_step.make_step(model, "limit-onednn", ids)[0] if args.toggle == "adapter" else step}
     for first in (True, False):  # warm both sides up
         with side(args.toggle, first):
             steps[first]()

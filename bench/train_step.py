@@ -207,7 +207,8 @@ def make_step(model: torch.nn.Module, variant: str, ids: torch.Tensor):
     params = [p for p in model.parameters() if p.requires_grad]
     # fused AdamW: one kernel over all tensors. The default (foreach) implementation took 70-290 ms per step
     # on the ~420 LoRA tensors of this model on the 2-core CPU, the same cost for every library compared.
-    opt = torch.optim.AdamW(params, lr=LR, fused=True) if params else None
+    # The limit has none, also on a model whose adapters it bypasses (bench/ab_step.py --toggle adapter).
+    opt = torch.optim.AdamW(params, lr=LR, fused=True) if params and not variant.startswith("limit") else None
     embed = model.get_input_embeddings()
 
     def step() -> torch.Tensor:

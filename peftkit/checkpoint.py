@@ -38,14 +38,15 @@ def adapter_tensors(model: nn.Module, adapter_name: str, extras: dict[str, torch
     out = {disk_key(_head_inner_path(path, heads, adapter_name)): tensor for path, tensor in extras.items()}
     for path, layer in adapter_layers(model):
         for attr, tensor in layer.adapter_tensors(adapter_name).items():
-            out[disk_key(f"{plain_path(path)}.{attr}")] = tensor
+            out[layer_key(path, attr)] = tensor
     return out
 
 
-def plain_path(path: str) -> str:
-    """A layer's path as if no other adapter wrapped a block above it: a layer's own path holds "base_layer" only
-    from such a wrapper (a bottleneck adapter around self_attn), and the adapter's keys must not depend on it."""
-    return path.replace(".base_layer.", ".")
+def layer_key(path: str, attr: str) -> str:
+    """The disk key of adapter tensor ``attr`` of the layer at ``path``, named as if no other adapter wrapped a block
+    above it: a layer's own path holds "base_layer" only from such a wrapper (a bottleneck adapter around
+    self_attn), and the adapter's keys must not depend on it."""
+    return disk_key(f"{path.replace('.base_layer.', '.')}.{attr}")
 
 
 def _head_inner_path(path: str, heads: list[str], adapter_name: str) -> str:

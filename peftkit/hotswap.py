@@ -62,7 +62,7 @@ def _plan(model, name: str, new_config: PeftConfig, found: dict, directory: str)
                          "unexpected). Hotswap needs the same targets; use load_adapter for a different adapter")
     plan, factor_keys = [], set()
     for path, layer in _lora_layers(model, name).items():
-        a_key, b_key = (checkpoint.disk_key(f"{checkpoint.plain_path(path)}.{attr}") for attr in layer.adapter_attrs[:2])
+        a_key, b_key = (checkpoint.layer_key(path, attr) for attr in layer.adapter_attrs[:2])
         ratio = new_config.scaling_for(path) / layer.scaling[name]  # fold the new scaling into B
         a, b = _padded(layer.A[name], found[a_key], 0, a_key, directory), _padded(layer.B[name], found[b_key], 1, b_key, directory)
         plan += [(layer.A[name], a), (layer.B[name], b * ratio)]

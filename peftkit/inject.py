@@ -270,6 +270,15 @@ def unwrap(model: nn.Module, name: str, merge: bool) -> None:
     setattr(parent, child, layer.unwrapped(merge) if isinstance(layer, ModulesToSaveWrapper) else layer.base_layer)
 
 
+def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> names of the modules holding it, for parameters held by more than one (tied weights)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), []).append(name)
+    return {k: v for k, v in holders.items() if len(v) > 1}
+
+
 def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     """Every wrapper in the model with its name."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]

@@ -12,8 +12,8 @@ from torch import nn
 
 from . import checkpoint
 from .config import PeftConfig, lookup
-from .inject import HEAD_NAMES, adapter_layers, unwrap, wrap_modules_to_save
-from .layers import mixed_rows, new_forward_pass
+from .inject import HEAD_NAMES, adapter_layers, shared_parameters, unwrap, wrap_modules_to_save
+from .layers import AdapterLayer, mixed_rows, new_forward_pass
 from .persist import SaveLoadMixin
 
 BASE_ADAPTER = "__base__"  # reserved: "no adapter" in mixed batches
@@ -191,12 +191,13 @@ class PeftModel(SaveLoadMixin, nn.Module):
             self.unmerge_adapter()
         self._activate(names)
 
-    def _activate(self, names: list[str]) -> None:
-        # the library's own re-activation (after a load, a delete, a refine): merges are the user's and stay
+    def _activate(self, names: list[str], added: Optional[str] = None) -> None:
+        # the library's own re-activation (after a load, a delete, a refine): merges are the user's and stay.
+        # ``added``: an adapter whose tensors were just created (trainable), frozen again unless active
         self._active = names
         for _, layer in adapter_layers(self.base_model):
             layer.set_active(names)
-        self._update_trainable()
+        self._update_trainable(added)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; layers left without adapters are unwrapped."""
@@ -217,8 +218,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
         for name, layer in adapter_layers(self.base_model):
             if adapter_name in layer.adapter_names:
                 layer.delete_adapter(adapter_name)
-            if not layer.merged_adapters and "_tied_weight" in layer.__dict__:  # merged into a tied weight: tie back
-                layer.base_layer.weight = layer.__dict__.pop("_tied_weight")
+            _tie_back(layer)
             if not layer.adapter_names:
                 unwrap(self.base_model, name, merge=False)
         if not self.peft_config:
@@ -331,13 +331,10 @@ class PeftModel(SaveLoadMixin, nn.Module):
         """Give a base weight that another module shares (an lm_head tied to the embedding) its own copy before a
         merge writes into it: the delta belongs to this layer only, and written into the shared tensor it would
         change the embedding too. unmerge_adapter ties it back."""
-        holders: dict[int, int] = {}
-        for module in self.base_model.modules():
-            for param in module.parameters(recurse=False):
-                holders[id(param)] = holders.get(id(param), 0) + 1
+        shared = shared_parameters(self.base_model)
         for _, layer in adapter_layers(self.base_model):
             weight = getattr(layer.base_layer, "weight", None)
-            if (isinstance(weight, nn.Parameter) and holders.get(id(weight), 0) > 1 and not hasattr(layer, "_tied_weight")
+            if (isinstance(weight, nn.Parameter) and id(weight) in shared and "_tied_weight" not in layer.__dict__
                     and any(n in layer.adapter_names and n not in layer.merged_adapters for n in names)):
                 layer.__dict__["_tied_weight"] = weight  # a plain attribute: not a parameter of the layer
                 layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
@@ -346,8 +343,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
         """Restore the base weights from every merged adapter (tied weights are tied again)."""
         for _, layer in adapter_layers(self.base_model):
             layer.unmerge()
-            if not layer.merged_adapters and hasattr(layer, "_tied_weight"):
-                layer.base_layer.weight = layer.__dict__.pop("_tied_weight")
+            _tie_back(layer)
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> nn.Module:
         """Merge the active (or given) adapters and return the plain base model."""
@@ -360,7 +356,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
         return self._unload(merge=False)
 
     def _unload(self, merge: bool) -> nn.Module:
-        untied = any(hasattr(layer, "_tied_weight") for _, layer in adapter_layers(self.base_model))
+        untied = any("_tied_weight" in layer.__dict__ for _, layer in adapter_layers(self.base_model))
         config = getattr(self.base_model, "config", None)
         if merge and untied and getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False  # saved and reloaded, the merged head must not be tied back
@@ -403,3 +399,10 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     if isinstance(model, PeftModel):
         raise ValueError("model is already a PeftModel; use model.add_adapter(name, config) to add another adapter")
     return PeftModel(model, peft_config, adapter_name, calibration_batches, loss_fn)
+
+
+def _tie_back(layer: AdapterLayer) -> None:
+    """A layer whose tied weight was given its own copy for a merge (PeftModel._untie_for_merge) shares it again
+    once nothing is merged into it."""
+    if not layer.merged_adapters and "_tied_weight" in layer.__dict__:
+        layer.base_layer.weight = layer.__dict__.pop("_tied_weight")

@@ -48,11 +48,7 @@ class SaveLoadMixin:
                         device_map: Optional[Union[str, dict]] = None,
                         max_memory: Optional[dict] = None):
         """A PeftModel with a saved adapter loaded onto ``model``; on any error ``model`` is left exactly as it was."""
-        directory = checkpoint.find_adapter_dir(os.fspath(model_id), subfolder)
-        config = copy.deepcopy(config) if config is not None else PeftConfig.from_pretrained(directory)
-        tensors = checkpoint.load_tensors(directory, allow_pickle)  # read before touching the model
-        config.inference_mode = not is_trainable
-        config._from_saved = True  # the saved tensors replace the initial ones (an init needing data is fine here)
+        directory, config, tensors = _read_saved(model_id, subfolder, allow_pickle, is_trainable, config)
         peft_model = cls(model, config, adapter_name)
         try:
             peft_model._fill(adapter_name, tensors, directory)
@@ -61,28 +57,27 @@ class SaveLoadMixin:
         except Exception:
             peft_model.unload()
             raise
-        peft_model.peft_config[adapter_name].__dict__.pop("_from_saved", None)  # filled: a reused config selects anew
-        if not is_trainable:  # as PEFT does: an adapter loaded for inference runs without dropout
-            peft_model.eval()
+        peft_model._loaded(adapter_name, is_trainable)
         return peft_model
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
                      subfolder: Optional[str] = None, allow_pickle: bool = False) -> None:
         """Load another saved adapter under ``adapter_name`` (not activated; see set_adapter)."""
-        directory = checkpoint.find_adapter_dir(os.fspath(model_id), subfolder)
-        config = PeftConfig.from_pretrained(directory)
-        tensors = checkpoint.load_tensors(directory, allow_pickle)
-        config.inference_mode = not is_trainable
-        config._from_saved = True
+        directory, config, tensors = _read_saved(model_id, subfolder, allow_pickle, is_trainable)
         self.add_adapter(adapter_name, config)
         try:
             self._fill(adapter_name, tensors, directory)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
-        self.peft_config[adapter_name].__dict__.pop("_from_saved", None)
         self._activate(self._active or [adapter_name])
-        if not is_trainable:  # as PEFT does: the model goes to eval mode (dropout off); train() turns it back
+        self._loaded(adapter_name, is_trainable)
+
+    def _loaded(self, adapter_name: str, is_trainable: bool) -> None:
+        # filled: the config no longer stands for saved values (reused, a selective config must select anew);
+        # loaded for inference, the model runs in eval mode (dropout off), as PEFT does; train() turns it back
+        self.peft_config[adapter_name].__dict__.pop("_from_saved", None)
+        if not is_trainable:
             self.eval()
 
     def _fill(self, adapter_name: str, tensors: dict[str, torch.Tensor], directory: str) -> None:
@@ -119,3 +114,16 @@ class SaveLoadMixin:
                 "offload_folder=...), then call PeftModel.from_pretrained(base, adapter_path)."
             )
         dispatch_model(self, device_map=device_map)
+
+
+def _read_saved(model_id, subfolder: Optional[str], allow_pickle: bool, is_trainable: bool,
+                config: Optional[PeftConfig] = None) -> tuple[str, PeftConfig, dict[str, torch.Tensor]]:
+    """(directory, config, tensors) of a saved adapter, all read before the model is touched. The config is marked
+    as standing for saved values (``_from_saved``): an init that needs data (LoRA's "eva") or a recorded
+    selection (selective) is then allowed, since the saved tensors replace the initial ones."""
+    directory = checkpoint.find_adapter_dir(os.fspath(model_id), subfolder)
+    config = copy.deepcopy(config) if config is not None else PeftConfig.from_pretrained(directory)
+    tensors = checkpoint.load_tensors(directory, allow_pickle)
+    config.inference_mode = not is_trainable
+    config._from_saved = True
+    return directory, config, tensors

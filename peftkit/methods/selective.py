@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import disk_key, plain_path
+from ..checkpoint import layer_key
 from ..config import TargetSpec, TargetedConfig, register
-from ..inject import Method, adapter_layers, every_bias, find_targets, replace_modules, resolve_target_modules
+from ..inject import (Method, adapter_layers, every_bias, find_targets, replace_modules, resolve_target_modules,
+                      shared_parameters)
 from ..layers import AdapterLayer, adapter_dtype, param_device, plain_frozen_linear, sole_active_adapter
 from .lora_kernels import linear
 from .selective_codec import SAVE_DTYPES, pack, unpack
@@ -279,12 +280,9 @@ def _with_delta(weight: torch.Tensor, values: torch.Tensor, index: torch.Tensor)
 def _refuse_shared(model: nn.Module, weights: dict[str, nn.Parameter]) -> None:
     """Refuse a target whose weight another module shares (tied embeddings and output head): the delta would act
     in one module's forward but merge into both."""
-    holders: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        for param in module.parameters(recurse=False):
-            holders.setdefault(id(param), []).append(name)
+    shared = shared_parameters(model)
     for name, weight in weights.items():
-        others = [n for n in holders.get(id(weight), []) if n != name and not n.startswith(name + ".")]
+        others = [n for n in shared.get(id(weight), []) if n != name and not n.startswith(name + ".")]
         if others:
             raise ValueError(f"target module {name!r} shares its weight with {others[0]!r} (tied weights): a selective "
                              "delta would change both when merged. Leave it out of target_modules (exclude_modules), "
@@ -374,7 +372,7 @@ class SelectiveMethod(Method):
             if isinstance(layer, SelectiveLayer) and adapter_name in layer.selective_indices:
                 weight = layer.base_layer.weight
                 units = weight.shape[0] if layer.granularity[adapter_name] == "row" else weight.numel()
-                sizes[disk_key(f"{plain_path(path)}.selective_indices")] = units
+                sizes[layer_key(path, "selective_indices")] = units
         return pack(tensors, sizes, config.save_dtype)
 
     def unpack_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -59,10 +59,8 @@ def refine(model: nn.Module, batches: Optional[Iterable[dict]], budget: float, a
         _reselect(model, name, chosen[name], config, adapter_name, optimizer)
     config.budget, config.threshold = budget, None
     config.selected_counts = {n: _counts(c, weights[n], config.granularity) for n, c in chosen.items() if c.numel()}
-    for layer in base.modules():  # new layers' values are created trainable: set_adapter decides again below
-        if isinstance(layer, SelectiveLayer) and adapter_name in layer.adapter_names:
-            layer.selective_values[adapter_name].requires_grad_(False)
-    model._activate(model.active_adapters)  # new layers learn which adapters are active; trainable flags
+    # new layers learn which adapters are active; their values, created trainable, train only if this one does
+    model._activate(model.active_adapters, added=adapter_name)
     return dict(config.selected_counts)
 
 

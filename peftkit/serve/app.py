@@ -241,6 +241,13 @@ def _chunk(rid: str, model: str, text: Optional[str], finish: Optional[str], cha
     return _sse(completion_body(rid, model, text or "", finish))
 
 
+def _sendable(text: str, stops: list[str], sent: int, final: bool) -> tuple[Optional[int], int]:
+    """(where a stop string starts in the unsent text or None, how far the text may be sent): up to the stop, else
+    all but an end that could begin one (all of it once final)."""
+    cut = first_stop(text, stops, sent)
+    return cut, cut if cut is not None else len(text) - (0 if final else held_back(text, stops))
+
+
 async def _events(engine: Engine, job: Job, stops: list[str], model: str, chat: bool,
                   include_usage: bool) -> AsyncIterator[str]:
     """The SSE stream of one request: text deltas as tokens arrive, held back while they could start a stop string.
@@ -257,10 +264,9 @@ async def _events(engine: Engine, job: Job, stops: list[str], model: str, chat: 
             if cut is not None:
                 continue  # drain until generate notices the cancel
             text = so_far.extend(item)
-            cut = first_stop(text, stops, sent)
+            cut, end = _sendable(text, stops, sent, final=False)
             if cut is not None:
                 job.stream.cancel.set()
-            end = cut if cut is not None else len(text) - held_back(text, stops)
             if text[sent:end]:
                 yield _chunk(job.id, model, text[sent:end], None, chat)
                 sent = end
@@ -268,8 +274,7 @@ async def _events(engine: Engine, job: Job, stops: list[str], model: str, chat: 
         _, n_tokens, finish = render(engine.tokenizer, result, stops)
         if cut is None:  # the end: nothing is held back any more, an unfinished last character included
             text = so_far.finish()
-            cut = first_stop(text, stops, sent)
-            end = cut if cut is not None else len(text)
+            _, end = _sendable(text, stops, sent, final=True)
             if text[sent:end]:
                 yield _chunk(job.id, model, text[sent:end], None, chat)
         yield _chunk(job.id, model, None, finish, chat)

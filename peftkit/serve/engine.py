@@ -362,11 +362,18 @@ class Engine:
 
     def cut(self, tokens: list[int], max_tokens: int) -> Generated:
         """New tokens cut at the first end-of-sequence token and at max_tokens."""
-        tokens = tokens[:max_tokens]
-        for i, token in enumerate(tokens):
-            if token in self.eos_ids:
-                return Generated(tokens[:i], "stop")
-        return Generated(tokens, "length")
+        kept, at_eos = kept_tokens(tokens, self.eos_ids, max_tokens)
+        return Generated(kept, "stop" if at_eos else "length")
+
+
+def kept_tokens(tokens: list[int], eos_ids, max_tokens: Optional[int]) -> tuple[list[int], bool]:
+    """The tokens of an answer: those before the first end-of-sequence id, at most ``max_tokens``; and whether an
+    end-of-sequence id ended them (within the limit)."""
+    window = tokens if max_tokens is None else tokens[:max_tokens]
+    for i, token in enumerate(window):
+        if token in eos_ids:
+            return window[:i], True
+    return window, False
 
 
 def _fail(job: Job, exc: BaseException) -> None:

@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .engine import Generated, ServeError
+from .engine import Generated, ServeError, kept_tokens
 
 
 class StreamOptions(BaseModel):
@@ -177,11 +177,11 @@ class TextSoFar:
 
     def extend(self, new: list[int]) -> str:
         """Take the next tokens; the whole text so far."""
-        for token in new:
-            if self.ended or token in self.eos_ids or (self.max_tokens is not None and len(self.tokens) >= self.max_tokens):
-                self.ended = True
-                break
-            self.tokens.append(token)
+        if not self.ended:
+            room = None if self.max_tokens is None else self.max_tokens - len(self.tokens)
+            kept, at_eos = kept_tokens(new, self.eos_ids, room)
+            self.tokens += kept
+            self.ended = at_eos or (room is not None and len(kept) == room)
         self._advance(final=False)
         return self.text
 
