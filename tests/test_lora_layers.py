@@ -205,6 +205,45 @@ def test_kernel_gemm_handles_empty_and_low_precision_inputs():
     torch.testing.assert_close(out, a @ b.t())
 
 
+@pytest.mark.parametrize("onednn", [True, False])
+def test_kernel_gemm_scale_and_output_dtype(onednn, monkeypatch):
+    """alpha scales the product (on oneDNN after it, elsewhere as the GEMM's own alpha with beta = 0, the
+    uninitialised input never read); out_dtype hands float32 back for bf16 inputs (a cast where the device's
+    mm has no out_dtype, which a CPU's has not)."""
+    from peftkit.methods import lora_kernels
+    from peftkit.methods.lora_kernels import linear
+    if not onednn:
+        monkeypatch.setattr(lora_kernels, "_ONEDNN", None)
+    torch.manual_seed(0)
+    a, b = torch.randn(7, 5), torch.randn(3, 5)
+    torch.testing.assert_close(linear(a, b, alpha=1.5), 1.5 * (a @ b.t()))
+    torch.testing.assert_close(linear(a.t().contiguous().t(), b.t().contiguous().t(), alpha=-2.0), -2 * (a @ b.t()))
+    ab, bb = a.bfloat16(), b.bfloat16()
+    out = linear(ab, bb, alpha=0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), 0.5 * (ab.float() @ bb.float().t()), atol=0.05, rtol=0.02)
+    out = linear(ab, bb, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ab.float() @ bb.float().t(), atol=0.05, rtol=0.02)
+    assert not lora_kernels._has_out_dtype_mm(torch.device("cpu"), torch.bfloat16, torch.float32)
+
+
+def test_fused_kernel_b_gradient_is_contiguous_off_onednn():
+    """Off oneDNN (here a bf16 base), B's gradient is computed as the contiguous (out, r) that .grad keeps as
+    is, not a transposed view AccumulateGrad would copy; it equals the autograd graph's."""
+    from peftkit.methods.lora_kernels import FusedLoraLinear
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(5, 8, dtype=torch.bfloat16)
+    a = torch.randn(2, 8, requires_grad=True)
+    b = torch.randn(5, 2, requires_grad=True)
+    got = torch.autograd.grad(FusedLoraLinear.apply(x, None, w, None, a, b, 1.5, True).square().sum(), (x, a, b))
+    assert got[2].is_contiguous() and got[2].dtype == torch.float32  # as the kernel returned it
+    ref = x.float() @ w.float().t() + 1.5 * (x.float() @ a.t()) @ b.t()
+    for g, r in zip(got, torch.autograd.grad(ref.square().sum(), (x, a, b))):
+        torch.testing.assert_close(g.float(), r.float(), atol=0.5, rtol=0.03)
+
+
 def test_kernel_uses_onednn_under_autograd_only(monkeypatch):
     """Training (grad enabled) runs the kernel's GEMMs through oneDNN; inference keeps torch's matmul, so a
     B = 0 adapter leaves the base output bit-identical."""
@@ -255,11 +294,13 @@ def test_fused_kernels_support_double_backward(dora):
     torch.testing.assert_close(fused[1], plain[1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dropout_supports_double_backward(p):
+@pytest.mark.parametrize("p, native", [(0.1, False), (0.5, False), (0.1, True)])
+def test_dropout_supports_double_backward(p, native, monkeypatch):
     """Through the dropout's own backward too (drawn positions at small p, a bool mask above): with one mask
     fixed by the seed, the second derivative matches the same mask applied by hand."""
+    from peftkit import layers
     from peftkit.layers import new_forward_pass
+    monkeypatch.setattr(layers, "_native_dropout", lambda x: native)  # native: the GPU's torch.native_dropout
     model = get_peft_model(Net(bias=True), LoraConfig(r=3, target_modules=["proj"], lora_dropout=p,
                                                       init_lora_weights=False)).train()
     layer = model.base_model.proj

@@ -237,10 +237,12 @@ class LoraLinear(LoraLayer):
             b = self.lora_B[name].float()
             s = self.scaling[name]
             w = self.base_weight()
-            wa = linear(w, a.to(w.dtype), fast=fast).float()  # (out, r)
-            aat = a @ a.t()  # (r, r)
-            sq = self._row_sq() + 2 * s * (wa * b).sum(1) + s * s * ((b @ aat) * b).sum(1)
-            return sq.clamp_min(0).sqrt()
+            wa = linear(w, a.to(w.dtype), fast=fast, out_dtype=torch.float32)  # (out, r)
+            # ||W_o + s B_o A||^2 = ||W_o||^2 + b_o . (2s W_o A^T + s^2 B_o A A^T): few kernels, as on a GPU
+            # each of these small products costs a launch
+            cross = torch.addmm(wa, b, a @ a.t(), beta=2 * s, alpha=s * s)  # (out, r)
+            sq = torch.bmm(b.unsqueeze(1), cross.unsqueeze(2)).view(-1).add_(self._row_sq())
+            return sq.clamp_min_(0).sqrt_()
 
     def _row_sq(self) -> torch.Tensor:
         # ||W_o||^2 per row, cached until the base weight changes (e.g. a merge)

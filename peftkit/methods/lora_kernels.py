@@ -30,8 +30,16 @@ def _onednn_linear_op():
 _ONEDNN = _onednn_linear_op()
 
 
-def linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, fast: bool = True) -> torch.Tensor:
-    """a @ b^T (+ bias) for 2-D a (N, k) and b (m, k), either of them possibly a transposed view.
+def uses_onednn(a: torch.Tensor, b: torch.Tensor, fast: bool = True) -> bool:
+    """Whether ``linear(a, b, fast=fast)`` runs on oneDNN (float32 on CPU, see ``linear``)."""
+    return (fast and _ONEDNN is not None and a.dtype == torch.float32 and a.device.type == "cpu" and a.numel() > 0
+            and b.numel() > 0 and torch.backends.mkldnn.enabled)
+
+
+def linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, fast: bool = True,
+           alpha: float = 1.0, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """alpha a @ b^T (+ bias) for 2-D a (N, k) and b (m, k), either of them possibly a transposed view, returned
+    in ``out_dtype`` (default: a's).
 
     With ``fast``, float32 on CPU runs through oneDNN (unless torch.backends.mkldnn.enabled is False): torch's
     own fp32 matmul calls MKL's sgemm, which on AMD CPUs runs at under half of oneDNN's speed (measured on an
@@ -40,11 +48,45 @@ def linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, f
     does (B = 0 changes no bit of the output); a forward with grad mode on takes oneDNN whatever requires
     grad, so one model's outputs depend on grad mode only. Also fast=False inside a backward that builds a
     graph (create_graph=True): oneDNN's op has no derivative, torch's matmul has.
+
+    Elsewhere alpha is the GEMM's own (addmm with beta = 0), and a float32 ``out_dtype`` for bf16/fp16 inputs
+    is the GEMM's output type where torch has that on the device (CUDA): one kernel each, not a GEMM and a
+    scale or a cast, which on a GPU is what a rank-r product costs (launch-bound).
     """
-    if (fast and _ONEDNN is not None and a.dtype == torch.float32 and a.device.type == "cpu" and a.numel()
-            and b.numel() and torch.backends.mkldnn.enabled):
-        return _ONEDNN(a, b, bias, "none", [], "")
-    return torch.addmm(bias, a, b.t()) if bias is not None else a @ b.t()
+    if uses_onednn(a, b, fast):
+        out = _ONEDNN(a, b, bias, "none", [], "")
+        out = out.mul_(alpha) if alpha != 1 else out
+    elif bias is not None:
+        out = torch.addmm(bias, a, b.t(), alpha=alpha)
+    elif out_dtype not in (None, a.dtype) and alpha == 1 and _has_out_dtype_mm(a.device, a.dtype, out_dtype):
+        return torch.mm(a, b.t(), out_dtype=out_dtype)
+    elif alpha != 1:
+        out = torch.addmm(a.new_empty(()), a, b.t(), beta=0, alpha=alpha)  # beta = 0: the input is never read
+    else:
+        out = a @ b.t()
+    return out if out_dtype in (None, out.dtype) else out.to(out_dtype)
+
+
+_OUT_DTYPE_MM: dict = {}
+
+
+def _has_out_dtype_mm(device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether torch.mm(..., out_dtype=out_dtype) runs for ``dtype`` inputs on ``device`` (bf16/fp16 -> float32 on
+    CUDA in recent torch): tried once per (device type, dtypes) on a small product, checked against float32."""
+    key = (device.type, dtype, out_dtype)
+    if key not in _OUT_DTYPE_MM:
+        ok = device.type == "cuda" and out_dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)
+        if ok:
+            try:
+                gen = torch.Generator(device=device).manual_seed(0)
+                a = torch.randn(8, 32, device=device, generator=gen).to(dtype)
+                b = torch.randn(32, 4, device=device, generator=gen).to(dtype)
+                got = torch.mm(a, b, out_dtype=out_dtype)
+                ok = got.dtype == out_dtype and torch.allclose(got, a.float() @ b.float(), atol=1e-3, rtol=1e-3)
+            except (RuntimeError, TypeError, NotImplementedError):
+                ok = False
+        _OUT_DTYPE_MM[key] = ok
+    return _OUT_DTYPE_MM[key]
 
 
 def compute_dtype(activations: torch.dtype, adapter: torch.dtype) -> torch.dtype:
@@ -80,8 +122,8 @@ class FusedLoraLinear(torch.autograd.Function):
         y = linear(x2, weight, bias, fast)  # (N, out)
         a_dtype = a.dtype
         a, b = a.to(x.dtype), b.to(x.dtype)  # no-ops unless the adapters are float32 over a bf16 base
-        h = linear(xd2, a, fast=fast)  # (N, r)
-        y.addmm_(h, b.t(), alpha=s)
+        h = linear(xd2, a, fast=fast, alpha=s)  # s xd A^T, (N, r): the scale once, on the narrow side
+        y.addmm_(h, b.t())
         ctx.save_for_backward(xd2, weight, a, b, h)
         ctx.s, ctx.x_shape, ctx.dropped, ctx.ab_dtype = s, x.shape, xd is not None, a_dtype
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -92,9 +134,10 @@ class FusedLoraLinear(torch.autograd.Function):
         need_x, need_xd, _, need_bias, need_a, need_b, _, _ = ctx.needs_input_grad
         fast = not torch.is_grad_enabled()  # grad mode is on here only under create_graph=True
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
-        gh = linear(g2, b.t(), fast=fast).mul_(ctx.s)  # (N, r)
-        ga = linear(gh.t(), xd2.t(), fast=fast) if need_a else None  # (r, in)
-        gb = linear(h.t(), g2.t(), fast=fast).t().mul_(ctx.s) if need_b else None  # (out, r), from h^T g: oneDNN's fast form
+        gh = linear(g2, b.t(), fast=fast, alpha=ctx.s)  # s g B, (N, r)
+        # A's and B's gradients come back in the parameters' own dtype (float32 adapters over a bf16 base)
+        ga = linear(gh.t(), xd2.t(), fast=fast, out_dtype=ctx.ab_dtype) if need_a else None  # (r, in)
+        gb = _b_grad(g2, h, fast, ctx.ab_dtype) if need_b else None  # (out, r)
         gx = gxd = None
         if need_x:
             gx = linear(g2, weight.t(), fast=fast)  # (N, in)
@@ -104,10 +147,15 @@ class FusedLoraLinear(torch.autograd.Function):
         if ctx.dropped and need_xd:
             gxd = linear(gh, a.t(), fast=fast).view(ctx.x_shape)
         gbias = g2.sum(0) if need_bias else None
-        # back to the parameters' own dtype (float32 adapters over a bf16 base)
-        ga = ga.to(ctx.ab_dtype) if ga is not None else None
-        gb = gb.to(ctx.ab_dtype) if gb is not None else None
         return gx, gxd, None, gbias, ga, gb, None, None
+
+
+def _b_grad(g2: torch.Tensor, h: torch.Tensor, fast: bool, dtype: torch.dtype) -> torch.Tensor:
+    """B's gradient g^T h, (out, r), for the output gradient g2 (N, out) and the saved s x A^T, h (N, r). oneDNN
+    runs it fastest as (h^T g)^T; elsewhere g^T h is the contiguous (out, r) that .grad takes without a copy."""
+    if uses_onednn(h, g2, fast):
+        return linear(h.t(), g2.t(), fast=fast, out_dtype=dtype).t()
+    return linear(g2.t(), h.t(), fast=fast, out_dtype=dtype)
 
 
 class FusedDoraLinear(torch.autograd.Function):
@@ -122,8 +170,8 @@ class FusedDoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         ctx.ab_dtype = a.dtype
         a, b = a.to(x.dtype), b.to(x.dtype)  # float32 adapters over a bf16 base run in bf16, as in LoRA's kernel
-        h = linear(x2, a, fast=fast)  # (N, r)
-        t = linear(x2, weight, fast=fast).addmm_(h, b.t(), alpha=s)  # (N, out)
+        h = linear(x2, a, fast=fast, alpha=s)  # s x A^T, (N, r)
+        t = linear(x2, weight, fast=fast).addmm_(h, b.t())  # (N, out)
         scale = (m / norm).to(x.dtype)  # (out,)
         y = torch.addcmul(bias, t, scale) if bias is not None else t * scale
         ctx.save_for_backward(x2, weight, a, b, h, t, scale, norm)
@@ -137,9 +185,9 @@ class FusedDoraLinear(torch.autograd.Function):
         fast = not torch.is_grad_enabled()  # grad mode is on here only under create_graph=True
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         gs = g2 * scale  # dL/dt, (N, out)
-        gh = linear(gs, b.t(), fast=fast).mul_(ctx.s)  # (N, r)
-        ga = linear(gh.t(), x2.t(), fast=fast).to(ctx.ab_dtype) if need_a else None  # (r, in)
-        gb = linear(h.t(), gs.t(), fast=fast).t().mul_(ctx.s).to(ctx.ab_dtype) if need_b else None  # (out, r)
+        gh = linear(gs, b.t(), fast=fast, alpha=ctx.s)  # (N, r)
+        ga = linear(gh.t(), x2.t(), fast=fast, out_dtype=ctx.ab_dtype) if need_a else None  # (r, in)
+        gb = _b_grad(gs, h, fast, ctx.ab_dtype) if need_b else None  # (out, r)
         gx = linear(gs, weight.t(), fast=fast).addmm_(gh, a).view(ctx.x_shape) if need_x else None
         gm = torch.sum(g2 * t, 0, dtype=torch.float32) / norm if need_m else None  # dy/dm = t / n, (out,)
         gbias = g2.sum(0) if need_bias else None
