@@ -267,6 +267,12 @@ def _scatters(x: torch.Tensor, p: float) -> bool:
     return x.device.type == "cpu" and 0.0 < p <= _SCATTER_MAX_P
 
 
+def _native_dropout(x: torch.Tensor) -> bool:
+    """Whether dropout on ``x`` runs torch's own fused kernel (off the CPU: on a GPU it draws the mask and scales in
+    one pass, where _lane_mask's draw, compare and two multiplies are four launches and three times the traffic)."""
+    return x.device.type != "cpu"
+
+
 def drop_positions(x: torch.Tensor, p: float) -> torch.Tensor:
     """Flat int64 indices into ``x`` (repeats possible) such that each element is among them, independently,
     with probability exactly p.
@@ -309,11 +315,17 @@ class _Dropout(torch.autograd.Function):
     """Inverted dropout. On CPU with p <= 0.2 it saves the dropped positions, about -ln(1 - p) n of them, as
     int32 where they fit (0.21 bytes per element at p = 0.05, 0.89 at p = 0.2), and applies them as a scale plus
     a scattered zero fill, about 1.2x faster than multiplying by a uint8 keep-mask (``python bench/kernels.py
-    --only dropout``). Otherwise it saves a bool mask (1 byte per element)."""
+    --only dropout``). Otherwise it saves a bool mask (1 byte per element): on CPU from _lane_mask, elsewhere
+    torch.native_dropout's."""
 
     @staticmethod
     def forward(ctx, x, p, token=None):
         ctx.scale, ctx.token = 1.0 / (1.0 - p), token
+        ctx.native = _native_dropout(x)
+        if ctx.native:
+            out, mask = torch.native_dropout(x, p, True)
+            ctx.save_for_backward(mask)
+            return out
         if _scatters(x, p):
             positions = drop_positions(x, p)
             ctx.save_for_backward(positions.int() if x.numel() < 2 ** 31 else positions)
@@ -328,6 +340,8 @@ class _Dropout(torch.autograd.Function):
     def backward(ctx, g):
         _forget_dropped(ctx.token)
         (saved,) = ctx.saved_tensors
+        if ctx.native:
+            return torch.ops.aten.native_dropout_backward(g, saved, ctx.scale), None, None
         if ctx.scattered:
             return _scaled_without(g, ctx.scale, saved), None, None
         return g.mul(saved).mul_(ctx.scale), None, None

@@ -165,7 +165,11 @@ def test_dropout_trains_and_is_off_in_eval(ids):
     torch.testing.assert_close(model(ids).logits, model(ids).logits)
 
 
-def test_dropout_keeps_the_right_fraction_and_backpropagates_through_the_mask():
+@pytest.mark.parametrize("native", [False, True])
+def test_dropout_keeps_the_right_fraction_and_backpropagates_through_the_mask(native, monkeypatch):
+    """On CPU the drawn positions (p = 0.1); with native, the path a GPU takes: torch.native_dropout's mask."""
+    from peftkit import layers
+    monkeypatch.setattr(layers, "_native_dropout", lambda x: native)
     x = torch.ones(200_000, requires_grad=True)
     torch.manual_seed(0)
     new_forward_pass()
