@@ -107,6 +107,34 @@ def fused_grads(dtype, tol: float, dropout: float, dora: bool = False) -> None:
     check(f"{'DoRA' if dora else 'LoRA'} training grads vs peft, {str(dtype)[6:]}, dropout {dropout} (relative)", err, tol)
 
 
+def dropout_fused_vs_plain(dtype, tol: float) -> None:
+    """LoRA dropout on cuda (torch.native_dropout's mask): the fused kernel's gradients equal the plain path's
+    (forced by a forward hook on each base layer) for the same seed, hence the same masks."""
+    from peftkit.methods import lora_kernels
+    model = get_peft_model(tiny(dtype), LoraConfig(r=8, lora_alpha=16, target_modules=ALL, lora_dropout=0.3))
+    randomize(model)
+    model.train()
+    x = ids(4, 16)
+
+    def grads():
+        torch.manual_seed(3)
+        model.zero_grad(set_to_none=True)
+        model(input_ids=x, labels=x).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fused = grads()
+    hooks = [m.base_layer.register_forward_hook(lambda *a: None) for m in model.modules()
+             if type(m).__name__ == "LoraLinear"]
+    plain = grads()
+    for h in hooks:
+        h.remove()
+    err = max(diff(g, plain[n]) / max(plain[n].abs().max().item(), 1e-12) for n, g in fused.items())
+    check(f"LoRA dropout 0.3 fused vs plain grads, {str(dtype)[6:]} (relative)", err, tol)
+    if dtype == torch.bfloat16:
+        have = lora_kernels._has_out_dtype_mm(torch.device(DEV), torch.bfloat16, torch.float32)
+        print(f"info: torch.mm(out_dtype=float32) for bf16 on {DEV}: {have}", flush=True)
+
+
 def dropout_trains(dtype) -> None:
     """LoRA with dropout on cuda: loss goes down over 30 AdamW steps; no NaN."""
     model = get_peft_model(tiny(dtype), LoraConfig(r=8, lora_alpha=16, target_modules=ALL, lora_dropout=0.1)).train()
@@ -254,6 +282,8 @@ def main() -> int:
         # bf16 DoRA runs its adapter matmuls in bf16 (as autocast would), peft in float32: against a float32
         # reference both err by a few % on a tiny random model (ours 9.4%, peft 4.0% worst tensor, CPU)
         lambda: fused_grads(torch.bfloat16, 0.12, 0.0, dora=True),
+        lambda: dropout_fused_vs_plain(torch.float32, 1e-4),
+        lambda: dropout_fused_vs_plain(torch.bfloat16, 0.05),
         lambda: dropout_trains(torch.float32),
         lambda: dropout_trains(torch.bfloat16),
         lambda: merge_roundtrip(torch.float32, False, 1e-4),
