@@ -10,6 +10,8 @@ Choices (--toggle):
     onednn    the LoRA / DoRA kernels' float32 CPU GEMMs on oneDNN (A) or on torch's matmul (B)
     fused     LoRA's fused training kernel (A) or the plain autograd path of the same layer (B)
     dropout   LoRA dropout at p <= 0.2 on the CPU: saved dropped positions (A) or a bool keep-mask (B)
+    outdtype  (GPU) bf16 GEMMs that return float32 adapter gradients through mm(out_dtype) (A) or as a bf16 GEMM
+              and a cast (B)
     adapter   the adapter's whole cost: the --variant training step (A) against the limit-onednn step of
               train_step.py on the same model (B): every LoRA layer runs its frozen base through the same
               oneDNN GEMM, forward + backward to the input embeddings, no weight gradients, no optimizer.
@@ -24,6 +26,7 @@ projections):
     python bench/ab_step.py --toggle adapter --steps 16
     python bench/ab_step.py --toggle adapter --batch 1 --seq 1     # what is left at one token: the fixed cost
     python bench/ab_step.py --toggle fused --layers 2 --steps 2     # a quick check that it runs
+    python bench/ab_step.py --gpu-preset --toggle fused --variant peftkit-dora --steps 8   # on a GPU
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step  # noqa: E402  (the same model, batch and step as the step benchmark)
 
-TOGGLES = ("onednn", "fused", "dropout", "adapter")
+TOGGLES = ("onednn", "fused", "dropout", "adapter", "outdtype")
 
 
 def _switch(toggle: str):
@@ -50,7 +53,8 @@ def _switch(toggle: str):
     return {"onednn": (lora_kernels, "_ONEDNN", None),  # linear() falls back to torch's matmul
             "fused": (lora.LoraLinear, "_fusable", lambda self, x: None),  # every call takes the plain path
             "dropout": (layers, "_SCATTER_MAX_P", 0.0),  # no p is small enough for drawn positions
-            "adapter": (lora.LoraLinear, "forward", _frozen_forward)}[toggle]  # the frozen base only
+            "adapter": (lora.LoraLinear, "forward", _frozen_forward),  # the frozen base only
+            "outdtype": (lora_kernels, "_has_out_dtype_mm", lambda *args: False)}[toggle]  # GEMM, then a cast
 
 
 def _frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,6 +84,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, help="sequences per batch (default: train_step's, 4)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default: train_step's, 128; 1 leaves the fixed cost)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--gpu-preset", action="store_true", help="train_step's GPU run: TinyLlama-1.1B shape, bf16, 8 x 1024")
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc thresholds at their defaults")
     args = p.parse_args()
     if not args.default_malloc:
@@ -88,7 +93,8 @@ def main() -> None:
         keep_freed_memory()  # as train_step's children and the training commands run
     torch.set_num_threads(args.threads)
     overrides = [f"--{k}={v}" for k, v in (("layers", args.layers), ("batch", args.batch), ("seq", args.seq)) if v]
-    settings = train_step.parse_args(["--variants", args.variant] + overrides)
+    settings = train_step.parse_args(["--variants", args.variant] + overrides + ["--gpu-preset"] * args.gpu_preset)
+    sync = torch.cuda.synchronize if settings.device == "cuda" else (lambda: None)
     model = train_step.apply_variant(train_step.build_model(settings), args.variant)
     ids = train_step.make_batch(settings)
     step = train_step.make_step(model, args.variant, ids)[0]
@@ -102,8 +108,10 @@ def main() -> None:
     for i in range(args.steps):
         for first in ((True, False) if i % 2 == 0 else (False, True)):
             with side(args.toggle, first):
+                sync()
                 start = time.perf_counter()
                 steps[first]()
+                sync()
                 times[first].append(time.perf_counter() - start)
     a, b = statistics.median(times[True]), statistics.median(times[False])
     print(f"{args.variant}, --toggle {args.toggle}, {args.steps} steps per side, alternating in one process")
