@@ -228,6 +228,26 @@ def test_kernel_gemm_scale_and_output_dtype(onednn, monkeypatch):
     assert not lora_kernels._has_out_dtype_mm(torch.device("cpu"), torch.bfloat16, torch.float32)
 
 
+@pytest.mark.parametrize("base_last", [True, False])
+def test_kernel_base_and_adapter_products_in_either_order(base_last, monkeypatch):
+    """base_plus / grad_plus: x W^T + b + h B^T and g W + g_h A, with the base GEMM last (accumulating onto the
+    adapter's product, off oneDNN in training) or first. Inference (fast=False) keeps base-first, so a zero B
+    leaves the bf16 base output bit-identical to nn.Linear's."""
+    from peftkit.methods import lora_kernels as k
+    monkeypatch.setattr(k, "BASE_LAST", base_last)
+    torch.manual_seed(0)
+    x, w, bias = torch.randn(9, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    h, b, g, a = (torch.randn(9, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64),
+                  torch.randn(9, 4, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64))
+    torch.testing.assert_close(k.base_plus(x, w, bias, h, b, True), x @ w.t() + bias + h @ b.t())
+    torch.testing.assert_close(k.base_plus(x, w, None, h, b, True), x @ w.t() + h @ b.t())
+    torch.testing.assert_close(k.grad_plus(g, w, h, a, True), g @ w + h @ a)
+    xb, wb = torch.randn(33, 64, dtype=torch.bfloat16), torch.randn(48, 64, dtype=torch.bfloat16)
+    zero_b = torch.zeros(48, 2, dtype=torch.bfloat16)
+    out = k.base_plus(xb, wb, None, torch.randn(33, 2, dtype=torch.bfloat16), zero_b, False)
+    assert torch.equal(out, torch.nn.functional.linear(xb, wb))
+
+
 def test_fused_kernel_b_gradient_is_contiguous_off_onednn():
     """Off oneDNN (here a bf16 base), B's gradient is computed as the contiguous (out, r) that .grad keeps as
     is, not a transposed view AccumulateGrad would copy; it equals the autograd graph's."""

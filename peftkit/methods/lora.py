@@ -241,7 +241,7 @@ class LoraLinear(LoraLayer):
             # ||W_o + s B_o A||^2 = ||W_o||^2 + b_o . (2s W_o A^T + s^2 B_o A A^T): few kernels, as on a GPU
             # each of these small products costs a launch
             cross = torch.addmm(wa, b, a @ a.t(), beta=2 * s, alpha=s * s)  # (out, r)
-            sq = torch.bmm(b.unsqueeze(1), cross.unsqueeze(2)).view(-1).add_(self._row_sq())
+            sq = torch.baddbmm(self._row_sq().view(-1, 1, 1), b.unsqueeze(1), cross.unsqueeze(2)).view(-1)
             return sq.clamp_min_(0).sqrt_()
 
     def _row_sq(self) -> torch.Tensor:

@@ -104,6 +104,30 @@ def compute_factors(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> tuple[
     return a.to(dtype), b.to(dtype)
 
 
+# Off oneDNN, in training: the frozen base's GEMM runs last, with the narrow adapter product as its C (beta = 1),
+# instead of first with the adapter product added after it. The big GEMM reads C in its epilogue at almost no
+# cost, where adding afterwards reads and writes the whole (N, out) again (on a GPU the two addmm_ per projection
+# were ~7% of a LoRA step's kernel time). oneDNN's linear has no C; inference (grad mode off) keeps base-first, which
+# rounds as nn.Linear does. bench/ab_step.py --toggle baselast A/Bs it.
+BASE_LAST = True
+
+
+def base_plus(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, b: torch.Tensor,
+              fast: bool) -> torch.Tensor:
+    """x W^T (+ bias) + h B^T, (N, out), for x (N, in), W (out, in), h (N, r), B (out, r); see BASE_LAST."""
+    if BASE_LAST and fast and not uses_onednn(x, weight, fast):
+        y = torch.addmm(bias, h, b.t()) if bias is not None else h @ b.t()
+        return y.addmm_(x, weight.t())
+    return linear(x, weight, bias, fast).addmm_(h, b.t())
+
+
+def grad_plus(g: torch.Tensor, weight: torch.Tensor, gh: torch.Tensor, a: torch.Tensor, fast: bool) -> torch.Tensor:
+    """g W + g_h A, (N, in): the base's and the adapter's input gradients in one buffer, ordered as base_plus."""
+    if BASE_LAST and fast and not uses_onednn(g, weight, fast):
+        return (gh @ a).addmm_(g, weight)
+    return linear(g, weight.t(), fast=fast).addmm_(gh, a)
+
+
 class FusedLoraLinear(torch.autograd.Function):
     """y = x W^T + b + s (xd A^T) B^T for a frozen W, in one output buffer.
 
@@ -119,11 +143,10 @@ class FusedLoraLinear(torch.autograd.Function):
     def forward(ctx, x, xd, weight, bias, a, b, s, fast):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         xd2 = x2 if xd is None else xd.reshape(-1, xd.shape[-1])
-        y = linear(x2, weight, bias, fast)  # (N, out)
         a_dtype = a.dtype
         a, b = a.to(x.dtype), b.to(x.dtype)  # no-ops unless the adapters are float32 over a bf16 base
         h = linear(xd2, a, fast=fast, alpha=s)  # s xd A^T, (N, r): the scale once, on the narrow side
-        y.addmm_(h, b.t())
+        y = base_plus(x2, weight, bias, h, b, fast)  # (N, out)
         ctx.save_for_backward(xd2, weight, a, b, h)
         ctx.s, ctx.x_shape, ctx.dropped, ctx.ab_dtype = s, x.shape, xd is not None, a_dtype
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -140,9 +163,7 @@ class FusedLoraLinear(torch.autograd.Function):
         gb = _b_grad(g2, h, fast, ctx.ab_dtype) if need_b else None  # (out, r)
         gx = gxd = None
         if need_x:
-            gx = linear(g2, weight.t(), fast=fast)  # (N, in)
-            if not ctx.dropped:
-                gx.addmm_(gh, a)
+            gx = linear(g2, weight.t(), fast=fast) if ctx.dropped else grad_plus(g2, weight, gh, a, fast)  # (N, in)
             gx = gx.view(ctx.x_shape)
         if ctx.dropped and need_xd:
             gxd = linear(gh, a.t(), fast=fast).view(ctx.x_shape)
@@ -171,8 +192,9 @@ class FusedDoraLinear(torch.autograd.Function):
         ctx.ab_dtype = a.dtype
         a, b = a.to(x.dtype), b.to(x.dtype)  # float32 adapters over a bf16 base run in bf16, as in LoRA's kernel
         h = linear(x2, a, fast=fast, alpha=s)  # s x A^T, (N, r)
-        t = linear(x2, weight, fast=fast).addmm_(h, b.t())  # (N, out)
-        scale = (m / norm).to(x.dtype)  # (out,)
+        t = base_plus(x2, weight, None, h, b, fast)  # (N, out)
+        # m / n in float32, stored in the activations' dtype by the same kernel
+        scale = m / norm if m.dtype == x.dtype else torch.div(m, norm, out=m.new_empty(m.shape, dtype=x.dtype))
         y = torch.addcmul(bias, t, scale) if bias is not None else t * scale
         ctx.save_for_backward(x2, weight, a, b, h, t, scale, norm)
         ctx.s, ctx.x_shape = s, x.shape
@@ -188,7 +210,7 @@ class FusedDoraLinear(torch.autograd.Function):
         gh = linear(gs, b.t(), fast=fast, alpha=ctx.s)  # (N, r)
         ga = linear(gh.t(), x2.t(), fast=fast, out_dtype=ctx.ab_dtype) if need_a else None  # (r, in)
         gb = _b_grad(gs, h, fast, ctx.ab_dtype) if need_b else None  # (out, r)
-        gx = linear(gs, weight.t(), fast=fast).addmm_(gh, a).view(ctx.x_shape) if need_x else None
+        gx = grad_plus(gs, weight, gh, a, fast).view(ctx.x_shape) if need_x else None
         gm = torch.sum(g2 * t, 0, dtype=torch.float32) / norm if need_m else None  # dy/dm = t / n, (out,)
         gbias = g2.sum(0) if need_bias else None
         return gx, None, gbias, ga, gb, gm, None, None, None
