@@ -215,7 +215,7 @@ def sole_active_adapter(layer: AdapterLayer) -> Optional[str]:
 def plain_frozen_linear(base: nn.Module, x: torch.Tensor) -> bool:
     """True for a frozen, hook-free nn.Linear of ``x``'s dtype outside autocast: what the fused kernels compute."""
     return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
-            and not hasattr(base, "_hf_hook") and not base.weight.requires_grad and x.dtype == base.weight.dtype
+            and "_hf_hook" not in base.__dict__ and not base.weight.requires_grad and x.dtype == base.weight.dtype
             and not torch.is_autocast_enabled(x.device.type))
 
 

@@ -248,6 +248,18 @@ def test_kernel_base_and_adapter_products_in_either_order(base_last, monkeypatch
     assert torch.equal(out, torch.nn.functional.linear(xb, wb))
 
 
+def test_an_accelerate_hook_on_the_base_layer_takes_the_plain_path():
+    """accelerate's offload hooks (device_map with CPU / disk offload) move weights in a pre-forward the fused
+    kernel would bypass: a base layer carrying one runs through its own forward."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+    model = get_peft_model(Net(bias=True), LoraConfig(r=3, target_modules=["proj"]))
+    layer = model.base_model.proj
+    x = torch.randn(2, 5, 12)
+    assert layer._fusable(x) == "default"
+    add_hook_to_module(layer.base_layer, ModelHook())
+    assert layer._fusable(x) is None
+
+
 def test_fused_kernel_b_gradient_is_contiguous_off_onednn():
     """Off oneDNN (here a bf16 base), B's gradient is computed as the contiguous (out, r) that .grad keeps as
     is, not a transposed view AccumulateGrad would copy; it equals the autograd graph's."""
