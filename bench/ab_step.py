@@ -12,8 +12,6 @@ Choices (--toggle):
     dropout   LoRA dropout at p <= 0.2 on the CPU: saved dropped positions (A) or a bool keep-mask (B)
     outdtype  (GPU) bf16 GEMMs that return float32 adapter gradients through mm(out_dtype) (A) or as a bf16 GEMM
               and a cast (B)
-    baselast  (off oneDNN) the base GEMM last, accumulating onto the adapter's product (A), or first, the
-              adapter's product added after it (B): lora_kernels.BASE_LAST
     adapter   the adapter's whole cost: the --variant training step (A) against the limit-onednn step of
               train_step.py on the same model (B): every LoRA layer runs its frozen base through the same
               oneDNN GEMM, forward + backward to the input embeddings, no weight gradients, no optimizer.
@@ -44,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step  # noqa: E402  (the same model, batch and step as the step benchmark)
 
-TOGGLES = ("onednn", "fused", "dropout", "adapter", "outdtype", "baselast")
+TOGGLES = ("onednn", "fused", "dropout", "adapter", "outdtype")
 
 
 def _switch(toggle: str):
@@ -56,8 +54,7 @@ def _switch(toggle: str):
             "fused": (lora.LoraLinear, "_fusable", lambda self, x: None),  # every call takes the plain path
             "dropout": (layers, "_SCATTER_MAX_P", 0.0),  # no p is small enough for drawn positions
             "adapter": (lora.LoraLinear, "forward", _frozen_forward),  # the frozen base only
-            "outdtype": (lora_kernels, "_has_out_dtype_mm", lambda *args: False),  # GEMM, then a cast
-            "baselast": (lora_kernels, "BASE_LAST", False)}[toggle]  # base GEMM first, adapter product added after
+            "outdtype": (lora_kernels, "_has_out_dtype_mm", lambda *args: False)}[toggle]  # GEMM, then a cast
 
 
 def _frozen_forward(self, x: torch.Tensor) -> torch.Tensor:

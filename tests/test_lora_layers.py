@@ -228,36 +228,70 @@ def test_kernel_gemm_scale_and_output_dtype(onednn, monkeypatch):
     assert not lora_kernels._has_out_dtype_mm(torch.device("cpu"), torch.bfloat16, torch.float32)
 
 
-@pytest.mark.parametrize("base_last", [True, False])
-def test_kernel_base_and_adapter_products_in_either_order(base_last, monkeypatch):
-    """base_plus / grad_plus: x W^T + b + h B^T and g W + g_h A, with the base GEMM last (accumulating onto the
-    adapter's product, off oneDNN in training) or first. Inference (fast=False) keeps base-first, so a zero B
-    leaves the bf16 base output bit-identical to nn.Linear's."""
+def test_fused_kernels_first_and_second_derivatives_in_float64():
+    """gradcheck and gradgradcheck of both training kernels against finite differences (float64, off oneDNN):
+    every input's gradient, and under create_graph=True the second-order terms through x, A, B and m too
+    (the backward then rebuilds its intermediates from the inputs, with a graph)."""
     from peftkit.methods import lora_kernels as k
-    monkeypatch.setattr(k, "BASE_LAST", base_last)
     torch.manual_seed(0)
-    x, w, bias = torch.randn(9, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
-    h, b, g, a = (torch.randn(9, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64),
-                  torch.randn(9, 4, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64))
-    torch.testing.assert_close(k.base_plus(x, w, bias, h, b, True), x @ w.t() + bias + h @ b.t())
-    torch.testing.assert_close(k.base_plus(x, w, None, h, b, True), x @ w.t() + h @ b.t())
-    torch.testing.assert_close(k.grad_plus(g, w, h, a, True), g @ w + h @ a)
-    xb, wb = torch.randn(33, 64, dtype=torch.bfloat16), torch.randn(48, 64, dtype=torch.bfloat16)
-    zero_b = torch.zeros(48, 2, dtype=torch.bfloat16)
-    out = k.base_plus(xb, wb, None, torch.randn(33, 2, dtype=torch.bfloat16), zero_b, False)
-    assert torch.equal(out, torch.nn.functional.linear(xb, wb))
+    d = torch.float64
+    x = torch.randn(3, 4, 5, dtype=d, requires_grad=True)
+    w = torch.randn(6, 5, dtype=d)
+    bias, m = torch.randn(6, dtype=d, requires_grad=True), torch.rand(6, dtype=d).add_(0.5).requires_grad_(True)
+    a, b = torch.randn(2, 5, dtype=d, requires_grad=True), torch.randn(6, 2, dtype=d, requires_grad=True)
+    norm = torch.rand(6, dtype=d).add_(0.5)
+    cases = [(lambda x, a, b, bias: k.FusedLoraLinear.apply(x, None, w, bias, a, b, 1.7, True), (x, a, b, bias)),
+             (lambda x, a, b: k.FusedLoraLinear.apply(x, x * 1.3, w, None, a, b, 1.7, True), (x, a, b)),  # dropout
+             (lambda x, a, b, m, bias: k.FusedDoraLinear.apply(x, w, bias, a, b, m, norm, 1.7, True), (x, a, b, m, bias))]
+    for fn, inputs in cases:
+        assert torch.autograd.gradcheck(fn, inputs)
+        assert torch.autograd.gradgradcheck(fn, inputs)
 
 
-def test_an_accelerate_hook_on_the_base_layer_takes_the_plain_path():
-    """accelerate's offload hooks (device_map with CPU / disk offload) move weights in a pre-forward the fused
-    kernel would bypass: a base layer carrying one runs through its own forward."""
-    from accelerate.hooks import ModelHook, add_hook_to_module
-    model = get_peft_model(Net(bias=True), LoraConfig(r=3, target_modules=["proj"]))
-    layer = model.base_model.proj
-    x = torch.randn(2, 5, 12)
-    assert layer._fusable(x) == "default"
-    add_hook_to_module(layer.base_layer, ModelHook())
-    assert layer._fusable(x) is None
+def test_fused_kernels_keep_float16_in_range_with_a_large_scale():
+    """float16 keeps x A^T unscaled and applies s in the GEMMs that read it: s x A^T alone would overflow here
+    (300 * 0.1 * 20 * 200 = 120,000 > 65,504) where the output itself (~240) is in range."""
+    from peftkit.methods.lora_kernels import FusedDoraLinear, FusedLoraLinear
+    x = torch.full((2, 20), 300.0, dtype=torch.float16, requires_grad=True)
+    w = torch.zeros(3, 20, dtype=torch.float16)
+    a = torch.full((2, 20), 0.1, requires_grad=True)
+    b = torch.full((3, 2), 1e-3, requires_grad=True)
+    want = 2 * 300 * 0.1 * 20 * 200 * 1e-3  # 240 per output
+    out = FusedLoraLinear.apply(x, None, w, None, a, b, 200.0, True)
+    torch.testing.assert_close(out.float(), torch.full((2, 3), want), rtol=2e-3, atol=0)
+    out.sum().backward()
+    assert torch.isfinite(b.grad).all() and torch.isfinite(a.grad).all() and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(b.grad, torch.full((3, 2), 2 * 200 * 300 * 0.1 * 20.0), rtol=2e-3, atol=0)
+    m, norm = torch.ones(3, requires_grad=True), torch.ones(3)
+    out = FusedDoraLinear.apply(x.detach(), w, None, a, b, m, norm, 200.0, True)
+    torch.testing.assert_close(out.float(), torch.full((2, 3), want), rtol=2e-3, atol=0)
+
+
+def test_kernel_gemm_out_dtype_gating(monkeypatch):
+    """The float32-output GEMM runs only where a check on the device found it (never on a CPU, whose mm has no
+    out_dtype), and not in a backward that builds a graph (fast=False: that overload has no derivative); a bias
+    with alpha is refused rather than scaled on one backend and not on the other."""
+    from peftkit.methods import lora_kernels as k
+    a, b = torch.randn(4, 6, dtype=torch.bfloat16), torch.randn(2, 6, dtype=torch.bfloat16)
+    assert not k._has_out_dtype_mm(torch.device("cpu"), torch.bfloat16, torch.float32)
+    assert not k._try_out_dtype_mm(torch.device("cpu"), torch.bfloat16, torch.float32)  # runs the check; CPU lacks it
+    calls = []
+    real_mm = torch.mm
+
+    def mm_with_out_dtype(x, y, out_dtype=None):  # what CUDA's torch has
+        calls.append(out_dtype)
+        return real_mm(x.to(out_dtype), y.to(out_dtype)) if out_dtype is not None else real_mm(x, y)
+
+    monkeypatch.setattr(torch, "mm", mm_with_out_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the check turns autocast off for its own reference
+        assert k._try_out_dtype_mm(torch.device("cpu"), torch.bfloat16, torch.float32)
+    monkeypatch.setattr(k, "_has_out_dtype_mm", lambda *args: True)
+    calls.clear()
+    assert k.linear(a, b, out_dtype=torch.float32).dtype == torch.float32 and calls == [torch.float32]
+    calls.clear()
+    assert k.linear(a, b, fast=False, out_dtype=torch.float32).dtype == torch.float32 and calls == []
+    with pytest.raises(ValueError, match="alpha"):
+        k.linear(a, b, torch.zeros(2, dtype=torch.bfloat16), alpha=2.0)
 
 
 def test_fused_kernel_b_gradient_is_contiguous_off_onednn():
