@@ -143,7 +143,8 @@ class FusedLoraLinear(torch.autograd.Function):
     With a bf16/fp16 base and float32 adapters, A and B are cast to the activations' dtype and the
     four matmuls run there (fp32 accumulation), as torch.autocast would; A's and B's gradients are
     returned in float32. Casting the (N, in) activations up instead, as PEFT does, costs a full extra
-    pass over them and float32 matmuls. Under create_graph=True the backward is the formula's autograd graph.
+    pass over them and float32 matmuls. Under create_graph=True the backward recomputes its intermediates from
+    the inputs with torch's differentiable ops, so the gradients it returns carry a graph (second derivatives).
     """
 
     @staticmethod
@@ -197,8 +198,8 @@ class FusedDoraLinear(torch.autograd.Function):
     """DoRA (Liu et al. 2024, Eq. 5) for a frozen W: y = (x W^T + s (x A^T) B^T) * m / n + b, where the row norms
     n = ||W + sBA|| are a constant in backprop (Sec. 4.3). Saves one (N, out) buffer, t = x W^T + s x A^T B^T;
     the autograd graph of the same formula keeps W x, t and the scaled output, and walks each of them again.
-    No dropout (with dropout the plain path runs PEFT's form). Under create_graph=True the backward is the
-    formula's autograd graph.
+    No dropout (with dropout the plain path runs PEFT's form). Under create_graph=True the backward recomputes
+    its intermediates from the inputs, as LoRA's does.
     """
 
     @staticmethod
