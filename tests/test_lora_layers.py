@@ -228,11 +228,14 @@ def test_kernel_gemm_scale_and_output_dtype(onednn, monkeypatch):
     assert not lora_kernels._has_out_dtype_mm(torch.device("cpu"), torch.bfloat16, torch.float32)
 
 
-def test_fused_kernels_first_and_second_derivatives_in_float64():
+@pytest.mark.parametrize("prescaled", [True, False])
+def test_fused_kernels_first_and_second_derivatives_in_float64(prescaled, monkeypatch):
     """gradcheck and gradgradcheck of both training kernels against finite differences (float64, off oneDNN):
     every input's gradient, and under create_graph=True the second-order terms through x, A, B and m too
-    (the backward then rebuilds its intermediates from the inputs, with a graph)."""
+    (the backward then rebuilds its intermediates from the inputs, with a graph). Both forms of h: s x A^T, and
+    x A^T with s in the GEMMs that read it (what float16 runs)."""
     from peftkit.methods import lora_kernels as k
+    monkeypatch.setattr(k, "_prescaled", lambda dtype: prescaled)
     torch.manual_seed(0)
     d = torch.float64
     x = torch.randn(3, 4, 5, dtype=d, requires_grad=True)
