@@ -203,6 +203,10 @@ def test_resume_with_another_job_is_refused(model_dir, data_dir, tmp_path, monke
     other.peft = {"r": 2}
     with pytest.raises(ValueError, match=r"cannot resume: \['peft'\] differ"):
         run_job(other, out, resume=True, progress=False, log=quiet)
+    os.remove(os.path.join(out, "job.json"))  # the recorded job gone: nothing to check the checkpoint against
+    with pytest.raises(FileNotFoundError, match=r"job.json is missing"):
+        run_job(other, out, resume=True, progress=False, log=quiet)
+    assert os.listdir(os.path.join(out, "checkpoints"))  # the refusal left the run as it was
 
 
 def test_setting_aside_never_lands_on_an_earlier_aside(tmp_path, monkeypatch):

@@ -237,10 +237,12 @@ def _zero_shot(job: JobConfig, model, tokenizer, splits: dict, trainer: Trainer,
 
 
 def check_same_job(job: JobConfig, output_dir: str) -> None:
-    """Refuse to resume a run with a different model, method, method settings or data."""
+    """Refuse to resume a run with a different model, method, method settings or data, or one whose recorded job
+    is gone (every run writes it before its first checkpoint, so nothing could be checked)."""
     path = os.path.join(output_dir, JOB_FILE)
     if not os.path.isfile(path):
-        return
+        raise FileNotFoundError(f"cannot resume: {path} is missing, so the run's model, method and data cannot be "
+                                "checked against this job; put the file back, or start over with --overwrite")
     with open(path, encoding="utf-8") as fh:
         saved = json.load(fh)
     now = job.to_dict()
