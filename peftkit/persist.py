@@ -96,16 +96,22 @@ class SaveLoadMixin:
 
     def _dispatch(self, device_map, max_memory: Optional[dict]) -> None:
         from accelerate import dispatch_model, infer_auto_device_map
+        from accelerate.hooks import remove_hook_from_submodules
 
         if getattr(self.base_model, "hf_device_map", None) is not None:
             return  # already placed by from_pretrained(device_map=...); adapters sit beside their layers
         if isinstance(device_map, (int, torch.device)) or (
                 isinstance(device_map, str) and device_map not in _PLANNED):
+            _check_device(device_map)
             self.to(device_map)  # one device for everything: "cuda", "cuda:1", "cpu", 0
             return
-        if device_map is None or device_map in _PLANNED or max_memory is not None:
+        if isinstance(device_map, dict):  # the user's map is kept as given (max_memory plans only the named plans)
+            device_map = {_peft_key(key): device for key, device in device_map.items()}
+        else:
             no_split = getattr(self.base_model, "_no_split_modules", None) or []
             device_map = infer_auto_device_map(self, max_memory=max_memory, no_split_module_classes=no_split)
+        for device in set(device_map.values()):
+            _check_device(device)
         on_disk = sorted(name for name, device in device_map.items() if device == "disk")
         if on_disk:  # accelerate would ask for an offload_dir, which this API does not take
             raise ValueError(
@@ -113,7 +119,57 @@ class SaveLoadMixin:
                 "offload folder. Load the base with transformers' from_pretrained(device_map=..., max_memory=..., "
                 "offload_folder=...), then call PeftModel.from_pretrained(base, adapter_path)."
             )
-        dispatch_model(self, device_map=device_map)
+        self._refuse_offloaded_adapters(device_map)
+        devices = {name: t.device for name, t in self.state_dict(keep_vars=True).items()}
+        try:
+            dispatch_model(self, device_map=device_map)
+        except Exception:  # e.g. out of memory part-way: no hook stays behind, and what moved goes back
+            remove_hook_from_submodules(self)
+            with torch.no_grad():
+                for name, t in self.state_dict(keep_vars=True).items():
+                    if name in devices and t.device != devices[name] and t.device.type != "meta":
+                        t.data = t.data.to(devices[name])
+            self.__dict__.pop("hf_device_map", None)
+            raise
+
+    def _refuse_offloaded_adapters(self, device_map: dict) -> None:
+        # With a GPU in the map, accelerate offloads the modules mapped to "cpu": it hooks every module holding
+        # parameters, adapter containers too, whose forward never runs, so their tensors would stay on 'meta'
+        gpus = [d for d in device_map.values() if d not in ("cpu", "disk")]
+        offloaded = [k for k, d in device_map.items() if d == "cpu"] if gpus else []
+        held = {id(t) for name in self.peft_config for t in self.adapter_parameters(name).values()}
+        adapter_names = {n for n, t in self.named_parameters() if id(t) in held}
+        hit = sorted(k for k in offloaded if any(k == "" or n.startswith(k + ".") for n in adapter_names))
+        if hit:
+            raise ValueError(
+                f"this device_map / max_memory offloads {hit[:4]}{' ...' if len(hit) > 4 else ''} to the CPU beside "
+                f"{sorted(set(map(str, gpus)))}, and these hold adapter weights, which accelerate's offloading would "
+                "leave unloaded. Load the base with transformers' from_pretrained(device_map=..., max_memory=...), "
+                "then call PeftModel.from_pretrained(base, adapter_path): adapters then sit on each layer's device."
+            )
+
+
+def _peft_key(key: str) -> str:
+    """A device_map key as a name in the PeftModel: keys of the base model (transformers' ``hf_device_map``:
+    "model.layers.0", "lm_head") get the "base_model." prefix; "" and keys already in PeftModel terms stay."""
+    return key if key == "" or key.startswith(("base_model.", "prompt_modules")) else f"base_model.{key}"
+
+
+def _check_device(device) -> None:
+    """Refuse a device this machine does not have before anything moves."""
+    if device in ("cpu", "disk"):
+        return
+    try:
+        dev = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device_map names {device!r}, which is not a device: use 'cpu', 'cuda', 'cuda:N' or an "
+                         "index N") from err
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise ValueError(f"device_map names {device!r}, but this machine has {count} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device_map names {device!r}, but MPS is not available here")
 
 
 def _read_saved(model_id, subfolder: Optional[str], allow_pickle: bool, is_trainable: bool,

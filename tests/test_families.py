@@ -546,6 +546,80 @@ def test_from_pretrained_refuses_a_map_that_needs_disk_and_leaves_the_base_intac
     torch.testing.assert_close(run_lm(base), base_out, **EXACT)
 
 
+def test_from_pretrained_keeps_an_explicit_map_and_takes_base_model_keys(llama_on_disk):
+    """A device_map dict is used as given, also beside max_memory (which only plans "auto" and the like), and
+    its keys may name the base model's modules, as transformers' hf_device_map does."""
+    root, out, _, _ = llama_on_disk
+    model = PeftModel.from_pretrained(tiny_llama(layers=4), str(root / "adapter"), device_map={"": "cpu"},
+                                      max_memory={"cpu": 100})  # planned, 100 bytes would send everything to disk
+    torch.testing.assert_close(run_lm(model), out, **EXACT)
+    model = PeftModel.from_pretrained(tiny_llama(layers=4), str(root / "adapter"),
+                                      device_map={"model": "cpu", "lm_head": "cpu"})
+    assert model.hf_device_map == {"base_model.model": "cpu", "base_model.lm_head": "cpu"}
+    torch.testing.assert_close(run_lm(model), out, **EXACT)
+
+
+def _intact(base, base_out):
+    assert not any(isinstance(m, AdapterLayer) for m in base.modules()), "a failed load must unwrap the base"
+    assert not any("_hf_hook" in m.__dict__ for m in base.modules()), "no accelerate hook may stay behind"
+    assert all(p.device.type == "cpu" for p in base.parameters())
+    torch.testing.assert_close(run_lm(base), base_out, **EXACT)
+
+
+def test_from_pretrained_refuses_a_device_this_machine_lacks_before_anything_moves(llama_on_disk):
+    root, _, base_out, _ = llama_on_disk
+    base = tiny_llama(layers=4)
+    dm = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
+          "lm_head": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    with pytest.raises(ValueError, match="CUDA device"):
+        PeftModel.from_pretrained(base, str(root / "adapter"), device_map=dm)
+    _intact(base, base_out)
+    with pytest.raises(ValueError, match="not a device"):
+        PeftModel.from_pretrained(base, str(root / "adapter"), device_map={"": "tpu:x"})
+    _intact(base, base_out)
+
+
+def test_from_pretrained_undoes_a_dispatch_that_fails_part_way(llama_on_disk, monkeypatch):
+    """Out of memory half-way through accelerate's dispatch: its hooks come off and the base is as it was."""
+    import accelerate
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    root, _, base_out, _ = llama_on_disk
+    base = tiny_llama(layers=4)
+
+    def failing_dispatch(model, device_map, **kwargs):
+        add_hook_to_module(model.base_model.model.embed_tokens, ModelHook())
+        add_hook_to_module(model.base_model.model.layers[0], ModelHook())
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(accelerate, "dispatch_model", failing_dispatch)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        PeftModel.from_pretrained(base, str(root / "adapter"), device_map="auto")
+    _intact(base, base_out)
+
+
+def test_from_pretrained_refuses_to_offload_adapter_weights_beside_a_gpu(llama_on_disk, monkeypatch):
+    """With a GPU in the map, "cpu" entries are offloaded: accelerate would hook the adapter containers too,
+    whose forward never runs, leaving their tensors on 'meta'. Refused, naming the way that works."""
+    from peftkit import persist
+
+    root, _, base_out, _ = llama_on_disk
+    monkeypatch.setattr(persist, "_check_device", lambda device: None)  # as on a machine with a GPU
+    base = tiny_llama(layers=4)
+    dm = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.layers.2": 0,
+          "model.layers.3": 0, "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}
+    with pytest.raises(ValueError, match=r"offloads \['base_model.model.layers.1'\].*adapter weights"):
+        PeftModel.from_pretrained(base, str(root / "adapter"), device_map=dm)
+    _intact(base, base_out)
+
+
+def test_dora_on_an_offloaded_base_is_refused_clearly(llama_on_disk):
+    root, _, _, size = llama_on_disk
+    base = _offloaded_llama(root, size)
+    with pytest.raises(ValueError, match="use_dora needs .* offloaded"):
+        get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], use_dora=True))
+
+
 @pytest.mark.parametrize("device_map", ["cpu", torch.device("cpu")])
 def test_from_pretrained_with_a_single_device(llama_on_disk, device_map):
     root, out, _, _ = llama_on_disk

@@ -112,6 +112,10 @@ class LoraLayer(AdapterLayer):
         if config.use_dora and not self.supports_dora:
             raise ValueError(f"use_dora is supported on Linear and Conv1D layers; {module_name!r} is a "
                              f"{type(self.base_layer).__name__}. Exclude it or turn DoRA off.")
+        if config.use_dora and self.base_layer.weight.device.type == "meta":
+            raise ValueError(f"use_dora needs {module_name!r}'s weight in memory (DoRA's magnitude is the row norm of "
+                             "W + sBA, and W runs outside the offload hook), but it is offloaded (on 'meta'). Load the "
+                             "base without CPU / disk offload for DoRA, or use LoRA.")
         r = config.rank_for(module_name)
         weight = self.base_layer.weight
         a_shape, b_shape = self.lora_shapes(r)
