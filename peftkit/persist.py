@@ -101,12 +101,14 @@ class SaveLoadMixin:
         if getattr(self.base_model, "hf_device_map", None) is not None:
             return  # already placed by from_pretrained(device_map=...); adapters sit beside their layers
         if isinstance(device_map, (int, torch.device)) or (
-                isinstance(device_map, str) and device_map not in _PLANNED):
+                isinstance(device_map, str) and device_map not in _PLANNED + ("disk",)):
             _check_device(device_map)
             self.to(device_map)  # one device for everything: "cuda", "cuda:1", "cpu", 0
             return
         if isinstance(device_map, dict):  # the user's map is kept as given (max_memory plans only the named plans)
             device_map = {_peft_key(key): device for key, device in device_map.items()}
+        elif device_map == "disk":
+            device_map = {"": "disk"}  # refused below, with the way that works
         else:
             no_split = getattr(self.base_model, "_no_split_modules", None) or []
             device_map = infer_auto_device_map(self, max_memory=max_memory, no_split_module_classes=no_split)
@@ -123,7 +125,8 @@ class SaveLoadMixin:
         devices = {name: t.device for name, t in self.state_dict(keep_vars=True).items()}
         try:
             dispatch_model(self, device_map=device_map)
-        except Exception:  # e.g. out of memory part-way: no hook stays behind, and what moved goes back
+        except Exception:  # e.g. out of memory part-way: no hook stays behind, and what moved goes back (weights
+            # that a CPU offload beside a GPU already put on 'meta' cannot; that needs a failure after them)
             remove_hook_from_submodules(self)
             with torch.no_grad():
                 for name, t in self.state_dict(keep_vars=True).items():

@@ -577,6 +577,9 @@ def test_from_pretrained_refuses_a_device_this_machine_lacks_before_anything_mov
     with pytest.raises(ValueError, match="not a device"):
         PeftModel.from_pretrained(base, str(root / "adapter"), device_map={"": "tpu:x"})
     _intact(base, base_out)
+    with pytest.raises(ValueError, match="offload folder"):
+        PeftModel.from_pretrained(base, str(root / "adapter"), device_map="disk")
+    _intact(base, base_out)
 
 
 def test_from_pretrained_undoes_a_dispatch_that_fails_part_way(llama_on_disk, monkeypatch):
