@@ -513,3 +513,41 @@ def test_t5_prefix_same_safetensors_layout_and_config(tmp_path):
     for key in ("peft_version", "auto_mapping", "revision"):
         theirs.pop(key, None)
     assert ours == theirs
+
+
+_PROMPT_CLS = {"prompt": ("PromptTuningConfig", dict(num_virtual_tokens=3)),
+               "p-tuning": ("PromptEncoderConfig", dict(num_virtual_tokens=3, encoder_hidden_size=16))}
+# (prefix tuning needs past_key_values, which transformers' BERT no longer takes; PEFT refuses it on Llama
+# classifiers, so it has no classifier both libraries run)
+
+
+@pytest.mark.parametrize("direction", list(DIRECTIONS))
+@pytest.mark.parametrize("method", list(_PROMPT_CLS))
+def test_prompt_methods_with_a_classification_head_move_between_libraries(method, direction, tmp_path):
+    """A prompt method on a sequence classifier trains the new head too (modules_to_save). PEFT keeps prompt
+    methods' base model directly under PeftModel.base_model, so the head is saved as base_model.classifier.*,
+    not base_model.model.classifier.* as for LoRA: both libraries load each other's file, same logits."""
+    source_lib, target_lib = DIRECTIONS[direction]
+    name, kwargs = _PROMPT_CLS[method]
+    source = source_lib.get_peft_model(base_model("bert"), getattr(source_lib, name)(task_type="SEQ_CLS", **kwargs))
+    _check_transfer(source, "bert", target_lib, tmp_path)
+    keys = saved_keys(tmp_path)
+    assert {"base_model.classifier.weight", "base_model.classifier.bias"} <= keys, sorted(keys)
+    assert not any(k.startswith("base_model.model.") for k in keys)
+
+
+def test_a_prompt_adapter_saved_with_the_old_head_keys_still_loads(tmp_path):
+    """Adapters saved by peftkit before the head keys followed PEFT (base_model.model.classifier.*) still load."""
+    from safetensors.torch import save_file
+
+    source = peftkit.get_peft_model(base_model("bert"), peftkit.PromptTuningConfig(task_type="SEQ_CLS",
+                                                                                   num_virtual_tokens=3))
+    randomise(source)
+    expected = logits(source, "bert")
+    source.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    old = {("base_model.model." + k[len("base_model."):] if k.startswith("base_model.") else k): v
+           for k, v in load_file(str(path)).items()}
+    save_file(old, str(path))
+    loaded = peftkit.PeftModel.from_pretrained(base_model("bert"), tmp_path)
+    torch.testing.assert_close(logits(loaded, "bert"), expected, atol=ATOL, rtol=RTOL)
