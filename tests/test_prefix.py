@@ -176,3 +176,31 @@ def test_zero_init_weights_as_peft(projection):
     assert torch.count_nonzero(model.prompt_modules["default"]()) == 0
     with pytest.raises(ValueError, match="init_weights"):
         PrefixTuningConfig(num_virtual_tokens=2, init_weights="gaussian")
+
+
+def test_generate_with_several_returned_sequences_and_beams(config):
+    """generate expands each row (beams, returned sequences) but not the cache it is given: the prefix cache is
+    built with that many rows. Sampling with top_k=1 is greedy, so 3 returned rows equal the greedy row 3 times."""
+    model = get_peft_model(tiny_llama(), config).eval()
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        for p in model.prompt_modules.parameters():
+            p.mul_(3.0)
+    ids, mask = _left_padded()
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0)
+    greedy = model.generate(do_sample=False, **kw)
+    sampled = model.generate(do_sample=True, top_k=1, num_return_sequences=3, **kw)
+    assert torch.equal(sampled, greedy.repeat_interleave(3, dim=0))
+    beams = model.generate(do_sample=False, num_beams=2, num_return_sequences=2, **kw)
+    assert beams.shape == (2 * ids.shape[0], greedy.shape[1])
+
+
+def test_generate_refuses_what_the_prefix_cache_cannot_serve():
+    """Without a cache generate would re-run the stand-in ids onto the prefix cache each step (wrong tokens, no
+    error); inputs_embeds have no stand-in ids. Both are refused."""
+    model = get_peft_model(tiny_llama(), CONFIGS["prefix"]).eval()
+    ids, mask = _left_padded()
+    with pytest.raises(ValueError, match="use_cache=True"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, use_cache=False)
+    with pytest.raises(ValueError, match="takes input_ids"):
+        model.generate(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask, max_new_tokens=2)

@@ -188,3 +188,14 @@ def test_bad_configs_fail_at_get_peft_model():
 
     with pytest.raises(ValueError, match="has no token input embeddings"):
         get_peft_model(NoEmbeddings(), PromptTuningConfig(num_virtual_tokens=2))
+
+
+def test_generate_returns_the_prompt_once_per_returned_sequence():
+    """With num_return_sequences, each returned row starts with its own input row (as PEFT returns them)."""
+    model = get_peft_model(tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    model.generation_config.eos_token_id = None
+    ids, mask = _left_padded()
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0)
+    greedy = model.generate(do_sample=False, **kw)
+    sampled = model.generate(do_sample=True, top_k=1, num_return_sequences=3, **kw)
+    assert torch.equal(sampled, greedy.repeat_interleave(3, dim=0))

@@ -122,7 +122,10 @@ class PrefixMethod(Method):
             raise ValueError("with a prefix adapter the cache holds the prefixes; do not pass one")
         reference = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
         count = config.num_virtual_tokens
-        inputs[cache_name] = prefix_cache(model, module(), config, reference.shape[0])
+        if generate:
+            _check_generate(model, inputs)
+        rows = reference.shape[0] * (_generate_expansion(model, inputs) if generate else 1)
+        inputs[cache_name] = prefix_cache(model, module(), config, rows)
         if is_encoder_decoder(model):
             return _run_seq2seq(model, inputs, count, generate)
         if generate and inputs.get("attention_mask") is None:
@@ -176,6 +179,26 @@ def _check_decoder_layers(model: nn.Module, config: PrefixTuningConfig) -> None:
     if is_encoder_decoder(model) and decoder is not None and decoder != config.num_layers:
         raise ValueError(f"prefix tuning has num_layers={config.num_layers} but the decoder has {decoder} layers; "
                          f"set num_layers={decoder} in the PrefixTuningConfig")
+
+
+def _generate_expansion(model: nn.Module, inputs: dict) -> int:
+    """How many rows generate makes of each input row (beams, returned sequences): the prefix cache, which generate
+    does not expand, is built with that many rows (every row holds the same prefixes)."""
+    config = inputs.get("generation_config") or model.generation_config
+    beams = inputs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+    returned = inputs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
+    return max(int(beams), int(returned))
+
+
+def _check_generate(model: nn.Module, inputs: dict) -> None:
+    # the prefixes live in the cache generate is given: without a cache generate re-runs the whole sequence each
+    # step, stand-in ids included, onto the same cache (wrong tokens, no error); inputs_embeds have no stand-ins
+    config = inputs.get("generation_config") or model.generation_config
+    if inputs.get("use_cache", getattr(config, "use_cache", True)) is False:
+        raise ValueError("prefix tuning feeds its prefixes through the attention cache: generate with use_cache=True "
+                         "(the default)")
+    if not is_encoder_decoder(model) and inputs.get("input_ids") is None:
+        raise ValueError("prefix tuning's generate takes input_ids (inputs_embeds work in the forward pass)")
 
 
 def _run_seq2seq(model: nn.Module, inputs: dict, count: int, generate: bool):

@@ -248,7 +248,8 @@ class PromptMethod(Method):
         out = model.generate(**inputs)
         if ids is None or getattr(model.config, "is_encoder_decoder", False):
             return out
-        return torch.cat([ids, out], dim=1)  # from inputs_embeds, generate returns only new tokens; PEFT returns both
+        # from inputs_embeds, generate returns only new tokens; PEFT returns both (each prompt once per returned row)
+        return torch.cat([ids.repeat_interleave(out.shape[0] // ids.shape[0], dim=0), out], dim=1)
 
 
 def with_virtual_tokens(model: nn.Module, prompts: torch.Tensor, count: int, inputs: dict) -> dict:
