@@ -199,3 +199,18 @@ def test_generate_returns_the_prompt_once_per_returned_sequence():
     greedy = model.generate(do_sample=False, **kw)
     sampled = model.generate(do_sample=True, top_k=1, num_return_sequences=3, **kw)
     assert torch.equal(sampled, greedy.repeat_interleave(3, dim=0))
+
+
+def test_multi_label_targets_of_the_sequences_length_are_not_taken_for_token_labels():
+    """A multi-label classifier whose num_labels equals the input length: its (batch, num_labels) float targets are
+    per sequence, not per token, and get no -100 columns; the loss is the BCE of the logits."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=32, num_labels=5,
+                        problem_type="multi_label_classification")
+    model = get_peft_model(BertForSequenceClassification(config),
+                           PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)).eval()
+    ids = torch.randint(2, 64, (2, 5))
+    targets = torch.randint(0, 2, (2, 5)).float()
+    out = model(input_ids=ids, labels=targets)
+    torch.testing.assert_close(out.loss, torch.nn.functional.binary_cross_entropy_with_logits(out.logits, targets))

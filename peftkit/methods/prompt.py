@@ -242,7 +242,7 @@ class PromptMethod(Method):
     def run(self, model: nn.Module, module: nn.Module, config: PromptLearningConfig, inputs: dict, generate: bool):
         """Forward or generate with the virtual tokens prepended to the inputs."""
         ids = inputs.get("input_ids")
-        inputs = with_virtual_tokens(model, module(), config.num_virtual_tokens, inputs)
+        inputs = with_virtual_tokens(model, module(), config.num_virtual_tokens, inputs, config.task_type)
         if not generate:
             return model(**inputs)
         out = model.generate(**inputs)
@@ -252,8 +252,11 @@ class PromptMethod(Method):
         return torch.cat([ids.repeat_interleave(out.shape[0] // ids.shape[0], dim=0), out], dim=1)
 
 
-def with_virtual_tokens(model: nn.Module, prompts: torch.Tensor, count: int, inputs: dict) -> dict:
-    """``inputs`` with ``prompts[:count]`` before the token embeddings, and masks / labels / positions to match."""
+def with_virtual_tokens(model: nn.Module, prompts: torch.Tensor, count: int, inputs: dict,
+                        task_type: Optional[str] = None) -> dict:
+    """``inputs`` with ``prompts[:count]`` before the token embeddings, and masks / labels / positions to match.
+    Token-level labels (integer, one per input token; never for a SEQ_CLS task, whose multi-label targets may
+    happen to have the sequence's length) get -100 for the virtual tokens."""
     inputs = dict(inputs)
     ids = inputs.pop("input_ids", None)
     embeds = inputs.pop("inputs_embeds", None)
@@ -272,7 +275,8 @@ def with_virtual_tokens(model: nn.Module, prompts: torch.Tensor, count: int, inp
     if not getattr(model.config, "is_encoder_decoder", False):  # seq2seq: labels / positions belong to the decoder
         prepend_columns(inputs, "token_type_ids", 0, count)
         labels = inputs.get("labels")
-        if labels is not None and labels.dim() >= 2 and labels.shape[1] == seq:  # token-level labels
+        if (labels is not None and labels.dim() >= 2 and labels.shape[1] == seq and not labels.is_floating_point()
+                and task_type != "SEQ_CLS"):  # token-level labels
             prepend_columns(inputs, "labels", -100, count)
         positions = inputs.get("position_ids")
         if positions is not None:  # virtual tokens take 0..count-1, the input moves up by count
