@@ -204,3 +204,14 @@ def test_generate_refuses_what_the_prefix_cache_cannot_serve():
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, use_cache=False)
     with pytest.raises(ValueError, match="takes input_ids"):
         model.generate(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask, max_new_tokens=2)
+
+
+def test_input_beyond_a_learned_position_table_gets_a_clear_error():
+    """GPT-2's learned positions: the prefixes take the first ones, so input + prefixes must fit the table."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=8))
+    model = get_peft_model(gpt2, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    assert model(input_ids=torch.randint(2, 64, (2, 4))).logits.shape == (2, 4, 64)  # 4 + 4 fits
+    with pytest.raises(ValueError, match="5 tokens \\+ 4 prefix positions exceed the model's 8 positions"):
+        model(input_ids=torch.randint(2, 64, (2, 5)))

@@ -23,7 +23,8 @@ from torch import nn
 
 from ..config import register
 from ..inject import Method
-from .prompt import PromptEmbedding, PromptLearningConfig, fill_from_model, input_embeddings, prepend_columns
+from .prompt import (PromptEmbedding, PromptLearningConfig, fill_from_model, input_embeddings, position_limit,
+                     prepend_columns)
 
 
 @dataclass
@@ -122,6 +123,10 @@ class PrefixMethod(Method):
             raise ValueError("with a prefix adapter the cache holds the prefixes; do not pass one")
         reference = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
         count = config.num_virtual_tokens
+        limit = None if is_encoder_decoder(model) else position_limit(model)
+        if limit is not None and count + reference.shape[1] > limit:  # the prefixes hold positions 0..count-1
+            raise ValueError(f"{reference.shape[1]} tokens + {count} prefix positions exceed the model's {limit} "
+                             "positions; shorten the input")
         if generate:
             _check_generate(model, inputs)
         rows = reference.shape[0] * (_generate_expansion(model, inputs) if generate else 1)
