@@ -34,12 +34,18 @@ def test_training_lowers_loss_and_changes_only_prefix(config):
     assert all(torch.equal(p, base_before[n]) for n, p in model.base_model.named_parameters())
 
 
-def test_generate_matches_manual_greedy_left_padded(config):
+def _steered(config):
+    """A prefix model in eval mode whose prefixes clearly steer the output, with no eos to end rows early."""
     model = get_peft_model(tiny_llama(), config).eval()
     model.generation_config.eos_token_id = None
     with torch.no_grad():
         for p in model.prompt_modules.parameters():
             p.mul_(3.0)
+    return model
+
+
+def test_generate_matches_manual_greedy_left_padded(config):
+    model = _steered(config)
     ids, mask = _left_padded()
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(out, _greedy_by_forward(model, ids, mask, 6))
@@ -181,11 +187,7 @@ def test_zero_init_weights_as_peft(projection):
 def test_generate_with_several_returned_sequences_and_beams(config):
     """generate expands each row (beams, returned sequences) but not the cache it is given: the prefix cache is
     built with that many rows. Sampling with top_k=1 is greedy, so 3 returned rows equal the greedy row 3 times."""
-    model = get_peft_model(tiny_llama(), config).eval()
-    model.generation_config.eos_token_id = None
-    with torch.no_grad():
-        for p in model.prompt_modules.parameters():
-            p.mul_(3.0)
+    model = _steered(config)
     ids, mask = _left_padded()
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0)
     greedy = model.generate(do_sample=False, **kw)
