@@ -25,6 +25,12 @@ _MODULE_WEIGHT_ATTRS = {"lora_A", "lora_B"}
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 
 
+def prompt_method_key(key: str) -> str:
+    """A prompt method's key as PEFT writes it: there PeftModel.base_model is the user's model itself (no tuner in
+    between), so a trained head is "base_model.classifier.weight", not "base_model.model.classifier.weight"."""
+    return "base_model." + key[len(DISK_PREFIX):] if key.startswith(DISK_PREFIX) else key
+
+
 def disk_key(path: str) -> str:
     """PEFT's key for the internal dotted ``path`` (adapter name already removed)."""
     owner, _, attr = path.rpartition(".")

@@ -236,6 +236,8 @@ class PeftModel(SaveLoadMixin, nn.Module):
         _, method = lookup(config.peft_type)
         extras = method.extra_tensors(self.base_model, config, adapter_name)
         tensors = checkpoint.adapter_tensors(self.base_model, adapter_name, extras)
+        if method.acts_on_inputs:  # a trained head's keys as PEFT's prompt methods name them
+            tensors = {checkpoint.prompt_method_key(k): v for k, v in tensors.items()}
         if adapter_name in self.prompt_modules:
             tensors.update(checkpoint.prompt_tensors(self.prompt_modules[adapter_name]))
         return tensors

@@ -36,8 +36,6 @@ class SaveLoadMixin:
             method = lookup(self.peft_config[name].peft_type)[1]
             tensors = method.pack_tensors(self.base_model, self.peft_config[name], name, self.adapter_parameters(name))
             tensors.update(self._embedding_tensors(name))  # as PEFT: full weights of targeted embeddings
-            if method.acts_on_inputs:
-                tensors = {_prompt_disk_key(k): v for k, v in tensors.items()}
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             checkpoint.save_adapter_files(directory, tensors, config.to_json(), safe_serialization)
@@ -90,11 +88,11 @@ class SaveLoadMixin:
         expected = self.adapter_parameters(adapter_name)
         # embedding weights saved beside the adapter (PEFT does so by default) are optional; load them if there
         expected.update({k: v for k, v in self._embedding_tensors(adapter_name).items() if k in tensors})
-        if method.acts_on_inputs:  # PEFT's "base_model.classifier.weight" is our "base_model.model.classifier.weight"
-            tensors = {_from_prompt_disk_key(k, expected): v for k, v in tensors.items()}
+        if method.acts_on_inputs:  # saved by an older peftkit: a trained head under base_model.model.*
+            tensors = {k if k in expected else checkpoint.prompt_method_key(k): v for k, v in tensors.items()}
         checkpoint.check_fit(expected, tensors, directory)
         checkpoint.copy_into(expected, tensors)
-        lookup(self.peft_config[adapter_name].peft_type)[1].check_loaded(self.base_model, adapter_name, directory)
+        method.check_loaded(self.base_model, adapter_name, directory)
 
     def _embedding_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         return checkpoint.embedding_tensors(self.base_model, getattr(self.peft_config[adapter_name], "target_modules", None))
@@ -155,21 +153,6 @@ class SaveLoadMixin:
                 "leave unloaded. Load the base with transformers' from_pretrained(device_map=..., max_memory=...), "
                 "then call PeftModel.from_pretrained(base, adapter_path): adapters then sit on each layer's device."
             )
-
-
-def _prompt_disk_key(key: str) -> str:
-    """A prompt method's key as PEFT writes it: there PeftModel.base_model is the user's model itself (no tuner in
-    between), so a trained head is "base_model.classifier.weight", not "base_model.model.classifier.weight"."""
-    return "base_model." + key[len(checkpoint.DISK_PREFIX):] if key.startswith(checkpoint.DISK_PREFIX) else key
-
-
-def _from_prompt_disk_key(key: str, expected: dict) -> str:
-    # PEFT's form (and ours since it was fixed) back to the internal one; a key already internal (an adapter saved
-    # by an older peftkit) stays
-    if key in expected or not key.startswith("base_model."):
-        return key
-    inner = checkpoint.DISK_PREFIX + key[len("base_model."):]
-    return inner if inner in expected else key
 
 
 def _peft_key(key: str) -> str:

@@ -127,9 +127,7 @@ class PrefixMethod(Method):
         if limit is not None and count + reference.shape[1] > limit:  # the prefixes hold positions 0..count-1
             raise ValueError(f"{reference.shape[1]} tokens + {count} prefix positions exceed the model's {limit} "
                              "positions; shorten the input")
-        if generate:
-            _check_generate(model, inputs)
-        rows = reference.shape[0] * (_generate_expansion(model, inputs) if generate else 1)
+        rows = reference.shape[0] * (_generate_rows(model, inputs) if generate else 1)
         inputs[cache_name] = prefix_cache(model, module(), config, rows)
         if is_encoder_decoder(model):
             return _run_seq2seq(model, inputs, count, generate)
@@ -186,24 +184,21 @@ def _check_decoder_layers(model: nn.Module, config: PrefixTuningConfig) -> None:
                          f"set num_layers={decoder} in the PrefixTuningConfig")
 
 
-def _generate_expansion(model: nn.Module, inputs: dict) -> int:
+def _generate_rows(model: nn.Module, inputs: dict) -> int:
     """How many rows generate makes of each input row (beams, returned sequences): the prefix cache, which generate
-    does not expand, is built with that many rows (every row holds the same prefixes)."""
-    config = inputs.get("generation_config") or model.generation_config
-    beams = inputs.get("num_beams") or getattr(config, "num_beams", 1) or 1
-    returned = inputs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
-    return max(int(beams), int(returned))
+    does not expand, is built with that many rows (every row holds the same prefixes).
 
-
-def _check_generate(model: nn.Module, inputs: dict) -> None:
-    # the prefixes live in the cache generate is given: without a cache generate re-runs the whole sequence each
-    # step, stand-in ids included, onto the same cache (wrong tokens, no error); inputs_embeds have no stand-ins
+    Refused first: generate without a cache (it would re-run the whole sequence each step, stand-in ids included,
+    onto the same prefix cache: wrong tokens, no error), and decoder-only inputs_embeds (no stand-in ids)."""
     config = inputs.get("generation_config") or model.generation_config
     if inputs.get("use_cache", getattr(config, "use_cache", True)) is False:
         raise ValueError("prefix tuning feeds its prefixes through the attention cache: generate with use_cache=True "
                          "(the default)")
     if not is_encoder_decoder(model) and inputs.get("input_ids") is None:
         raise ValueError("prefix tuning's generate takes input_ids (inputs_embeds work in the forward pass)")
+    beams = inputs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+    returned = inputs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
+    return max(int(beams), int(returned))
 
 
 def _run_seq2seq(model: nn.Module, inputs: dict, count: int, generate: bool):
