@@ -12,8 +12,9 @@
                fused kernel runs them, one call per projection, against one grouped call: x [A_1; A_2; ...]^T,
                [g_h1 g_h2 ...]^T x, and g_x += [g_h1 g_h2 ...] [A_1; A_2; ...] (a K = 16 k accumulation)
     selective  one training step (forward, backward, AdamW) of a MiniLM-shaped BERT classifier (random weights)
-               with an element selection of 1.5% of its linear weights: the fused path (base + delta in one
-               GEMM) against the plain path (a forward hook on each base layer sends it there)
+               with an element selection of 1.5% of its linear weights, then with rows (3% per module, biases
+               trained): the fused path (base + delta in one GEMM) against the plain path (a forward hook on each
+               base layer sends it there)
 
 Pairs alternate, medians of --repeats timings are printed. The process keeps freed memory for reuse as the
 peftkit training commands do (peftkit.cli.keep_freed_memory), so that one side's frees returned to the OS do
@@ -139,29 +140,33 @@ def bench_selective(repeats: int) -> None:
     from peftkit import SelectiveConfig, get_peft_model
     from peftkit.methods.selective import SelectiveLayer
 
-    torch.manual_seed(0)
     config = BertConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12,
                         num_labels=2)
+    torch.manual_seed(0)
     batch = {"input_ids": torch.randint(1, config.vocab_size, (32, 48)), "labels": torch.randint(0, 2, (32,))}
-    model = get_peft_model(BertForSequenceClassification(config), SelectiveConfig(task_type="SEQ_CLS", budget=0.015),
-                           calibration_batches=[batch]).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    layers = [m for m in model.modules() if isinstance(m, SelectiveLayer)]
-    hooks = []
+    # element: 1.5% over all linear weights; row + bias: bench/selective.py's best variant (LoRA r=8's count)
+    for name, settings in (("element", {"budget": 0.015}),
+                           ("row + bias", {"budget": 0.03, "granularity": "row", "ranking": "per_module", "bias": "all"})):
+        torch.manual_seed(0)
+        model = get_peft_model(BertForSequenceClassification(config), SelectiveConfig(task_type="SEQ_CLS", **settings),
+                               calibration_batches=[batch]).train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        layers = [m for m in model.modules() if isinstance(m, SelectiveLayer)]
+        hooks = []
 
-    def step(plain: bool):
-        def run():
-            if plain and not hooks:  # a hook on the base layer sends the layer down its plain path
-                hooks.extend(m.base_layer.register_forward_hook(lambda *a: None) for m in layers)
-            if not plain:
-                while hooks:
-                    hooks.pop().remove()
-            model(**batch).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return run
+        def step(plain: bool):
+            def run():
+                if plain and not hooks:  # a hook on the base layer sends the layer down its plain path
+                    hooks.extend(m.base_layer.register_forward_hook(lambda *a: None) for m in layers)
+                if not plain:
+                    while hooks:
+                        hooks.pop().remove()
+                model(**batch).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return run
 
-    pair("selective element training step", step(plain=True), step(plain=False), repeats, ("plain", "fused"))
+        pair(f"selective {name} training step", step(plain=True), step(plain=False), repeats, ("plain", "fused"))
 
 
 def main() -> None:

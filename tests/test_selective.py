@@ -407,10 +407,11 @@ def test_bias_all_trains_every_bias_beside_the_selection_and_reloads(tmp_path):
         assert torch.equal(loaded(input_ids=batch["input_ids"]).logits, expected)
 
 
+@pytest.mark.parametrize("granularity", ["element", "row"])
 @pytest.mark.parametrize("bias", ["none", "all"])
-def test_fused_element_path_matches_the_plain_path(bias):
-    """Training an element selection runs base + delta as one GEMM (a copy of W with the values added); the
-    output, the input gradient and every trained gradient equal the plain path's (base GEMM + delta GEMM)."""
+def test_fused_path_matches_the_plain_path(bias, granularity):
+    """Training an element or row selection runs base + delta as one GEMM (a copy of W with the values added); the
+    output, the input gradient and every trained gradient equal the plain path's (base GEMM + delta product)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -419,9 +420,11 @@ def test_fused_element_path_matches_the_plain_path(bias):
         max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     gen = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(1, 64, (3, 5), generator=gen), "labels": torch.tensor([0, 1, 1])}
-    model = get_peft_model(base, SelectiveConfig(task_type="SEQ_CLS", budget=0.1, bias=bias),
+    model = get_peft_model(base, SelectiveConfig(task_type="SEQ_CLS", budget=0.1, bias=bias, granularity=granularity,
+                                                 ranking="global" if granularity == "element" else "per_module"),
                            calibration_batches=[batch])
     layers = [m for m in model.modules() if isinstance(m, SelectiveLayer)]
+    assert len(layers) > 3 and all(layer.granularity["default"] == granularity for layer in layers)
     with torch.no_grad():
         for layer in layers:
             layer.selective_values["default"].normal_(std=0.1, generator=gen)

@@ -128,14 +128,14 @@ class SelectiveLayer(AdapterLayer):
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
         return _FusedScatteredLinear.apply(x, base.weight, base.bias, self.selective_values[name],
-                                           self.selective_indices[name])
+                                           self.selective_indices[name], self.granularity[name] == "row")
 
     def _fusable(self, x: torch.Tensor) -> Optional[str]:
-        # training one element-granular adapter on a frozen float32 nn.Linear on the CPU: base + delta in one GEMM.
-        # Full float32 GEMMs only: W + delta rounded to bf16, or to TF32 on a GPU (or with a float32 matmul precision
-        # below "highest"), would lose small deltas that the two separate products keep
+        # training one element- or row-granular adapter on a frozen float32 nn.Linear on the CPU: base + delta in one
+        # GEMM. Full float32 GEMMs only: W + delta rounded to bf16, or to TF32 on a GPU (or with a float32 matmul
+        # precision below "highest"), would lose small deltas that the two separate products keep
         name = sole_active_adapter(self)
-        if (name is None or self.granularity[name] != "element" or not plain_frozen_linear(self.base_layer, x)
+        if (name is None or self.granularity[name] == "module" or not plain_frozen_linear(self.base_layer, x)
                 or x.device.type != "cpu" or x.dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest"
                 or self.selective_values[name].dtype != torch.float32 or not torch.is_grad_enabled()):
             return None
@@ -238,19 +238,21 @@ class _ScatteredLinear(torch.autograd.Function):
 
 
 class _FusedScatteredLinear(torch.autograd.Function):
-    """y = x (W + delta)^T + b for a frozen float32 W, delta zero but ``values`` at flat ``index``.
+    """y = x (W + delta)^T + b for a frozen float32 W, delta zero but ``values`` at flat entries ``index``, or (``rows``)
+    the (k, in) values at output rows ``index``.
 
-    The plain path runs the base GEMM and a second, dense GEMM for the delta, and three in backward (g W, g delta,
-    g^T x). Here W + delta is built transiently (a copy of W: a memory pass, not a GEMM), so forward is one GEMM
-    and backward two; nothing (out, in) is saved for backward.
+    The plain path runs the base GEMM and a second product for the delta, and more in backward. Here W + delta is
+    built transiently (a copy of W: a memory pass, not a GEMM), so forward is one GEMM and backward two (g (W +
+    delta), and the values' gradient: the selected entries of g^T x, or for rows g[:, rows]^T x alone); nothing
+    (out, in) is saved for backward. The GEMMs are peftkit's (oneDNN on CPUs where torch has it), as LoRA's are.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, index):
+    def forward(ctx, x, weight, bias, values, index, rows):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        y = linear(x2, _with_delta(weight, values, index), bias)  # (N, out)
+        y = linear(x2, _with_delta(weight, values, index, rows), bias)  # (N, out)
         ctx.save_for_backward(x2, weight, values, index)
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.rows = x.shape, rows
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -260,11 +262,11 @@ class _FusedScatteredLinear(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            grad_x = linear(g2, _with_delta(weight, values, index).t()).view(ctx.x_shape)  # (..., in)
+            grad_x = linear(g2, _with_delta(weight, values, index, ctx.rows).t()).view(ctx.x_shape)  # (..., in)
         if ctx.needs_input_grad[3]:
-            grad_values = _entry_grads(g2, x2, index)
+            grad_values = _row_grads(g2, x2, index) if ctx.rows else _entry_grads(g2, x2, index)
         grad_bias = g2.sum(0) if ctx.needs_input_grad[2] else None  # bias="all" trains it
-        return grad_x, None, grad_bias, grad_values, None
+        return grad_x, None, grad_bias, grad_values, None, None
 
 
 def _entry_grads(g2: torch.Tensor, x2: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -272,8 +274,15 @@ def _entry_grads(g2: torch.Tensor, x2: torch.Tensor, index: torch.Tensor) -> tor
     return linear(g2.t(), x2.t()).view(-1)[index]
 
 
-def _with_delta(weight: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    # a copy of W with the values added at their flat entries, (out, in)
+def _row_grads(g2: torch.Tensor, x2: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    # the selected rows of g^T x, flat in the values' (rows, in) order: only those rows are computed
+    return linear(g2.index_select(1, rows).t(), x2.t()).reshape(-1)
+
+
+def _with_delta(weight: torch.Tensor, values: torch.Tensor, index: torch.Tensor, rows: bool = False) -> torch.Tensor:
+    # a copy of W with the values added at their flat entries (or as whole rows), (out, in)
+    if rows:
+        return weight.detach().clone().index_add_(0, index, values.detach().view(-1, weight.shape[1]))
     return weight.detach().clone().view(-1).index_add_(0, index, values.detach()).view(weight.shape)
 
 
