@@ -124,15 +124,19 @@ class AdapterLayer(nn.Module):
         return self.base_layer.weight
 
     def merge(self, names: list[str], safe: bool = False) -> None:
-        """Add each adapter's delta to the base weight (skipping ones already merged)."""
+        """Add each adapter's delta to the base weight (skipping ones already merged).
+
+        Written in place on the parameter itself (not through ``.data``), so its version counter moves: caches
+        keyed on it (DoRA's row norms, the mixed-batch stacks) see the new weight."""
         weight = self.weight_param
         for name in names:
             if name in self.merged_adapters or name not in self.adapter_names:
                 continue
-            delta = self.delta_weight(name).to(weight.dtype)
-            if safe and not torch.isfinite(weight.data + delta).all():
-                raise ValueError(f"merging adapter {name!r} would put NaN/inf into the base weights; not merged")
-            weight.data += delta
+            with torch.no_grad():
+                delta = self.delta_weight(name).to(weight.dtype)
+                if safe and not torch.isfinite(weight + delta).all():
+                    raise ValueError(f"merging adapter {name!r} would put NaN/inf into the base weights; not merged")
+                weight.add_(delta)
             self.merged_adapters.append(name)
 
     def unmerge(self, names: list[str] | None = None) -> None:
@@ -140,7 +144,8 @@ class AdapterLayer(nn.Module):
         weight = self.weight_param
         for name in reversed(list(self.merged_adapters)):
             if names is None or name in names:
-                weight.data -= self.delta_weight(name).to(weight.dtype)
+                with torch.no_grad():
+                    weight.sub_(self.delta_weight(name).to(weight.dtype))
                 self.merged_adapters.remove(name)
 
 

@@ -278,7 +278,8 @@ class PeftModel(SaveLoadMixin, nn.Module):
             self._inputs_off = False
             for layer, names in merged:
                 layer.disabled = False
-                layer.merge(names)
+                for name in names:  # one per call, in the recorded order: DoRA merges do not commute
+                    layer.merge([name])
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: str = "svd", svd_rank: Optional[int] = None,

@@ -425,3 +425,73 @@ def test_orthogonal_init_starts_at_the_base_and_eva_loads_only_from_a_saved_adap
     loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))  # an EVA adapter as PEFT saves it
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, out)
+
+
+def _dora_and_plain():
+    """One Linear holding a DoRA adapter ("dora", magnitude unlike ||W + sBA||, as trained) and a plain one."""
+    torch.manual_seed(0)
+    model = get_peft_model(Net(bias=True), LoraConfig(r=2, target_modules=["proj"], use_dora=True,
+                                                      init_lora_weights=False), adapter_name="dora")
+    model.add_adapter("plain", LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False))
+    layer = model.base_model.proj
+    with torch.no_grad():
+        layer.lora_magnitude_vector["dora"].mul_(torch.linspace(0.5, 2.0, 10))
+    model.set_adapter(["dora", "plain"])
+    return model.eval(), layer
+
+
+def test_dora_norm_follows_a_plain_merge_into_the_same_weight():
+    """Merging a plain adapter writes the base weight in place; DoRA's cached ||W||^2 must see it (a stale cache
+    mixed the old ||W||^2 with the new W: wrong norms, zero rows, inf outputs)."""
+    model, layer = _dora_and_plain()
+    x = torch.randn(4, 12)
+    version = layer.base_layer.weight._version
+    model.merge_adapter(["plain"])
+    assert layer.base_layer.weight._version > version  # written through the parameter, not .data
+    w = layer.base_layer.weight
+    expected = torch.linalg.norm(w + layer.scaling["dora"] * layer.lora_B["dora"] @ layer.lora_A["dora"], dim=1)
+    torch.testing.assert_close(layer.dora_norm("dora"), expected)
+    with torch.no_grad():
+        out = model(x)
+        v = w + layer.scaling["dora"] * layer.lora_B["dora"] @ layer.lora_A["dora"]
+        by_hand = x @ ((layer.lora_magnitude_vector["dora"] / torch.linalg.norm(v, dim=1))[:, None] * v).t()
+    torch.testing.assert_close(out, by_hand + layer.base_layer.bias)
+
+
+@pytest.mark.parametrize("order", [["dora", "plain"], ["plain", "dora"]])
+def test_merging_dora_and_plain_together_equals_the_unmerged_forward(order):
+    """The forward normalises DoRA's W + sBA over the base weight alone, so a merge of both merges DoRA first,
+    whatever order the names come in; merge_and_unload then gives the same outputs."""
+    model, layer = _dora_and_plain()
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        expected = model(x)
+        layer.merge(order)
+        assert layer.merged_adapters == ["dora", "plain"]
+        torch.testing.assert_close(model(x), expected)
+        layer.unmerge()
+        torch.testing.assert_close(model(x), expected)
+        torch.testing.assert_close(model.merge_and_unload()(x), expected)
+
+
+def test_disable_block_and_deleting_a_merged_dora_adapter_keep_the_other_merge():
+    """Merges made one at a time (plain, then DoRA over it) come back in that order after disable_adapter; deleting
+    the DoRA adapter under a later plain merge leaves exactly W + the plain delta (DoRA's unmerge is not additive:
+    the later merge comes off first and goes back on after)."""
+    model, layer = _dora_and_plain()
+    w0 = layer.base_layer.weight.detach().clone()
+    model.merge_adapter(["plain"])
+    model.merge_adapter(["dora"])
+    merged = layer.base_layer.weight.detach().clone()
+    with model.disable_adapter():
+        torch.testing.assert_close(layer.base_layer.weight, w0)
+    torch.testing.assert_close(layer.base_layer.weight, merged)
+    assert layer.merged_adapters == ["plain", "dora"]
+
+    model, layer = _dora_and_plain()
+    w0, plain = layer.base_layer.weight.detach().clone(), layer.delta_weight("plain").detach()
+    model.merge_adapter(["dora"])
+    model.merge_adapter(["plain"])
+    model.delete_adapter("dora")
+    assert layer.merged_adapters == ["plain"]
+    torch.testing.assert_close(layer.base_layer.weight, w0 + plain)

@@ -272,10 +272,14 @@ class LoraLinear(LoraLayer):
         return result + (t * mag - wx).to(result.dtype)
 
     def merge(self, names: list[str], safe: bool = False) -> None:
-        plain = [n for n in names if n not in self.lora_magnitude_vector]
-        super().merge(plain, safe)
-        for name in names:
-            if name in self.lora_magnitude_vector and name not in self.merged_adapters:
+        """Merge ``names`` as the forward runs them together: DoRA adapters first, then plain ones. A DoRA merge
+        rescales the whole weight, and the forward normalises W + sBA over the base weight alone, so a plain delta
+        merged before it would enter its norm and be rescaled. (Two DoRA adapters on one layer cannot both merge
+        exactly.) To repeat earlier merges in their recorded order, merge one name per call."""
+        for name in sorted(names, key=lambda n: n not in self.lora_magnitude_vector):  # stable: DoRA first
+            if name not in self.lora_magnitude_vector:
+                super().merge([name], safe)
+            elif name not in self.merged_adapters:
                 self._dora_merge(name, safe)
 
     def _dora_merge(self, name: str, safe: bool) -> None:
@@ -292,19 +296,31 @@ class LoraLinear(LoraLayer):
         self.merged_adapters.append(name)
 
     def unmerge(self, names: Optional[list[str]] = None) -> None:
-        for name in reversed(list(self.merged_adapters)):
-            if names is not None and name not in names:
-                continue
-            if name not in self.lora_magnitude_vector:
-                super().unmerge([name])
-                continue
-            with torch.no_grad():
-                w = self.base_weight()
-                norm = self._dora_merged_norm.pop(name)
-                old = w.float() * (norm / self.lora_magnitude_vector[name].float())[:, None] - self.scaling[name] * (
-                    self.lora_B[name] @ self.lora_A[name]).float()
-                w.copy_(old.to(w.dtype))
-            self.merged_adapters.remove(name)
+        """Undo merges newest first. A DoRA merge is not additive: to undo one under a newer merge, the newer
+        ones come off first and go back on after (a plain delta under DoRA's row rescaling would be rescaled)."""
+        merged = list(self.merged_adapters)
+        undo = [n for n in merged if names is None or n in names]
+        if not undo:
+            return
+        since = merged[merged.index(undo[0]):]  # everything merged after the oldest one undone
+        redo = [n for n in since if n not in undo] if any(n in self.lora_magnitude_vector for n in since) else []
+        for name in reversed(since):
+            if name in undo or name in redo:
+                self._unmerge_one(name)
+        for name in redo:  # one per call: in the order they were merged
+            self.merge([name])
+
+    def _unmerge_one(self, name: str) -> None:
+        if name not in self.lora_magnitude_vector:
+            super().unmerge([name])
+            return
+        with torch.no_grad():
+            w = self.base_weight()
+            norm = self._dora_merged_norm.pop(name)
+            old = w.float() * (norm / self.lora_magnitude_vector[name].float())[:, None] - self.scaling[name] * (
+                self.lora_B[name] @ self.lora_A[name]).float()
+            w.copy_(old.to(w.dtype))
+        self.merged_adapters.remove(name)
 
 
 class LoraEmbedding(LoraLayer):

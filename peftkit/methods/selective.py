@@ -165,7 +165,7 @@ class SelectiveLayer(AdapterLayer):
 
     def merge(self, names: list[str], safe: bool = False) -> None:
         """Add each adapter's values to its selected base entries; the old entries are kept for unmerge."""
-        flat = self.weight_param.data.view(-1)
+        flat = self.weight_param.detach().view(-1)
         for name in names:
             if name in self.merged_adapters or name not in self.adapter_names:
                 continue
@@ -185,7 +185,7 @@ class SelectiveLayer(AdapterLayer):
         Unmerging some adapters undoes all, then merges the others again: kept entries of an older merge
         would otherwise wipe a newer adapter's delta where their selections overlap.
         """
-        flat, merged = self.weight_param.data.view(-1), list(self.merged_adapters)
+        flat, merged = self.weight_param.detach().view(-1), list(self.merged_adapters)
         for name in reversed(merged):
             self._write(flat, self._flat_positions(name), self._kept.pop(name))
         self.merged_adapters = []
