@@ -32,12 +32,24 @@ class _AutoPeftModel:
         if not base_path:
             raise ValueError(f"{adapter_path}/adapter_config.json has no base_model_name_or_path; load the base "
                              "model yourself and call PeftModel.from_pretrained(base, adapter_path)")
+        if _local_path(base_path) and not os.path.isdir(os.path.expanduser(base_path)):
+            raise FileNotFoundError(
+                f"{adapter_path}/adapter_config.json names the base model {base_path!r} (base_model_name_or_path), "
+                "and that directory does not exist. Load the base model from where it is now and call "
+                "PeftModel.from_pretrained(base, adapter_path), or correct base_model_name_or_path in the file")
         auto_class = getattr(transformers, cls.auto_class_name)
         options = {k: v for k, v in {"dtype": dtype, "device_map": device_map, "max_memory": max_memory}.items()
                    if v is not None}
         base = auto_class.from_pretrained(base_path, **options)
         return PeftModel.from_pretrained(base, adapter_path, adapter_name=adapter_name, is_trainable=is_trainable,
                                          allow_pickle=allow_pickle)
+
+
+def _local_path(name: str) -> bool:
+    """Whether ``name`` can only be a filesystem path, not a hub id ("namespace/name"): absolute, relative with
+    ./ ../ or ~, or with more than one separator."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name))
 
 
 class AutoPeftModelForCausalLM(_AutoPeftModel):

@@ -363,7 +363,9 @@ class PeftModel(SaveLoadMixin, nn.Module):
         config = getattr(self.base_model, "config", None)
         if merge and untied and getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False  # saved and reloaded, the merged head must not be tied back
-        for name, _ in adapter_layers(self.base_model):
+        # innermost first: a LoRA / IA3 layer can sit inside a block a bottleneck adapter wraps, and unwrapping the
+        # block first would move the inner layer's path (named_modules lists parents before their children)
+        for name, _ in reversed(adapter_layers(self.base_model)):
             unwrap(self.base_model, name, merge)
         self.prompt_modules.clear()
         self.peft_config.clear()

@@ -199,6 +199,28 @@ def test_merge_is_refused_and_unload_restores_the_base():
     torch.testing.assert_close(plain(IDS).logits, base_out, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("inner", ["lora", "ia3"])
+@pytest.mark.parametrize("call", ["unload", "merge_and_unload"])
+def test_unload_with_an_adapter_inside_a_bottleneck_block(inner, call):
+    """A LoRA / IA3 layer inside a block a bottleneck adapter wraps: unload and merge_and_unload unwrap the inner
+    layer first (outer first moved its path: an AttributeError, and a half-unloaded model)."""
+    from peftkit import IA3Config, LoraConfig
+
+    base_out = tiny_llama()(IDS).logits
+    model = get_peft_model(tiny_llama(), AdapterConfig(adapter_type="houlsby", bottleneck_size=4))
+    inner_config = (LoraConfig(r=2, target_modules=["q_proj", "down_proj"]) if inner == "lora"
+                    else IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]))
+    model.add_adapter("inner", inner_config)
+    randomize_adapters(model)
+    model.set_adapter("inner")  # merge_and_unload merges the active adapter; the bottleneck one is only unwrapped
+    adapted = model(IDS).logits
+    plain = getattr(model, call)()
+    assert not _wrapped(plain) and not model.peft_config
+    expected = adapted if call == "merge_and_unload" else base_out
+    torch.testing.assert_close(plain(IDS).logits, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(adapted, base_out, atol=1e-3)  # the inner adapter did change the output
+
+
 def test_named_adapters_save_load_keys_and_delete(tmp_path):
     model = get_peft_model(tiny_llama(), AdapterConfig(bottleneck_size=4))
     model.add_adapter("ffn", AdapterConfig(adapter_type="parallel", bottleneck_size=2, scaling=4.0))

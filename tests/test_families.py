@@ -460,6 +460,20 @@ def test_auto_peft_model_with_base_path_set_in_config(tmp_path):
     torch.testing.assert_close(run_lm(loaded), run_lm(model), **EXACT)
 
 
+def test_auto_peft_model_names_a_base_directory_that_is_gone(tmp_path):
+    """base_model_name_or_path pointing at a local directory that no longer exists: an error that says where the
+    path came from and what to do (transformers took it for a malformed hub id)."""
+    import shutil
+
+    base = tiny_llama()
+    base.save_pretrained(str(tmp_path / "base"))
+    model = get_peft_model(base, LoraConfig(r=4, task_type="CAUSAL_LM", base_model_name_or_path=str(tmp_path / "base")))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    shutil.rmtree(tmp_path / "base")
+    with pytest.raises(FileNotFoundError, match=r"base_model_name_or_path.*does not exist.*PeftModel.from_pretrained"):
+        AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"))
+
+
 # --- offloaded / dispatched bases -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llama_on_disk(tmp_path_factory):
