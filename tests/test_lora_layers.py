@@ -495,3 +495,22 @@ def test_disable_block_and_deleting_a_merged_dora_adapter_keep_the_other_merge()
     model.delete_adapter("dora")
     assert layer.merged_adapters == ["plain"]
     torch.testing.assert_close(layer.base_layer.weight, w0 + plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dora_on_a_model_cast_whole_to_half_precision(dtype):
+    """model.to(bf16 / fp16) casts DoRA's magnitude too, while the row norm is computed in float32: the layer must
+    still return the activations' dtype (a float32 m / n made q_proj float32, and Llama's attention refused it)."""
+    from conftest import randomize_adapters, tiny_llama
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(model, std=0.05)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    expected = model(input_ids=ids).logits
+    model.to(dtype).train()
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == dtype
+    torch.testing.assert_close(out.logits.float(), expected, atol=0.1, rtol=0.05)
+    out.loss.backward()
+    magnitude = next(p for n, p in model.named_parameters() if "lora_magnitude_vector" in n)
+    assert magnitude.grad.dtype == dtype and torch.isfinite(magnitude.grad).all() and magnitude.grad.abs().sum() > 0

@@ -210,7 +210,8 @@ class FusedDoraLinear(torch.autograd.Function):
         h = linear(x2, ac, fast=fast, alpha=s if pre else 1.0)  # (s) x A^T, (N, r)
         t = base_plus(x2, weight, None, h, bc, fast, alpha=1.0 if pre else s)  # (N, out)
         # m / n in float32, stored in the activations' dtype by the same kernel
-        scale = m / norm if m.dtype == x.dtype else torch.div(m, norm, out=m.new_empty(m.shape, dtype=x.dtype))
+        # (the norm is float32 also for a model cast whole to bf16 / fp16: m / n would be float32, and so y)
+        scale = m / norm if m.dtype == norm.dtype == x.dtype else torch.div(m, norm, out=m.new_empty(m.shape, dtype=x.dtype))
         y = torch.addcmul(bias, t, scale) if bias is not None else t * scale
         ctx.save_for_backward(x, weight, a, b, m, norm, ac, bc, h, t, scale)  # x, a, b, m: for a backward with a graph
         ctx.s, ctx.pre, ctx.x_shape = s, pre, x.shape
