@@ -17,7 +17,16 @@ from .model import PeftModel, get_peft_model
 
 __version__ = "0.1.0"
 __all__ = [
-    "AdapterConfig", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
+    "AdapterConfig", "PeftTrainer", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "IA3Config", "LoraConfig", "PeftConfig", "PeftModel", "PrefixTuningConfig",
     "PromptEncoderConfig", "PromptTuningConfig", "SelectiveConfig", "get_peft_model", "registered_types",
 ]
+
+
+def __getattr__(name: str):
+    # PeftTrainer imports transformers.Trainer (and what it pulls in): loaded on first use, not with peftkit
+    if name == "PeftTrainer":
+        from .hf_trainer import PeftTrainer
+
+        return PeftTrainer
+    raise AttributeError(f"module 'peftkit' has no attribute {name!r}")

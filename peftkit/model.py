@@ -122,6 +122,10 @@ class PeftModel(SaveLoadMixin, nn.Module):
         return method.run(self.base_model, self.prompt_modules[name], config, kwargs, generate)
 
     # --- adapters -----------------------------------------------------------------------------
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model itself (with the adapter layers in place), as PEFT's get_base_model."""
+        return self.base_model
+
     @property
     def active_adapter(self) -> Optional[str]:
         """The first active adapter's name."""

@@ -1,0 +1,115 @@
+"""peftkit.PeftTrainer: transformers.Trainer with a peftkit PeftModel, with Trainer's default arguments."""
+import os
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+from peftkit import LoraConfig, PeftModel, PeftTrainer, get_peft_model
+from peftkit.hf_trainer import load_adapter_weights
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    """Tied input and output embeddings, as SmolLM2: the case a whole-model state dict cannot be saved in."""
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=32))
+
+
+def tiny_bert_classifier() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def lm_rows(n: int = 16) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (n, 8), generator=gen)
+    return [{"input_ids": row, "attention_mask": torch.ones(8, dtype=torch.long), "labels": row} for row in ids]
+
+
+def args(tmp_path, **kw) -> TrainingArguments:
+    # everything else at Trainer's defaults: remove_unused_columns=True, safetensors checkpoints
+    settings = {"max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "save_steps": 2,
+                "report_to": [], "use_cpu": True, "seed": 0, "data_seed": 0, **kw}
+    return TrainingArguments(output_dir=str(tmp_path), **settings)
+
+
+def lora_gpt2():
+    return get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True))
+
+
+def adapter_values(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.adapter_parameters("default").items()}
+
+
+def test_checkpoints_and_save_model_write_the_adapter_of_a_tied_model(tmp_path):
+    model = lora_gpt2()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = PeftTrainer(model=model, args=args(tmp_path / "run"), train_dataset=lm_rows())
+    trainer.train()  # plain Trainer fails here: safetensors refuses the tied wte / lm_head state dict
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    for step in (2, 4):
+        files = set(os.listdir(tmp_path / "run" / f"checkpoint-{step}"))
+        assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt"} <= files
+        assert "model.safetensors" not in files
+    trainer.save_model(str(tmp_path / "final"))
+    loaded = PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path / "final"))
+    ids = lm_rows(2)[0]["input_ids"][None]
+    model.eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6, rtol=0)
+
+
+def test_resume_from_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    whole = lora_gpt2()
+    PeftTrainer(model=whole, args=args(tmp_path / "whole"), train_dataset=lm_rows()).train()
+    resumed = lora_gpt2()
+    PeftTrainer(model=resumed, args=args(tmp_path / "resumed"), train_dataset=lm_rows()).train(
+        resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    expected, got = adapter_values(whole), adapter_values(resumed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert any(not torch.equal(v, adapter_values(lora_gpt2())[k]) for k, v in got.items())  # it did train
+
+
+def test_evaluate_reports_loss_and_metrics_and_the_best_checkpoint_comes_back(tmp_path):
+    model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=4, task_type="SEQ_CLS", target_modules=["query", "value"]))
+    gen = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": torch.randint(1, 50, (6,), generator=gen), "token_type_ids": torch.zeros(6, dtype=torch.long),
+             "attention_mask": torch.ones(6, dtype=torch.long), "labels": torch.tensor(i % 2)} for i in range(16)]
+    seen = []
+
+    def accuracy(prediction):
+        seen.append(prediction.label_ids)
+        return {"acc": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+    trainer = PeftTrainer(model=model, args=args(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=2,
+                                                 load_best_model_at_end=True, metric_for_best_model="eval_loss"),
+                          train_dataset=rows, eval_dataset=rows[:8], compute_metrics=accuracy)
+    assert trainer.label_names == ["labels"]  # read off the base model's forward, as for a PEFT model
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] > 0 and 0 <= metrics["eval_acc"] <= 1 and seen and seen[-1] is not None
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and os.path.isfile(os.path.join(best, "adapter_model.safetensors"))
+    check = get_peft_model(tiny_bert_classifier(), LoraConfig(r=4, task_type="SEQ_CLS", target_modules=["query", "value"]))
+    load_adapter_weights(check, best)  # the best checkpoint's values are what the model holds at the end
+    for key, value in adapter_values(check).items():
+        assert torch.equal(model.adapter_parameters("default")[key], value), key
+    assert trainer.state.best_metric == pytest.approx(min(
+        entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry and "epoch" in entry
+        and entry.get("step", 0) <= 6), abs=1e-6)
+
+
+def test_loading_a_checkpoint_that_lacks_an_adapter_changes_nothing(tmp_path):
+    model = lora_gpt2()
+    model.save_pretrained(str(tmp_path / "one"))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    values = {name: {k: v.clone() for k, v in model.adapter_parameters(name).items()} for name in model.peft_config}
+    with pytest.raises(FileNotFoundError, match="no saved values for adapter 'other'"):
+        load_adapter_weights(model, str(tmp_path / "one"))
+    for name, saved in values.items():
+        for key, value in model.adapter_parameters(name).items():
+            assert torch.equal(value, saved[key]), key
