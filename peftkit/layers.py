@@ -45,6 +45,10 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        # merges / unmerges so far. They write the base weight through .data, as PEFT does, so that a backward
+        # pending over it still runs (e.g. a reference pass under disable_adapter() before backward, as in DPO);
+        # that leaves the weight's version counter alone, so caches derived from the weight key on this count
+        self.weight_writes = 0
 
     # --- what a method provides -------------------------------------------------------------
     def create_adapter(self, name: str, config, module_name: str) -> None:
@@ -124,10 +128,7 @@ class AdapterLayer(nn.Module):
         return self.base_layer.weight
 
     def merge(self, names: list[str], safe: bool = False) -> None:
-        """Add each adapter's delta to the base weight (skipping ones already merged).
-
-        Written in place on the parameter itself (not through ``.data``), so its version counter moves: caches
-        keyed on it (DoRA's row norms, the mixed-batch stacks) see the new weight."""
+        """Add each adapter's delta to the base weight (skipping ones already merged)."""
         weight = self.weight_param
         for name in names:
             if name in self.merged_adapters or name not in self.adapter_names:
@@ -136,7 +137,8 @@ class AdapterLayer(nn.Module):
                 delta = self.delta_weight(name).to(weight.dtype)
                 if safe and not torch.isfinite(weight + delta).all():
                     raise ValueError(f"merging adapter {name!r} would put NaN/inf into the base weights; not merged")
-                weight.add_(delta)
+                weight.data += delta  # .data: see weight_writes
+            self.weight_writes += 1
             self.merged_adapters.append(name)
 
     def unmerge(self, names: list[str] | None = None) -> None:
@@ -145,7 +147,8 @@ class AdapterLayer(nn.Module):
         for name in reversed(list(self.merged_adapters)):
             if names is None or name in names:
                 with torch.no_grad():
-                    weight.sub_(self.delta_weight(name).to(weight.dtype))
+                    weight.data -= self.delta_weight(name).to(weight.dtype)
+                self.weight_writes += 1
                 self.merged_adapters.remove(name)
 
 

@@ -441,13 +441,12 @@ def _dora_and_plain():
 
 
 def test_dora_norm_follows_a_plain_merge_into_the_same_weight():
-    """Merging a plain adapter writes the base weight in place; DoRA's cached ||W||^2 must see it (a stale cache
-    mixed the old ||W||^2 with the new W: wrong norms, zero rows, inf outputs)."""
+    """Merging a plain adapter writes the base weight in place (through .data, which leaves its version counter
+    alone); DoRA's cached ||W||^2 must see it (a stale cache mixed the old ||W||^2 with the new W: wrong norms, zero
+    rows, inf outputs)."""
     model, layer = _dora_and_plain()
     x = torch.randn(4, 12)
-    version = layer.base_layer.weight._version
     model.merge_adapter(["plain"])
-    assert layer.base_layer.weight._version > version  # written through the parameter, not .data
     w = layer.base_layer.weight
     expected = torch.linalg.norm(w + layer.scaling["dora"] * layer.lora_B["dora"] @ layer.lora_A["dora"], dim=1)
     torch.testing.assert_close(layer.dora_norm("dora"), expected)

@@ -408,3 +408,39 @@ def test_deleting_an_adapter_merged_into_a_tied_head_ties_it_back(ids):
     assert base.lm_head.weight is base.model.embed_tokens.weight
     with torch.no_grad():
         torch.testing.assert_close(base(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3", "selective"])
+def test_a_reference_pass_under_disable_adapter_leaves_a_pending_backward_intact(kind):
+    """One adapter merged ("sft"), another training ("dpo"), and a reference pass under disable_adapter() (which
+    unmerges and merges back) between the forward and its backward, as DPO trainers run it: merges write the
+    weight through .data, as PEFT does, so the backward runs, with the gradients it has without that pass."""
+    from peftkit import IA3Config, SelectiveConfig
+
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    def first():
+        return {"lora": lambda: LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                "dora": lambda: LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True),
+                "ia3": lambda: IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]),
+                "selective": lambda: SelectiveConfig(target_modules=["down_proj"], criterion="magnitude", budget=0.1),
+                }[kind]()
+
+    def dpo_grads(reference_pass: bool) -> dict:
+        model = get_peft_model(tiny_llama(), first(), adapter_name="sft")
+        model.add_adapter("dpo", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        randomize_adapters(model)
+        model.set_adapter("dpo")
+        model.merge_adapter(["sft"])
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        if reference_pass:
+            with torch.no_grad(), model.disable_adapter():
+                reference = model(input_ids=ids, labels=ids).loss
+            loss = loss - reference
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, with_reference = dpo_grads(False), dpo_grads(True)
+    assert plain.keys() == with_reference.keys() and any(".dpo" in n for n in plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(with_reference[name], grad, atol=1e-5, rtol=1e-4, msg=name)

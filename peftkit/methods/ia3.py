@@ -216,10 +216,13 @@ class IA3Layer(AdapterLayer):
                 continue
             with torch.no_grad():
                 self._merge_one(name, safe)
+            self.weight_writes += 1
             self.merged_adapters.append(name)
 
     def _merge_one(self, name: str, safe: bool) -> None:
-        weight, bias = self.base_layer.weight, self._scaled_bias(name)
+        # written through .data (see AdapterLayer.weight_writes): a backward pending over the weight still runs
+        weight, bias = self.base_layer.weight.data, self._scaled_bias(name)
+        bias = None if bias is None else bias.data
         scale = self._weight_scale(name)
         new_weight = (weight * scale).to(weight.dtype)
         new_bias = None if bias is None else (bias * self.ia3_l[name].flatten()).to(bias.dtype)
@@ -246,10 +249,12 @@ class IA3Layer(AdapterLayer):
                 continue
             with torch.no_grad():
                 self._unmerge_one(name)
+            self.weight_writes += 1
             self.merged_adapters.remove(name)
 
     def _unmerge_one(self, name: str) -> None:
-        weight, bias = self.base_layer.weight, self._scaled_bias(name)
+        weight, bias = self.base_layer.weight.data, self._scaled_bias(name)
+        bias = None if bias is None else bias.data
         small, kept_weight, kept_bias = self._kept.pop(name, (None, None, None))
         vector = self.ia3_l[name].flatten()
         safe_vector = vector if small is None else vector.index_fill(0, small, 1.0)  # no division by ~0

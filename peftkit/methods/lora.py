@@ -249,9 +249,10 @@ class LoraLinear(LoraLayer):
             return sq.clamp_min_(0).sqrt_()
 
     def _row_sq(self) -> torch.Tensor:
-        # ||W_o||^2 per row, cached until the base weight changes (e.g. a merge)
+        # ||W_o||^2 per row, cached until the base weight changes: an in-place write, a new tensor, or a merge (written
+        # through .data, which leaves the version counter alone: counted in weight_writes)
         w = self.base_layer.weight
-        key = (w.data_ptr(), w._version)
+        key = (w.data_ptr(), w._version, self.weight_writes)
         if self._weight_sq is None or self._weight_sq[0] != key:
             self._weight_sq = (key, self.base_weight().float().pow(2).sum(1))
         return self._weight_sq[1]
@@ -292,7 +293,8 @@ class LoraLinear(LoraLayer):
                 raise ValueError(f"merging adapter {name!r} would put NaN/inf into the base weights; not merged")
             self._dora_merged_norm = getattr(self, "_dora_merged_norm", {})
             self._dora_merged_norm[name] = norm
-            w.copy_(new.to(w.dtype))
+            w.data.copy_(new.to(w.dtype))  # .data: see AdapterLayer.weight_writes
+        self.weight_writes += 1
         self.merged_adapters.append(name)
 
     def unmerge(self, names: Optional[list[str]] = None) -> None:
@@ -319,7 +321,8 @@ class LoraLinear(LoraLayer):
             norm = self._dora_merged_norm.pop(name)
             old = w.float() * (norm / self.lora_magnitude_vector[name].float())[:, None] - self.scaling[name] * (
                 self.lora_B[name] @ self.lora_A[name]).float()
-            w.copy_(old.to(w.dtype))
+            w.data.copy_(old.to(w.dtype))
+        self.weight_writes += 1
         self.merged_adapters.remove(name)
 
 

@@ -36,7 +36,7 @@ def _key(layer) -> tuple:
         tensors += [*layer.lora_magnitude_vector._parameters.values(), layer.base_layer.weight]
     return (tuple(layer.lora_A._parameters), tuple(layer.lora_magnitude_vector._parameters),
             tuple(layer.scaling.values()), tuple(map(id, tensors)), tuple(map(torch.Tensor.data_ptr, tensors)),
-            tuple(map(_VERSION, tensors)))
+            tuple(map(_VERSION, tensors)), layer.weight_writes)  # merges write through .data: counted apart
 
 
 def _build(layer, key: tuple, dtype: torch.dtype) -> Stacks:

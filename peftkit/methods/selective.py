@@ -165,7 +165,7 @@ class SelectiveLayer(AdapterLayer):
 
     def merge(self, names: list[str], safe: bool = False) -> None:
         """Add each adapter's values to its selected base entries; the old entries are kept for unmerge."""
-        flat = self.weight_param.detach().view(-1)
+        flat = self.weight_param.data.view(-1)
         for name in names:
             if name in self.merged_adapters or name not in self.adapter_names:
                 continue
@@ -176,6 +176,7 @@ class SelectiveLayer(AdapterLayer):
             if safe and not torch.isfinite(new).all():
                 raise ValueError(f"merging adapter {name!r} would put NaN/inf into the base weights; not merged")
             self._write(flat, positions, new)
+            self.weight_writes += 1
             self._kept[name] = kept
             self.merged_adapters.append(name)
 
@@ -185,9 +186,10 @@ class SelectiveLayer(AdapterLayer):
         Unmerging some adapters undoes all, then merges the others again: kept entries of an older merge
         would otherwise wipe a newer adapter's delta where their selections overlap.
         """
-        flat, merged = self.weight_param.detach().view(-1), list(self.merged_adapters)
+        flat, merged = self.weight_param.data.view(-1), list(self.merged_adapters)
         for name in reversed(merged):
             self._write(flat, self._flat_positions(name), self._kept.pop(name))
+            self.weight_writes += 1
         self.merged_adapters = []
         self.merge([n for n in merged if names is not None and n not in names])
 
