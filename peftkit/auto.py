@@ -32,7 +32,8 @@ class _AutoPeftModel:
         if not base_path:
             raise ValueError(f"{adapter_path}/adapter_config.json has no base_model_name_or_path; load the base "
                              "model yourself and call PeftModel.from_pretrained(base, adapter_path)")
-        if _local_path(base_path) and not os.path.isdir(os.path.expanduser(base_path)):
+        base_path = os.path.expanduser(base_path)  # transformers takes "~/..." for a (malformed) hub id
+        if _local_path(base_path) and not os.path.isdir(base_path):
             raise FileNotFoundError(
                 f"{adapter_path}/adapter_config.json names the base model {base_path!r} (base_model_name_or_path), "
                 "and that directory does not exist. Load the base model from where it is now and call "

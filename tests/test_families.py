@@ -474,6 +474,18 @@ def test_auto_peft_model_names_a_base_directory_that_is_gone(tmp_path):
         AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"))
 
 
+def test_auto_peft_model_expands_a_home_relative_base_path(tmp_path, monkeypatch):
+    """A base saved as "~/base": expanded before transformers sees it (it takes "~/..." for a malformed hub id)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    base = tiny_llama()
+    base.save_pretrained(str(tmp_path / "base"))
+    model = get_peft_model(base, LoraConfig(r=4, task_type="CAUSAL_LM", base_model_name_or_path="~/base"))
+    randomize(model)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"))
+    torch.testing.assert_close(run_lm(loaded), run_lm(model), **EXACT)
+
+
 # --- offloaded / dispatched bases -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llama_on_disk(tmp_path_factory):

@@ -12,7 +12,8 @@ from peftkit.hf_trainer import load_adapter_weights
 def tiny_gpt2() -> GPT2LMHeadModel:
     """Tied input and output embeddings, as SmolLM2: the case a whole-model state dict cannot be saved in."""
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=32))
+    return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0))
 
 
 def tiny_bert_classifier() -> BertForSequenceClassification:
@@ -113,3 +114,23 @@ def test_loading_a_checkpoint_that_lacks_an_adapter_changes_nothing(tmp_path):
     for name, saved in values.items():
         for key, value in model.adapter_parameters(name).items():
             assert torch.equal(value, saved[key]), key
+
+
+def test_label_smoothing_scores_a_causal_lm_against_the_next_token(tmp_path):
+    """Trainer shifts the labels for label smoothing by the model's class name, which for a peftkit model is
+    "PeftModel": PeftTrainer makes it shift for a causal LM base, as Trainer does for a PEFT model."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    model, rows = lora_gpt2(), lm_rows(4)
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    with torch.no_grad():  # LoRA's B starts at zero: the first step's loss is the base model's
+        outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
+        count = int((batch["labels"] != -100).sum())  # Trainer's num_items_in_batch: the loss is a sum over it
+        smooth = LabelSmoother(epsilon=0.1)
+        expected = smooth(outputs, batch["labels"], shift_labels=True, num_items_in_batch=count).item()
+        unshifted = smooth(outputs, batch["labels"], num_items_in_batch=count).item()
+    trainer = PeftTrainer(model=model, args=args(tmp_path, max_steps=1, logging_steps=1, label_smoothing_factor=0.1,
+                                                 save_strategy="no"), train_dataset=rows)
+    trainer.train()
+    logged = trainer.state.log_history[0]["loss"]
+    assert logged == pytest.approx(expected, rel=1e-4) and abs(expected - unshifted) > 0.05
