@@ -40,6 +40,9 @@ def refine(model: nn.Module, batches: Optional[Iterable[dict]], budget: float, a
 
     ``regrow`` (a fraction in (0, 1]): keep the selected units with the largest trained deltas and bring in that
     fraction of the budget as new units by score (see the module docstring); None re-ranks every unit by score.
+
+    Release the last training step's graph first (``del loss``): a module's values change size in place, and a
+    graph still alive keeps autograd's record of the old size, so the next backward would fail on the shape.
     """
     config = _checked_config(model, adapter_name, budget)
     if regrow is not None and not (isinstance(regrow, (int, float)) and 0.0 < regrow <= 1.0):
