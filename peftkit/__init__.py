@@ -17,9 +17,10 @@ from .model import PeftModel, get_peft_model
 
 __version__ = "0.1.0"
 __all__ = [
-    "AdapterConfig", "PeftTrainer", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
+    "AdapterConfig", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "IA3Config", "LoraConfig", "PeftConfig", "PeftModel", "PrefixTuningConfig",
     "PromptEncoderConfig", "PromptTuningConfig", "SelectiveConfig", "get_peft_model", "registered_types",
+    "PeftTrainer",  # provided on first use by __getattr__ below
 ]
 
 
