@@ -105,8 +105,8 @@ class _ShiftedLabelSmoother:
 
 def load_adapter_weights(model: PeftModel, directory: str) -> None:
     """Load the saved values of each of ``model``'s adapters (as save_pretrained laid them out in ``directory``) into
-    that adapter. Every adapter's file is read before any value is copied; each is checked against its adapter
-    (keys, shapes) before its own values are copied."""
+    that adapter: all or none. Every file is read first; each is checked against its adapter (keys, shapes) as it
+    is copied, and a failure puts back the adapters already filled."""
     found = {}
     for name in model.peft_config:
         where = directory if name == "default" else os.path.join(directory, name)
@@ -115,5 +115,13 @@ def load_adapter_weights(model: PeftModel, directory: str) -> None:
                                     f"(looked for {os.path.join(where, checkpoint.WEIGHTS_NAME)}); was it saved by "
                                     "PeftTrainer or PeftModel.save_pretrained?")
         found[name] = (where, checkpoint.load_tensors(where))
-    for name, (where, tensors) in found.items():
-        model._fill(name, tensors, where)
+    kept = {name: {k: v.detach().clone() for k, v in model.adapter_parameters(name).items()} for name in found}
+    try:
+        for name, (where, tensors) in found.items():
+            model._fill(name, tensors, where)
+    except Exception:
+        with torch.no_grad():
+            for name, values in kept.items():
+                for key, value in model.adapter_parameters(name).items():
+                    value.copy_(values[key])
+        raise

@@ -134,3 +134,24 @@ def test_label_smoothing_scores_a_causal_lm_against_the_next_token(tmp_path):
     trainer.train()
     logged = trainer.state.log_history[0]["loss"]
     assert logged == pytest.approx(expected, rel=1e-4) and abs(expected - unshifted) > 0.05
+
+
+def test_a_checkpoint_whose_second_adapter_does_not_fit_loads_nothing(tmp_path):
+    """Resume reads every adapter's file; one that does not fit its adapter leaves all of them as they were (the
+    first one, already filled, is put back)."""
+    from conftest import randomize_adapters
+
+    model = lora_gpt2()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    randomize_adapters(model)
+    model.save_pretrained(str(tmp_path / "saved"))
+    wrong = lora_gpt2()
+    wrong.add_adapter("other", LoraConfig(r=3, target_modules=["c_attn"], fan_in_fan_out=True))  # r=3: other shapes
+    values = {name: {k: v.clone() for k, v in wrong.adapter_parameters(name).items()} for name in wrong.peft_config}
+    with pytest.raises(ValueError, match="shape"):
+        load_adapter_weights(wrong, str(tmp_path / "saved"))
+    for name, saved in values.items():
+        for key, value in wrong.adapter_parameters(name).items():
+            assert torch.equal(value, saved[key]), (name, key)
+    saved_default = model.adapter_parameters("default")
+    assert any(not torch.equal(v, saved_default[k]) for k, v in values["default"].items())  # it would have changed
