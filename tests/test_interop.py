@@ -551,3 +551,27 @@ def test_a_prompt_adapter_saved_with_the_old_head_keys_still_loads(tmp_path):
     save_file(old, str(path))
     loaded = peftkit.PeftModel.from_pretrained(base_model("bert"), tmp_path)
     torch.testing.assert_close(logits(loaded, "bert"), expected, atol=ATOL, rtol=RTOL)
+
+
+def test_adapter_without_task_type_loads_in_peft_auto_classes(tmp_path):
+    """Without a task_type, PEFT's AutoPeftModel finds the base class in adapter_config.json's auto_mapping, which
+    PEFT writes then; peftkit writes it too (and reads past it)."""
+    from conftest import randomize_adapters, tiny_llama
+    from peft import AutoPeftModel as PeftAuto, AutoPeftModelForCausalLM as PeftAutoCausal
+
+    tiny_llama().save_pretrained(str(tmp_path / "base"))
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    model = peftkit.get_peft_model(base, peftkit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(model)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["task_type"] is None
+    assert saved["auto_mapping"] == {"base_model_class": "LlamaForCausalLM",
+                                     "parent_library": "transformers.models.llama.modeling_llama"}
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        for auto in (PeftAuto, PeftAutoCausal):
+            torch.testing.assert_close(auto.from_pretrained(str(tmp_path / "adapter"))(input_ids=ids).logits, expected)
+        reloaded = peftkit.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter"))
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
