@@ -217,3 +217,36 @@ def test_input_beyond_a_learned_position_table_gets_a_clear_error():
     assert model(input_ids=torch.randint(2, 64, (2, 4))).logits.shape == (2, 4, 64)  # 4 + 4 fits
     with pytest.raises(ValueError, match="5 tokens \\+ 4 prefix positions exceed the model's 8 positions"):
         model(input_ids=torch.randint(2, 64, (2, 5)))
+
+
+def test_generate_can_return_a_dict_with_scores(config):
+    """return_dict_in_generate=True: the output object's sequences are cut of the stand-in prefix ids as the plain
+    tensor is, and its scores cover the generated tokens (decoder-only and T5)."""
+    model = _steered(config)
+    ids, mask = _left_padded()
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    plain = model.generate(**kw)
+    out = model.generate(return_dict_in_generate=True, output_scores=True, **kw)
+    assert torch.equal(out.sequences, plain) and len(out.scores) == 5
+    t5 = get_peft_model(tiny_t5(), PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)).eval()
+    t5.generation_config.eos_token_id = None
+    with torch.no_grad():
+        plain = t5.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        out = t5.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                          return_dict_in_generate=True, output_scores=True)
+    assert torch.equal(out.sequences, plain) and len(out.scores) == 4
+
+
+def test_a_model_without_token_inputs_gets_a_clear_error():
+    """Whisper reads input_features: prefix tuning (which needs token inputs) says so, not an AttributeError."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    whisper = WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=64, num_mel_bins=8, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_source_positions=16,
+        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1))
+    model = get_peft_model(whisper, PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2)).eval()
+    features = torch.randn(1, 8, 32)
+    with pytest.raises(ValueError, match="prefix tuning runs on token inputs: pass input_ids or inputs_embeds"):
+        model(input_features=features, decoder_input_ids=torch.tensor([[1, 5]]))

@@ -214,3 +214,14 @@ def test_multi_label_targets_of_the_sequences_length_are_not_taken_for_token_lab
     targets = torch.randint(0, 2, (2, 5)).float()
     out = model(input_ids=ids, labels=targets)
     torch.testing.assert_close(out.loss, torch.nn.functional.binary_cross_entropy_with_logits(out.logits, targets))
+
+
+def test_generate_can_return_a_dict_with_scores():
+    """return_dict_in_generate=True: the prompt goes before the output object's sequences as before the tensor."""
+    model = get_peft_model(tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    model.generation_config.eos_token_id = None
+    ids, mask = _left_padded()
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0, do_sample=False)
+    plain = model.generate(**kw)
+    out = model.generate(return_dict_in_generate=True, output_scores=True, **kw)
+    assert torch.equal(out.sequences, plain) and len(out.scores) == 4 and plain.shape[1] == ids.shape[1] + 4

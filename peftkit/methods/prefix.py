@@ -23,8 +23,8 @@ from torch import nn
 
 from ..config import register
 from ..inject import Method
-from .prompt import (PromptEmbedding, PromptLearningConfig, fill_from_model, input_embeddings, position_limit,
-                     prepend_columns)
+from .prompt import (PromptEmbedding, PromptLearningConfig, fill_from_model, input_embeddings, map_sequences,
+                     position_limit, prepend_columns)
 
 
 @dataclass
@@ -122,6 +122,9 @@ class PrefixMethod(Method):
         if inputs.get("past_key_values") is not None or inputs.get("cache") is not None:
             raise ValueError("with a prefix adapter the cache holds the prefixes; do not pass one")
         reference = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
+        if reference is None:  # e.g. Whisper's input_features, ViT's pixel_values
+            raise ValueError(f"prefix tuning runs on token inputs: pass input_ids or inputs_embeds (got "
+                             f"{sorted(k for k, v in inputs.items() if v is not None)}); for other inputs use LoRA or IA3")
         count = config.num_virtual_tokens
         limit = None if is_encoder_decoder(model) else position_limit(model)
         if limit is not None and count + reference.shape[1] > limit:  # the prefixes hold positions 0..count-1
@@ -144,7 +147,8 @@ class PrefixMethod(Method):
         # generate skips the input positions the cache already covers: stand-in ids for the prefixes, cut after
         ids = inputs.pop("input_ids")
         stand_in = torch.zeros(ids.shape[0], count, dtype=ids.dtype, device=ids.device)
-        return model.generate(input_ids=torch.cat([stand_in, ids], dim=1), **inputs)[:, count:]
+        return map_sequences(model.generate(input_ids=torch.cat([stand_in, ids], dim=1), **inputs),
+                             lambda seq: seq[:, count:])
 
 
 def prefix_cache(model: nn.Module, prefixes: torch.Tensor, config: PrefixTuningConfig, batch: int):
@@ -217,7 +221,8 @@ def _run_seq2seq(model: nn.Module, inputs: dict, count: int, generate: bool):
         inputs["decoder_attention_mask"] = torch.ones_like(ids)
     prepend_columns(inputs, "decoder_attention_mask", 1, count)
     stand_in = torch.full((ids.shape[0], count), start, dtype=ids.dtype, device=ids.device)
-    return model.generate(decoder_input_ids=torch.cat([stand_in, ids], dim=1), **inputs)[:, count:]
+    return map_sequences(model.generate(decoder_input_ids=torch.cat([stand_in, ids], dim=1), **inputs),
+                         lambda seq: seq[:, count:])
 
 
 register("PREFIX_TUNING", PrefixTuningConfig, PrefixMethod())

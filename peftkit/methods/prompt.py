@@ -249,7 +249,17 @@ class PromptMethod(Method):
         if ids is None or getattr(model.config, "is_encoder_decoder", False):
             return out
         # from inputs_embeds, generate returns only new tokens; PEFT returns both (each prompt once per returned row)
-        return torch.cat([ids.repeat_interleave(out.shape[0] // ids.shape[0], dim=0), out], dim=1)
+        return map_sequences(out, lambda seq: torch.cat([ids.repeat_interleave(seq.shape[0] // ids.shape[0], dim=0),
+                                                         seq], dim=1))
+
+
+def map_sequences(out, edit):
+    """``generate``'s output with ``edit`` applied to its token ids: the tensor itself, or the ``sequences`` of the
+    output object it returns with return_dict_in_generate=True (scores and the rest cover generated tokens only)."""
+    if isinstance(out, torch.Tensor):
+        return edit(out)
+    out.sequences = edit(out.sequences)
+    return out
 
 
 def with_virtual_tokens(model: nn.Module, prompts: torch.Tensor, count: int, inputs: dict,
