@@ -36,12 +36,15 @@ class PeftModel(SaveLoadMixin, nn.Module):
         self._grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
         self._trainable: Optional[list[torch.Tensor]] = None  # what _update_trainable turned on (None: walk all)
         self._head_hook = None
+        self._input_grads_hooked = False  # whether we made the embeddings' output require grad (undone by unload)
         self.add_adapter(adapter_name, config, calibration_batches, loss_fn)
         self.set_adapter(adapter_name)
         # last, so a constructor that raises leaves no hook behind on the caller's model
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if isinstance(head, nn.Linear):
             self._head_hook = head.register_forward_pre_hook(_contiguous_input)
+        if getattr(model, "is_gradient_checkpointing", False):
+            self._require_input_grads()
 
     def __getattr__(self, name: str):
         # attribute access falls through to the wrapped model (config, device, generation_config, ...)
@@ -120,6 +123,20 @@ class PeftModel(SaveLoadMixin, nn.Module):
         config = self.peft_config[name]
         _, method = lookup(config.peft_type)
         return method.run(self.base_model, self.prompt_modules[name], config, kwargs, generate)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+        """The base model's gradient checkpointing, with its embeddings' output requiring grad (as PEFT arranges):
+        reentrant checkpointing only backpropagates through a block whose inputs require grad, and with a frozen
+        base nothing before the first block does, so no adapter would get a gradient."""
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        self._require_input_grads()
+
+    def _require_input_grads(self) -> None:
+        base = self.base_model  # hooks the user already set (transformers 5 keeps a list, 4 kept one) are left alone
+        set_before = getattr(base, "_require_grads_hooks", None) or getattr(base, "_require_grads_hook", None)
+        if not self._input_grads_hooked and not set_before and hasattr(base, "enable_input_require_grads"):
+            self.base_model.enable_input_require_grads()
+            self._input_grads_hooked = True
 
     # --- adapters -----------------------------------------------------------------------------
     def get_base_model(self) -> nn.Module:
@@ -378,6 +395,9 @@ class PeftModel(SaveLoadMixin, nn.Module):
         if self._head_hook is not None:
             self._head_hook.remove()
             self._head_hook = None
+        if self._input_grads_hooked:
+            self.base_model.disable_input_require_grads()
+            self._input_grads_hooked = False
         return self.base_model
 
     # --- counting -----------------------------------------------------------------------------

@@ -655,3 +655,39 @@ def test_from_pretrained_with_a_single_device(llama_on_disk, device_map):
     model = PeftModel.from_pretrained(tiny_llama(layers=4), str(root / "adapter"), device_map=device_map)
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     torch.testing.assert_close(run_lm(model), out, **EXACT)
+
+
+@pytest.mark.parametrize("family", ["vit", "whisper"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_reentrant_gradient_checkpointing_reaches_the_adapters(family, when):
+    """Reentrant checkpointing backpropagates through a block only if its inputs require grad; with a frozen base
+    nothing before the first block does. Enabled on the base before wrapping, or on the PeftModel after, the
+    embeddings' output is made to require grad (as PEFT does for the first case): the adapters get the gradients
+    they get without checkpointing. unload takes that hook off again."""
+    build, inputs = {"vit": (tiny_vit, lambda: {"pixel_values": PIXELS, "labels": torch.tensor([0, 1])}),
+                     "whisper": (tiny_whisper, lambda: {"input_features": FEATURES, "decoder_input_ids": DEC_IDS,
+                                                        "labels": DEC_IDS})}[family]
+
+    def grads(checkpointing: bool) -> dict:
+        base = build().train()
+        kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": True}}
+        if checkpointing and when == "before":
+            base.gradient_checkpointing_enable(**kwargs)
+        model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj", "query", "value"]))
+        randomize(model)
+        model.train()
+        if checkpointing and when == "after":
+            model.gradient_checkpointing_enable(**kwargs)
+        with torch.enable_grad():
+            model(**inputs()).loss.backward()
+        out = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        if checkpointing:
+            plain = model.unload()
+            assert not getattr(plain, "_require_grads_hooks", None)
+        return out
+
+    expected, got = grads(False), grads(True)
+    assert expected.keys() == got.keys() and len(got) > 0
+    for name, grad in expected.items():
+        assert got[name] is not None, name
+        torch.testing.assert_close(got[name], grad, atol=1e-6, rtol=1e-5, msg=name)
