@@ -275,14 +275,24 @@ class PeftModel(SaveLoadMixin, nn.Module):
             if param.is_leaf:  # a prompt adapter's saved tensor may be computed (an encoder's output)
                 param.requires_grad_(False)
         self._trainable = []
+        originals = self._original_heads() if any(getattr(self.peft_config[n], "bias", None) == "all"
+                                                  for n in self._active) else set()
         for name in self._active:
             if self.peft_config[name].inference_mode:
                 continue
             if name in self.prompt_modules:  # trains in full (a P-tuning encoder's output is saved, not its weights)
                 self._trainable += self.prompt_modules[name].requires_grad_(True).parameters()
             for tensor in self.adapter_parameters(name).values():
-                if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
+                if isinstance(tensor, nn.Parameter) and tensor.is_floating_point() and id(tensor) not in originals:
                     self._trainable.append(tensor.requires_grad_(True))
+
+    def _original_heads(self) -> set[int]:
+        # bias="all" saves every bias, the original of a head the adapter trains a copy of included (as PEFT), but
+        # that original never runs while the copy is active: it stays frozen, as in PEFT
+        from .layers import ModulesToSaveWrapper
+
+        return {id(p) for _, layer in adapter_layers(self.base_model) if isinstance(layer, ModulesToSaveWrapper)
+                for p in layer.base_layer.parameters()}
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

@@ -575,3 +575,21 @@ def test_adapter_without_task_type_loads_in_peft_auto_classes(tmp_path):
             torch.testing.assert_close(auto.from_pretrained(str(tmp_path / "adapter"))(input_ids=ids).logits, expected)
         reloaded = peftkit.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter"))
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+
+
+def test_bias_all_with_a_trained_head_keeps_the_original_head_frozen():
+    """bias="all" saves the original head's bias beside the trained copy (as PEFT), but only the copy trains: the
+    trainable set equals PEFT's."""
+    def classifier():
+        torch.manual_seed(0)
+        return transformers.BertForSequenceClassification(transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=32, num_labels=3))
+
+    ours = peftkit.get_peft_model(classifier(), peftkit.LoraConfig(r=2, task_type="SEQ_CLS", bias="all",
+                                                                   target_modules=["query", "value"]))
+    theirs = peft.get_peft_model(classifier(), peft.LoraConfig(r=2, task_type="SEQ_CLS", bias="all",
+                                                              target_modules=["query", "value"]))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    head = ours.base_model.classifier
+    assert not head.base_layer.bias.requires_grad and head.modules_to_save["default"].bias.requires_grad
