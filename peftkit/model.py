@@ -131,6 +131,13 @@ class PeftModel(SaveLoadMixin, nn.Module):
         self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         self._require_input_grads()
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """transformers 5's name for it, which its Trainer calls: as gradient_checkpointing_enable."""
+        self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+                                                        every_n_layers=every_n_layers, offload=offload)
+        self._require_input_grads()
+
     def _require_input_grads(self) -> None:
         base = self.base_model  # hooks the user already set (transformers 5 keeps a list, 4 kept one) are left alone
         set_before = getattr(base, "_require_grads_hooks", None) or getattr(base, "_require_grads_hook", None)
@@ -275,7 +282,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
             if param.is_leaf:  # a prompt adapter's saved tensor may be computed (an encoder's output)
                 param.requires_grad_(False)
         self._trainable = []
-        originals = self._original_heads() if any(getattr(self.peft_config[n], "bias", None) == "all"
+        originals = self._replaced_heads() if any(getattr(self.peft_config[n], "bias", None) == "all"
                                                   for n in self._active) else set()
         for name in self._active:
             if self.peft_config[name].inference_mode:
@@ -286,13 +293,14 @@ class PeftModel(SaveLoadMixin, nn.Module):
                 if isinstance(tensor, nn.Parameter) and tensor.is_floating_point() and id(tensor) not in originals:
                     self._trainable.append(tensor.requires_grad_(True))
 
-    def _original_heads(self) -> set[int]:
-        # bias="all" saves every bias, the original of a head the adapter trains a copy of included (as PEFT), but
-        # that original never runs while the copy is active: it stays frozen, as in PEFT
+    def _replaced_heads(self) -> set[int]:
+        # bias="all" saves every bias, the original of a head an adapter trains a copy of included (as PEFT), but
+        # that original does not run while an active adapter's copy does: it stays frozen, as in PEFT. (With no
+        # active copy the original runs, and its bias trains.)
         from .layers import ModulesToSaveWrapper
 
         return {id(p) for _, layer in adapter_layers(self.base_model) if isinstance(layer, ModulesToSaveWrapper)
-                for p in layer.base_layer.parameters()}
+                and any(name in layer.modules_to_save for name in self._active) for p in layer.base_layer.parameters()}
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

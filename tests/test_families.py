@@ -658,7 +658,7 @@ def test_from_pretrained_with_a_single_device(llama_on_disk, device_map):
 
 
 @pytest.mark.parametrize("family", ["vit", "whisper"])
-@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("when", ["before", "after", "after-activation"])
 def test_reentrant_gradient_checkpointing_reaches_the_adapters(family, when):
     """Reentrant checkpointing backpropagates through a block only if its inputs require grad; with a frozen base
     nothing before the first block does. Enabled on the base before wrapping, or on the PeftModel after, the
@@ -678,6 +678,8 @@ def test_reentrant_gradient_checkpointing_reaches_the_adapters(family, when):
         model.train()
         if checkpointing and when == "after":
             model.gradient_checkpointing_enable(**kwargs)
+        if checkpointing and when == "after-activation":  # transformers 5's name, the one its Trainer calls
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
         with torch.enable_grad():
             model(**inputs()).loss.backward()
         out = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

@@ -593,3 +593,23 @@ def test_bias_all_with_a_trained_head_keeps_the_original_head_frozen():
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     head = ours.base_model.classifier
     assert not head.base_layer.bias.requires_grad and head.modules_to_save["default"].bias.requires_grad
+
+
+def test_bias_all_trains_the_original_head_while_no_copy_of_it_is_active():
+    """An adapter with bias="all" and no copy of the head: the original head runs, so its bias trains (also when
+    another adapter holds a copy of that head); with the copy's adapter active it is frozen again."""
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=32, num_labels=2))
+    model = peftkit.get_peft_model(base, peftkit.LoraConfig(r=2, task_type="SEQ_CLS", bias="all",
+                                                            target_modules=["query"]), adapter_name="a")
+    model.add_adapter("b", peftkit.LoraConfig(r=2, bias="all", target_modules=["value"]))
+    head = model.base_model.classifier
+    assert not head.base_layer.bias.requires_grad  # "a" is active, with its copy of the head
+    model.set_adapter("b")
+    assert head.base_layer.bias.requires_grad and not head.modules_to_save["a"].bias.requires_grad
+    model(input_ids=torch.tensor([[3, 4, 5]]), labels=torch.tensor([1])).loss.backward()
+    assert head.base_layer.bias.grad is not None and head.base_layer.bias.grad.abs().sum() > 0
+    model.set_adapter("a")
+    assert not head.base_layer.bias.requires_grad and head.modules_to_save["a"].bias.requires_grad
