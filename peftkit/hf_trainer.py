@@ -107,6 +107,13 @@ def load_adapter_weights(model: PeftModel, directory: str) -> None:
     """Load the saved values of each of ``model``'s adapters (as save_pretrained laid them out in ``directory``) into
     that adapter: all or none. Every file is read first; each is checked against its adapter (keys, shapes) as it
     is copied, and a failure puts back the adapters already filled."""
+    for name, module in model.prompt_modules.items():
+        if getattr(module, "mlp_head", None) is not None or getattr(module, "lstm_head", None) is not None:
+            raise ValueError(
+                f"adapter {name!r} is P-tuning with its encoder in training, and a checkpoint holds the encoder's "
+                "output (PEFT's format), not the encoder: training cannot resume where it stopped. Train without "
+                "resume_from_checkpoint, or continue from the saved embeddings: PeftModel.from_pretrained(base, "
+                f"{directory!r}, is_trainable=True) trains them directly")
     found = {}
     for name in model.peft_config:
         where = directory if name == "default" else os.path.join(directory, name)

@@ -155,3 +155,21 @@ def test_a_checkpoint_whose_second_adapter_does_not_fit_loads_nothing(tmp_path):
             assert torch.equal(value, saved[key]), (name, key)
     saved_default = model.adapter_parameters("default")
     assert any(not torch.equal(v, saved_default[k]) for k, v in values["default"].items())  # it would have changed
+
+
+def test_resuming_a_p_tuning_encoder_is_refused_before_anything_changes(tmp_path):
+    """A P-tuning checkpoint holds the encoder's output, not the encoder (PEFT's format): resume says so and leaves
+    the encoder in place (it used to drop the encoder, then fail on the optimizer's parameter groups)."""
+    from peftkit import PromptEncoderConfig
+
+    def build():
+        return get_peft_model(tiny_gpt2(), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                               encoder_hidden_size=8))
+
+    PeftTrainer(model=build(), args=args(tmp_path / "run"), train_dataset=lm_rows()).train()
+    resumed = build()
+    names = [n for n, _ in resumed.named_parameters()]
+    with pytest.raises(ValueError, match="P-tuning with its encoder.*cannot resume"):
+        PeftTrainer(model=resumed, args=args(tmp_path / "again"), train_dataset=lm_rows()).train(
+            resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert [n for n, _ in resumed.named_parameters()] == names and any("mlp_head" in n for n in names)
