@@ -259,6 +259,16 @@ def test_flag_of_another_method_is_refused_with_that_methods_fields(capsys):
     assert code == 2 and "--lora-alpha" in one_error_line(err)
 
 
+def test_print_config_refuses_a_config_files_setting_the_method_lacks(capsys, tmp_path):
+    """A config file's method settings are checked as flags are: --print-config shows only a job that would run."""
+    config = tmp_path / "job.yaml"
+    config.write_text("method: ia3\npeft:\n  r: 4\n")
+    code, out, err = run_cli(capsys, "train", "--config", str(config), "--print-config")
+    line = one_error_line(err)
+    assert code == 2 and not out and "IA3 has no setting(s) ['r']" in line
+    assert "feedforward_modules" in line and "inference_mode" not in line  # the user's settings only
+
+
 @pytest.mark.parametrize("argv, code, needle", [
     (["train", "--method", "nope", "--print-config"], 2, "unknown method 'nope'"),
     (["train", "--epochs", "x"], 2, "invalid int value"),

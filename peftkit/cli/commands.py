@@ -73,8 +73,21 @@ def resolve_job(args: argparse.Namespace, flags: list):
     data["train"] = {**data.get("train", {}), **given["train"]}
     data["peft"] = {**(data.get("peft") or {}), **given["peft"]}
     try:
-        return JobConfig.from_dict(data)
+        job = JobConfig.from_dict(data)
     except (ValueError, TypeError) as err:  # a flag value the config refuses: a usage error
+        raise CliError(f"invalid job settings: {err}") from None
+    _check_method_settings(job)
+    return job
+
+
+def _check_method_settings(job) -> None:
+    """The method's settings, from the config file as from flags, built into its config now, so that
+    --print-config shows only a job that would run."""
+    from ..train.models import method_config
+
+    try:
+        method_config(job.method, dict(job.peft or {}), job.data.task)
+    except (ValueError, TypeError) as err:
         raise CliError(f"invalid job settings: {err}") from None
 
 

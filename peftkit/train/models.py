@@ -146,7 +146,8 @@ def method_config(method: str, overrides: dict, task: str):
     fields = set(config_cls.__dataclass_fields__)
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"{peft_type} has no setting(s) {unknown}; valid: {sorted(fields - {'task_type'})}")
+        internal = {"task_type", "peft_type", "base_model_name_or_path", "inference_mode", "revision"}
+        raise ValueError(f"{peft_type} has no setting(s) {unknown}; valid: {sorted(fields - internal)}")
     values = {**METHOD_DEFAULTS.get(peft_type, {}), **overrides}
     values.setdefault("task_type", TASK_TYPES[task])
     return config_cls(**values)
