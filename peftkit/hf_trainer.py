@@ -83,7 +83,7 @@ class PeftTrainer(Trainer):
         peft_model = self._peftkit_model() if model is None or model is self.model else None
         if peft_model is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_adapter_weights(peft_model, resume_from_checkpoint)
+        load_adapter_weights(peft_model, resume_from_checkpoint, resume=True)
 
     def _load_best_model(self) -> None:
         model = self._peftkit_model()
@@ -103,11 +103,13 @@ class _ShiftedLabelSmoother:
         return self.smoother(model_output, labels, shift_labels=True, num_items_in_batch=num_items_in_batch)
 
 
-def load_adapter_weights(model: PeftModel, directory: str) -> None:
+def load_adapter_weights(model: PeftModel, directory: str, resume: bool = False) -> None:
     """Load the saved values of each of ``model``'s adapters (as save_pretrained laid them out in ``directory``) into
     that adapter: all or none. Every file is read first; each is checked against its adapter (keys, shapes) as it
-    is copied, and a failure puts back the adapters already filled."""
-    for name, module in model.prompt_modules.items():
+    is copied, and a failure puts back the adapters already filled. A P-tuning adapter takes the saved encoder
+    output as its embeddings (its encoder is dropped); ``resume`` refuses that, since training could not continue
+    where it stopped."""
+    for name, module in model.prompt_modules.items() if resume else ():  # (the best model at the end may drop it)
         if getattr(module, "mlp_head", None) is not None or getattr(module, "lstm_head", None) is not None:
             raise ValueError(
                 f"adapter {name!r} is P-tuning with its encoder in training, and a checkpoint holds the encoder's "

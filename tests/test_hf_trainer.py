@@ -173,3 +173,22 @@ def test_resuming_a_p_tuning_encoder_is_refused_before_anything_changes(tmp_path
         PeftTrainer(model=resumed, args=args(tmp_path / "again"), train_dataset=lm_rows()).train(
             resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     assert [n for n, _ in resumed.named_parameters()] == names and any("mlp_head" in n for n in names)
+
+
+def test_p_tuning_with_load_best_model_at_end_ends_on_the_best_checkpoints_embeddings(tmp_path):
+    """The best model at the end is loaded for use, not to train on: a P-tuning adapter takes the saved encoder
+    output as its embeddings (only a resume is refused)."""
+    from safetensors.torch import load_file
+
+    from peftkit import PromptEncoderConfig
+
+    model = get_peft_model(tiny_gpt2(), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                            encoder_hidden_size=8))
+    trainer = PeftTrainer(model=model, args=args(tmp_path, eval_strategy="steps", eval_steps=2,
+                                                 load_best_model_at_end=True), train_dataset=lm_rows(),
+                          eval_dataset=lm_rows(4))
+    trainer.train()
+    saved = load_file(os.path.join(trainer.state.best_model_checkpoint, "adapter_model.safetensors"))
+    prompts = model.prompt_modules["default"]
+    assert getattr(prompts, "mlp_head", None) is None
+    torch.testing.assert_close(prompts.prompt_embeddings().detach(), saved["prompt_embeddings"])
