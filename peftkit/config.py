@@ -126,9 +126,10 @@ class PeftConfig:
             raise TypeError(f"{file} holds a {type(config).__name__}, not a {cls.__name__}")
         return config
 
-    def to_json(self) -> str:
-        """The text of ``adapter_config.json``."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+    def to_json(self, extra: Optional[dict] = None) -> str:
+        """The text of ``adapter_config.json``; ``extra``: fields written beside the config's own (PEFT's
+        auto_mapping), which loading reads past."""
+        return json.dumps({**self.to_dict(), **(extra or {})}, indent=2, sort_keys=True)
 
     def save_pretrained(self, directory: str) -> None:
         """Write ``adapter_config.json`` atomically."""

@@ -142,7 +142,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
         base = self.base_model  # hooks the user already set (transformers 5 keeps a list, 4 kept one) are left alone
         set_before = getattr(base, "_require_grads_hooks", None) or getattr(base, "_require_grads_hook", None)
         if not self._input_grads_hooked and not set_before and hasattr(base, "enable_input_require_grads"):
-            self.base_model.enable_input_require_grads()
+            base.enable_input_require_grads()
             self._input_grads_hooked = True
 
     # --- adapters -----------------------------------------------------------------------------

@@ -6,7 +6,6 @@ A mixin so model.py stays about holding and switching adapters; every method her
 from __future__ import annotations
 
 import copy
-import json
 import os
 from typing import Optional, Union
 
@@ -39,12 +38,11 @@ class SaveLoadMixin:
             tensors.update(self._embedding_tensors(name))  # as PEFT: full weights of targeted embeddings
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
-            record = config.to_dict()
+            extra = None
             if config.task_type is None:  # as PEFT: where its AutoPeftModel finds the base class without a task_type
                 base = type(self.base_model)
-                record["auto_mapping"] = {"base_model_class": base.__name__, "parent_library": base.__module__}
-            text = json.dumps(record, indent=2, sort_keys=True)
-            checkpoint.save_adapter_files(directory, tensors, text, safe_serialization)
+                extra = {"auto_mapping": {"base_model_class": base.__name__, "parent_library": base.__module__}}
+            checkpoint.save_adapter_files(directory, tensors, config.to_json(extra), safe_serialization)
             method.write_extras(self.base_model, self.peft_config[name], name, directory)
 
     @classmethod

@@ -513,3 +513,15 @@ def test_dora_on_a_model_cast_whole_to_half_precision(dtype):
     out.loss.backward()
     magnitude = next(p for n, p in model.named_parameters() if "lora_magnitude_vector" in n)
     assert magnitude.grad.dtype == dtype and torch.isfinite(magnitude.grad).all() and magnitude.grad.abs().sum() > 0
+
+
+def test_an_accelerate_hook_on_the_base_layer_takes_the_plain_path():
+    """accelerate's offload hooks (device_map with CPU / disk offload) move weights in a pre-forward the fused
+    kernel would bypass: a base layer carrying one runs through its own forward."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+    model = get_peft_model(Net(bias=True), LoraConfig(r=3, target_modules=["proj"]))
+    layer = model.base_model.proj
+    x = torch.randn(2, 5, 12)
+    assert layer._fusable(x) == "default"
+    add_hook_to_module(layer.base_layer, ModelHook())
+    assert layer._fusable(x) is None
