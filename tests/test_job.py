@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from peftkit.train import DataConfig, JobConfig, ModelLoadError, TrainConfig, TrainingInterrupted, load_model, run_job
 from peftkit.train import trainer as trainer_module
 from peftkit.train.job import holds_run
+from peftkit.train.models import METHOD_DEFAULTS
 
 import train_tiny
 
@@ -207,6 +208,25 @@ def test_resume_with_another_job_is_refused(model_dir, data_dir, tmp_path, monke
     with pytest.raises(FileNotFoundError, match=r"job.json is missing"):
         run_job(other, out, resume=True, progress=False, log=quiet)
     assert os.listdir(os.path.join(out, "checkpoints"))  # the refusal left the run as it was
+
+
+def test_resume_takes_settings_that_restate_the_defaults(model_dir, data_dir, tmp_path, monkeypatch):
+    """job.json records the settings that were given; a resume that spells out a default (or the method in another
+    case) is the same job, and one that changes a resolved setting is not."""
+    out = str(tmp_path / "run")
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 2)
+        with pytest.raises(TrainingInterrupted):
+            run_job(job(model_dir, data_dir), out, progress=False, log=quiet)
+    same = job(model_dir, data_dir)
+    same.method = "LoRA"
+    same.peft = {**same.peft, "lora_alpha": METHOD_DEFAULTS["LORA"]["lora_alpha"], "lora_dropout": 0.05}
+    other = job(model_dir, data_dir)
+    other.peft = {**other.peft, "lora_alpha": METHOD_DEFAULTS["LORA"]["lora_alpha"] + 1}
+    with pytest.raises(ValueError, match=r"cannot resume: \['peft'\] differ"):
+        run_job(other, out, resume=True, progress=False, log=quiet)
+    summary = run_job(same, out, resume=True, progress=False, log=quiet)
+    assert summary["test"] is not None and os.path.isfile(os.path.join(out, "adapter", "adapter_model.safetensors"))
 
 
 def test_setting_aside_never_lands_on_an_earlier_aside(tmp_path, monkeypatch):

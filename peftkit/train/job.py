@@ -246,10 +246,25 @@ def check_same_job(job: JobConfig, output_dir: str) -> None:
     with open(path, encoding="utf-8") as fh:
         saved = json.load(fh)
     now = job.to_dict()
-    changed = sorted(k for k in ("model", "method", "peft", "data") if saved.get(k) != now[k])
+    changed = [k for k in ("model", "data") if saved.get(k) != now[k]]
+    (saved_method, saved_settings), (method, settings) = _resolved_method(saved), _resolved_method(now)
+    # compared resolved: a setting that restates a default, or the method name in another case, is no change
+    changed += ["method"] * (saved_method != method) + ["peft"] * (saved_method == method and saved_settings != settings)
+    changed = sorted(changed)
     if changed:
         raise ValueError(f"cannot resume: {changed} differ from the run in {output_dir} (its settings are in {path}); "
                          "resume with the same settings, or start over with --overwrite")
+
+
+def _resolved_method(job: dict) -> tuple:
+    """The method and every one of its settings (defaults included) of a job dict, to compare two jobs by; the
+    recorded values themselves where they no longer resolve (a job.json from another version)."""
+    try:
+        config = method_config(job.get("method", "lora"), dict(job.get("peft") or {}),
+                               (job.get("data") or {}).get("task", DataConfig().task))
+    except (ValueError, TypeError):
+        return (job.get("method"), job.get("peft"))
+    return (method_type(job.get("method", "lora")), config.to_dict() if config is not None else None)
 
 
 def trainer_rows_on_disk(trainer: Trainer) -> list[dict]:
