@@ -272,7 +272,10 @@ def test_print_config_refuses_a_config_files_setting_the_method_lacks(capsys, tm
 @pytest.mark.parametrize("argv, code, needle", [
     (["train", "--method", "nope", "--print-config"], 2, "unknown method 'nope'"),
     (["train", "--epochs", "x"], 2, "invalid int value"),
-    (["train", "--no-such-flag"], 2, "unrecognized arguments"),
+    (["train", "--no-such-flag"], 2, "unrecognized arguments: --no-such-flag (see `peftkit train --help`)"),
+    (["train", "--lora-dropot", "0.1", "--print-config"], 2,
+     "unrecognized arguments: --lora-dropot 0.1; did you mean --lora-dropout? (see `peftkit train --help`)"),
+    (["eval", "--adapter", "DATA", "--epochs", "2"], 2, "(see `peftkit eval --help`)"),
     (["train", "--config", "/no/such.yaml"], 2, "does not exist"),
     (["eval", "--adapter", "/no/such/dir"], 2, "does not exist"),
     (["train", "--model", "/no/such/model", "--dataset", "DATA", "--quiet", "--output-dir", "OUT"], 1,

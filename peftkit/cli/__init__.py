@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import difflib
 import sys
 from typing import Optional
 
@@ -45,8 +46,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, list]:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     classes = {"data": DataConfig, "train": TrainConfig}
+    parser.set_defaults(subparsers={})
     for name, setup in commands.all_commands().items():
         cmd = setup.add_parser(sub)
+        parser.get_default("subparsers")[name] = cmd
         _add_common(cmd)
         picked = [f for f in flags if f.group in setup.groups]
         add_flags(cmd, picked, {g: c for g, c in classes.items() if g in setup.groups},
@@ -61,7 +64,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     debug = "--debug" in argv
     try:
         parser, flags = build_parser()
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            _refuse_unknown(unknown, args.subparsers[args.command])
         if args.command in TRAINING_COMMANDS:
             keep_freed_memory()
         return int(args.handler(args, flags) or 0)
@@ -96,6 +101,15 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # musl and other C libraries without glibc's mallopt
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def _refuse_unknown(unknown: list[str], command: argparse.ArgumentParser) -> None:
+    """A usage error for arguments ``command`` does not take, naming its own --help and the closest flag."""
+    flags = [o for action in command._actions for o in action.option_strings]
+    first = next((u for u in unknown if u.startswith("--")), unknown[0]).split("=")[0]
+    close = difflib.get_close_matches(first, flags, n=1, cutoff=0.75)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise CliError(f"unrecognized arguments: {' '.join(unknown)}{hint} (see `{command.prog} --help`)", 2)
 
 
 def _report(err: BaseException) -> int:
