@@ -138,8 +138,7 @@ class AdapterLayer(nn.Module):
                 if safe and not torch.isfinite(weight + delta).all():
                     raise ValueError(f"merging adapter {name!r} would put NaN/inf into the base weights; not merged")
                 weight.data += delta  # .data: see weight_writes
-            self.weight_writes += 1
-            self.merged_adapters.append(name)
+            self._record_merge(name)
 
     def unmerge(self, names: list[str] | None = None) -> None:
         """Subtract merged deltas again, newest first."""
@@ -148,8 +147,17 @@ class AdapterLayer(nn.Module):
             if names is None or name in names:
                 with torch.no_grad():
                     weight.data -= self.delta_weight(name).to(weight.dtype)
-                self.weight_writes += 1
-                self.merged_adapters.remove(name)
+                self._record_unmerge(name)
+
+    def _record_merge(self, name: str) -> None:
+        """Book a merge of ``name`` just written into the base weight (every method's merge ends here)."""
+        self.weight_writes += 1
+        self.merged_adapters.append(name)
+
+    def _record_unmerge(self, name: str) -> None:
+        """Book an unmerge of ``name`` just written into the base weight."""
+        self.weight_writes += 1
+        self.merged_adapters.remove(name)
 
 
 class ModulesToSaveWrapper(AdapterLayer):

@@ -216,8 +216,7 @@ class IA3Layer(AdapterLayer):
                 continue
             with torch.no_grad():
                 self._merge_one(name, safe)
-            self.weight_writes += 1
-            self.merged_adapters.append(name)
+            self._record_merge(name)
 
     def _merge_one(self, name: str, safe: bool) -> None:
         # written through .data (see AdapterLayer.weight_writes): a backward pending over the weight still runs
@@ -249,8 +248,7 @@ class IA3Layer(AdapterLayer):
                 continue
             with torch.no_grad():
                 self._unmerge_one(name)
-            self.weight_writes += 1
-            self.merged_adapters.remove(name)
+            self._record_unmerge(name)
 
     def _unmerge_one(self, name: str) -> None:
         weight, bias = self.base_layer.weight.data, self._scaled_bias(name)

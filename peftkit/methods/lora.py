@@ -294,8 +294,7 @@ class LoraLinear(LoraLayer):
             self._dora_merged_norm = getattr(self, "_dora_merged_norm", {})
             self._dora_merged_norm[name] = norm
             w.data.copy_(new.to(w.dtype))  # .data: see AdapterLayer.weight_writes
-        self.weight_writes += 1
-        self.merged_adapters.append(name)
+        self._record_merge(name)
 
     def unmerge(self, names: Optional[list[str]] = None) -> None:
         """Undo merges newest first. A DoRA merge is not additive: to undo one under a newer merge, the newer
@@ -322,8 +321,7 @@ class LoraLinear(LoraLayer):
             old = w.float() * (norm / self.lora_magnitude_vector[name].float())[:, None] - self.scaling[name] * (
                 self.lora_B[name] @ self.lora_A[name]).float()
             w.data.copy_(old.to(w.dtype))
-        self.weight_writes += 1
-        self.merged_adapters.remove(name)
+        self._record_unmerge(name)
 
 
 class LoraEmbedding(LoraLayer):

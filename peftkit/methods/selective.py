@@ -176,9 +176,8 @@ class SelectiveLayer(AdapterLayer):
             if safe and not torch.isfinite(new).all():
                 raise ValueError(f"merging adapter {name!r} would put NaN/inf into the base weights; not merged")
             self._write(flat, positions, new)
-            self.weight_writes += 1
             self._kept[name] = kept
-            self.merged_adapters.append(name)
+            self._record_merge(name)
 
     def unmerge(self, names: Optional[list[str]] = None) -> None:
         """Put the kept base entries back, newest merge first: bit-identical to before merging.
@@ -189,8 +188,7 @@ class SelectiveLayer(AdapterLayer):
         flat, merged = self.weight_param.data.view(-1), list(self.merged_adapters)
         for name in reversed(merged):
             self._write(flat, self._flat_positions(name), self._kept.pop(name))
-            self.weight_writes += 1
-        self.merged_adapters = []
+            self._record_unmerge(name)
         self.merge([n for n in merged if names is not None and n not in names])
 
     @staticmethod
