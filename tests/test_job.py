@@ -229,6 +229,23 @@ def test_resume_takes_settings_that_restate_the_defaults(model_dir, data_dir, tm
     assert summary["test"] is not None and os.path.isfile(os.path.join(out, "adapter", "adapter_model.safetensors"))
 
 
+def test_overwrite_replaces_the_runs_own_files_only(model_dir, data_dir, tmp_path):
+    """An output directory that also holds the user's files: a report.md there is refused without --overwrite (a run
+    would write over it); --overwrite replaces the run's entries and leaves every other file where it was."""
+    out = tmp_path / "project"
+    (out / "src").mkdir(parents=True)
+    (out / "src" / "train.py").write_text("user code")
+    (out / "notes.txt").write_text("user notes")
+    (out / "report.md").write_text("the user's report")
+    with pytest.raises(FileExistsError, match=r"already holds a run \(report.md\).*other files there stay"):
+        run_job(job(model_dir, data_dir, epochs=1), str(out), progress=False, log=quiet)
+    assert (out / "report.md").read_text() == "the user's report"
+    run_job(job(model_dir, data_dir, epochs=1), str(out), overwrite=True, progress=False, log=quiet)
+    assert (out / "src" / "train.py").read_text() == "user code" and (out / "notes.txt").read_text() == "user notes"
+    assert (out / "report.md").read_text() != "the user's report" and (out / "adapter" / "adapter_config.json").exists()
+    assert not [p for p in os.listdir(tmp_path) if ".replaced-" in p]  # the set-aside entries went once it finished
+
+
 def test_setting_aside_never_lands_on_an_earlier_aside(tmp_path, monkeypatch):
     from peftkit.train import job as job_module
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from .errors import CliError
 from .flags import check_method_flags, given_values, method_classes_from_registry
 from .runs import data_labels, load_run_model, resolve_run, run_labels, write_rows
-from ..train.job import JOB_FILE, holds_run  # JOB_FILE: the run's job, recorded by run_job: the one record --resume reads
+from ..train.job import JOB_FILE, holds_run, run_exists_message  # JOB_FILE: the run's job, recorded by run_job: the one record --resume reads
 
 
 @dataclass
@@ -136,8 +136,7 @@ def run_train(args: argparse.Namespace, flags: list) -> int:
         print(dump_yaml(job.to_dict()), end="")
         return 0
     if holds_run(args.output_dir) and not (args.overwrite or args.resume):
-        raise CliError(f"--output-dir {args.output_dir!r} already holds a run; pass --resume to continue it, "
-                       "--overwrite to replace it, or choose another --output-dir")
+        raise CliError(f"--output-dir {run_exists_message(args.output_dir)}")
     from ..train import run_job
 
     summary = run_job(job, args.output_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)

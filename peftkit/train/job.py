@@ -20,9 +20,10 @@ from .metrics import evaluate
 from .models import load_model, method_config, method_type, needs_calibration, wrap_model
 from .trainer import TrainConfig, Trainer, TrainingInterrupted, seed_everything
 
-# an output_dir holding any of these holds (part of) a run: what run_job writes (adapter/ or model/ for full
-# fine-tuning); `peftkit train` and the commands that read runs (evaluate, predict) use this one list
-RUN_MARKERS = ("summary.json", "metrics.jsonl", "checkpoints", "adapter", "model")
+# what a run writes at the top of its output_dir (adapter/ or model/ for full fine-tuning; *.tmp while saving); a
+# directory holding any of them holds (part of) a run. --overwrite replaces these and nothing else in the directory
+RUN_OUTPUTS = ("summary.json", "metrics.jsonl", "checkpoints", "adapter", "model", "adapter.tmp", "model.tmp",
+               "report.md", "curves.png", "job.json")  # job.json last: set aside last, the run stays a run till then
 JOB_FILE = "job.json"  # the run's JobConfig, written when the run starts
 
 
@@ -77,9 +78,22 @@ class JobConfig:
         return cls.from_dict(data)
 
 
+def run_entries(output_dir: str) -> list[str]:
+    """The entries of RUN_OUTPUTS that ``output_dir`` holds (none where it is not a directory)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return [m for m in RUN_OUTPUTS if os.path.lexists(os.path.join(output_dir, m))]
+
+
 def holds_run(output_dir: str) -> bool:
     """True when ``output_dir`` is a directory that already holds (part of) a run."""
-    return os.path.isdir(output_dir) and any(os.path.exists(os.path.join(output_dir, m)) for m in RUN_MARKERS)
+    return bool(run_entries(output_dir))
+
+
+def run_exists_message(output_dir: str) -> str:
+    """Why a run into ``output_dir`` needs --resume or --overwrite, naming what --overwrite would replace."""
+    return (f"{output_dir!r} already holds a run ({', '.join(run_entries(output_dir))}); pass --overwrite to replace "
+            "those (other files there stay), --resume to continue it, or choose another --output-dir")
 
 
 def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> None:
@@ -92,18 +106,19 @@ def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> None:
         raise FileNotFoundError(f"no checkpoint in {checkpoints.directory(output_dir)} to resume from; "
                                 "run without --resume (add --overwrite to replace what is there)")
     if holds_run(output_dir) and not (resume or overwrite):
-        raise FileExistsError(f"{output_dir!r} already holds a run; pass --overwrite to replace it, "
-                              "--resume to continue it, or choose another --output-dir")
+        raise FileExistsError(run_exists_message(output_dir))
 
 
 def _set_aside(output_dir: str) -> str:
-    # the old run moves aside in one rename; it is deleted only once the new run has finished
+    """Move the run's own entries (RUN_OUTPUTS) out of ``output_dir`` into a new sibling directory, returned; it is
+    deleted only once the new run has finished. The user's other files in ``output_dir`` are not touched."""
     stem = f"{output_dir.rstrip(os.sep)}.replaced-{int(time.time())}"
     aside, n = stem, 1
-    while os.path.exists(aside):  # one left by a run that crashed in this same second
+    while os.path.lexists(aside):  # one left by a run that crashed in this same second
         aside, n = f"{stem}-{n}", n + 1
-    os.replace(output_dir, aside)
-    os.makedirs(output_dir)
+    os.makedirs(aside)
+    for name in run_entries(output_dir):  # one rename each, job.json last
+        os.replace(os.path.join(output_dir, name), os.path.join(aside, name))
     return aside
 
 
