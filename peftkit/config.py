@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
 
+from .fieldtypes import check_types
+
 logger = logging.getLogger("peftkit")
 
 CONFIG_NAME = "adapter_config.json"
@@ -83,6 +85,7 @@ class PeftConfig:
     inference_mode: bool = False  # True: adapter weights load frozen
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type {self.task_type!r} is not one of {TASK_TYPES}")
 

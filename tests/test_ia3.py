@@ -235,8 +235,8 @@ def test_feedforward_must_be_targeted():
 
 
 @pytest.mark.parametrize("kwargs, error, pattern", [
-    (dict(feedforward_modules=3), TypeError, "feedforward_modules must be a list"),
-    (dict(init_ia3_weights="yes"), ValueError, "init_ia3_weights must be True or False"),
+    (dict(feedforward_modules=3), TypeError, r"feedforward_modules = 3 \(int\) does not fit: it takes a str or a list"),
+    (dict(init_ia3_weights="yes"), ValueError, "init_ia3_weights = 'yes' .*takes a bool; write true without quotes"),
     (dict(layers_pattern="layers"), ValueError, "layers_pattern only takes effect"),
 ])
 def test_bad_field_values(kwargs, error, pattern):

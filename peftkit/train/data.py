@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from ..fieldtypes import check_types
+
 TASKS = ("causal-label", "sft", "seq2seq", "seq-cls", "token-cls")
 LABEL_TASKS = ("causal-label", "seq-cls")  # tasks whose label column holds one class per row
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -49,6 +51,7 @@ class DataConfig:
     seed: int = 0  # seeds the split of missing splits and the max_train_samples draw
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.task not in TASKS:
             raise ValueError(f"task {self.task!r} is not one of {TASKS}")
         if self.scoring not in ("constrained", "exact"):

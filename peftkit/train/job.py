@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..checkpoint import atomic_write_text
+from ..fieldtypes import check_types
 from . import checkpoints
 from .data import DataConfig, LABEL_TASKS, collate, encode, known_fields, label_set, load_splits
 from .metrics import evaluate
@@ -44,8 +45,9 @@ class JobConfig:
             self.data = DataConfig.from_dict(self.data)
         if isinstance(self.train, dict):
             self.train = TrainConfig.from_dict(self.train)
+        self.peft = dict(self.peft or {}) if isinstance(self.peft, dict) or self.peft is None else self.peft
+        check_types(self)  # e.g. a YAML "data:" that holds a list
         method_type(self.method)  # refuses an unknown method now, not after the model has loaded
-        self.peft = dict(self.peft or {})
 
     def to_dict(self) -> dict:
         """Plain nested dict (JSON / YAML ready)."""

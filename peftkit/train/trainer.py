@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..fieldtypes import check_types
 from . import checkpoints
 from .data import DataConfig, LABEL_TASKS, collate, encode, known_fields, label_set
 from .metrics import DEFAULT_METRIC, HIGHER_IS_BETTER, evaluate
@@ -59,6 +60,7 @@ class TrainConfig:
     log_every: int = 5  # optimizer steps between training-loss rows
 
     def __post_init__(self) -> None:
+        check_types(self)
         positive = ("epochs", "batch_size", "eval_batch_size", "grad_accum", "save_every", "log_every")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:

@@ -1,0 +1,113 @@
+"""Check a config dataclass's values against its field annotations, so a wrong type fails at once, naming the field.
+
+Configs come from JSON (adapter_config.json), YAML (job files) and Python. Without a check, "use_rslora": "false"
+is a truthy string that turns rsLoRA on, and YAML 1.1 reads ``lr: 1e-3`` as the string "1e-3". Numbers written as
+text become numbers; anything else that does not fit is a ValueError naming the field, its value and its type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from typing import Any, Union
+
+_NO = object()  # "does not fit"
+
+
+class FieldTypeError(TypeError, ValueError):
+    """A config value of the wrong type (both a TypeError and a ValueError: callers catch either)."""
+
+
+def check_types(obj: Any) -> None:
+    """Check (and where a number came as text, convert) every field of the dataclass instance ``obj``."""
+    try:
+        hints = typing.get_type_hints(type(obj))
+    except (NameError, TypeError):  # an annotation this Python cannot resolve: nothing to check against
+        return
+    for field in dataclasses.fields(obj):
+        hint, value = hints.get(field.name, Any), getattr(obj, field.name)
+        fitted = _fit(value, hint)
+        if fitted is _NO:
+            raise FieldTypeError(f"{type(obj).__name__}.{field.name} = {value!r} ({type(value).__name__}) does not fit: "
+                             f"it takes {_describe(hint)}{_hint_for(value, hint)}")
+        if fitted is not value:
+            object.__setattr__(obj, field.name, fitted)
+
+
+def _fit(value: Any, hint: Any) -> Any:
+    """``value`` (or its number, for text where a number is wanted) if it fits ``hint``, else _NO."""
+    exact = _fits_exactly(value, hint)
+    if exact:
+        return value if not isinstance(value, float) or math.isfinite(value) else _NO
+    if isinstance(value, str) and _wants(hint, float):  # YAML 1.1 reads 1e-3 (no dot) as text
+        number = _parse_number(value, int_only=not _wants(hint, float, exact_type=True))
+        if number is not None:
+            return number
+    return _NO
+
+
+def _fits_exactly(value: Any, hint: Any) -> bool:
+    if hint is Any or isinstance(hint, typing.TypeVar):
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return any(_fits_exactly(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (list, dict, str, tuple):
+        return isinstance(value, (list, tuple, set) if hint in (list, tuple) else hint)
+    if origin in (list, tuple, set):  # tuples and sets are taken where a list is wanted (configs turn them into lists)
+        item = args[0] if args else Any
+        return isinstance(value, (list, tuple, set)) and all(_fits_exactly(v, item) for v in value)
+    if origin is dict:
+        key, item = args if len(args) == 2 else (Any, Any)
+        return isinstance(value, dict) and all(_fits_exactly(k, key) and _fits_exactly(v, item) for k, v in value.items())
+    if origin is typing.Literal:
+        return value in args
+    return not isinstance(hint, type) or isinstance(value, hint)  # other classes: an instance of them
+
+
+def _wants(hint: Any, kind: type, exact_type: bool = False) -> bool:
+    """Whether ``hint`` takes a number (float or int; with ``exact_type``, ``kind`` itself)."""
+    if typing.get_origin(hint) is Union:
+        return any(_wants(arg, kind, exact_type) for arg in typing.get_args(hint))
+    return hint is kind if exact_type else hint in (int, float)
+
+
+def _parse_number(text: str, int_only: bool) -> Union[int, float, None]:
+    try:
+        number = float(text.strip())
+    except ValueError:
+        return None
+    if not math.isfinite(number):
+        return None
+    if int_only:
+        return int(number) if number.is_integer() and text.strip().lstrip("+-").isdigit() else None
+    return number
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return " or ".join(_describe(a) for a in args)
+    if hint is type(None):
+        return "None (null)"
+    if origin is not None:
+        inner = ", ".join(getattr(a, "__name__", str(a)) for a in args) or "values"
+        return f"a {origin.__name__} of {inner}"
+    if hint is float:
+        return "a finite number"
+    name = getattr(hint, "__name__", str(hint))
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
+
+def _hint_for(value: Any, hint: Any) -> str:
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no") and _fits_exactly(True, hint):
+        return f"; write {'true' if value.strip().lower() in ('true', 'yes') else 'false'} without quotes"
+    return ""
