@@ -372,6 +372,33 @@ def test_a_load_whose_probe_fails_leaves_nothing_behind(env, monkeypatch):
     assert client.delete("/v1/adapters/d4").status_code == 200
 
 
+def test_unseeded_sampling_draws_anew_each_request(env):
+    """Each seeded request runs from its own seed; unseeded ones draw on, so they differ (they used to run from one
+    restored generator state and returned the same text every time)."""
+    body = dict(model="a", prompt=PROMPTS[0], max_tokens=12, temperature=1.5)
+    texts = [env["client"].post("/v1/completions", json=body).json()["choices"][0]["text"] for _ in range(4)]
+    assert len(set(texts)) > 1
+    state = torch.random.get_rng_state()
+    env["client"].post("/v1/completions", json=dict(body, seed=5))
+    assert torch.equal(torch.random.get_rng_state(), state)  # a seeded request leaves the generator as it was
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(env):
+    tokenizer = env["tokenizer"]
+    tokenizer.chat_template = ("{% for m in messages %}{% if loop.index0 % 2 == 1 and m.role == 'user' %}"
+                               "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                               "{{ m.content }} {% endfor %}")
+    try:
+        messages = [{"role": "user", "content": "red"}, {"role": "user", "content": "blue"}]
+        for stream in (False, True):
+            body = {"model": "a", "messages": messages, "max_tokens": 4, "stream": stream}
+            error = error_of(env["client"].post("/v1/chat/completions", json=body), 400)
+            assert error["param"] == "messages" and "roles must alternate user/assistant" in error["message"]
+    finally:
+        tokenizer.chat_template = None
+    assert complete(env["client"], "a", PROMPTS[2]).status_code == 200  # the connection and the server go on
+
+
 def test_error_cases(env):
     client = env["client"]
     error = error_of(complete(client, "nope", "hello"), 404)
@@ -390,6 +417,8 @@ def test_error_cases(env):
     assert error_of(complete(client, "a", ["one", "two"]), 400)["param"] == "prompt"
     assert error_of(complete(client, "a", "hi", logprobs=3), 400)["param"] == "logprobs"
     assert error_of(complete(client, "a", "hi", temperature=3), 400)["param"] == "temperature"
+    assert error_of(complete(client, "a", "hi", temperature=1, seed=2**64), 400)["param"] == "seed"
+    assert error_of(complete(client, "a", "hi", temperature=1, seed=-(2**63) - 1), 400)["param"] == "seed"
     assert error_of(complete(client, "a", "hello " * 1000), 413)["code"] == "request_too_large"
     assert error_of(client.get("/v1/nothing"), 404)["message"].startswith("Not Found")
     # still alive and still right after all of that

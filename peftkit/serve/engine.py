@@ -350,8 +350,11 @@ class Engine:
         if first.stream is not None:
             stopping = StoppingCriteriaList([_Cancelled(first.stream.cancel)])
             kwargs.update(streamer=first.stream, stopping_criteria=stopping)
-        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(self.device)):
-            if settings.seed is not None:
+        # a seeded request draws from its own seed and leaves the process's generator as it was; an unseeded one
+        # draws on from the process's generator, so repeated requests get different samples
+        seeded = settings.seed is not None
+        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(self.device), enabled=seeded):
+            if seeded:
                 torch.manual_seed(settings.seed)
             if self.peft is None or set(names) == {BASE_ADAPTER} and not self.peft.peft_config:
                 return self.base.generate(**kwargs)

@@ -9,6 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .engine import Generated, ServeError, kept_tokens
 
+try:  # chat templates are jinja2 templates; their raise_exception() raises this
+    from jinja2.exceptions import TemplateError
+except ImportError:  # no jinja2: transformers cannot render a chat template at all
+    class TemplateError(Exception):  # type: ignore[no-redef]
+        """Stands in for jinja2's TemplateError, which nothing raises without jinja2."""
+
 
 class StreamOptions(BaseModel):
     """``stream_options``: include_usage adds a last chunk with the token counts."""
@@ -28,7 +34,7 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1)  # the range torch.manual_seed takes
     # accepted only at their no-op values: refused otherwise rather than silently ignored
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -136,7 +142,11 @@ def chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
     """Token ids of the conversation plus the assistant's turn: the chat template, else "role: content" lines."""
     turns = [{"role": m.role, "content": _content_text(m)} for m in messages]
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        try:
+            text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        except TemplateError as err:  # the template's own refusal (raise_exception), e.g. roles that do not alternate
+            raise ServeError(400, f"the model's chat template refused these messages: {err}", param="messages",
+                             code="invalid_messages") from err
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     text = "\n".join(f"{t['role']}: {t['content']}" for t in turns) + "\nassistant:"
     return tokenizer(text)["input_ids"]
