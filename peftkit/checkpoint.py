@@ -5,7 +5,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -102,7 +102,8 @@ def save_adapter_files(directory: str, tensors: dict[str, torch.Tensor], config_
     Both are written in full to temp names first; only then are they renamed into place, weights first,
     config last. A crash while writing leaves the old adapter as it was; only one between the two renames,
     back to back, can leave new weights beside the old config. The other format's weights file, left by an
-    earlier save, is removed after (else loading would prefer a stale ``.safetensors`` to a new ``.bin``).
+    earlier save, is removed once both are written and before either is renamed (loading would prefer a stale
+    ``.safetensors`` to a new ``.bin``, and beside the new config it would load silently wrong).
     """
     from .config import CONFIG_NAME
 
@@ -111,17 +112,20 @@ def save_adapter_files(directory: str, tensors: dict[str, torch.Tensor], config_
     write = (lambda tmp: save_file(data, tmp, metadata={"format": "pt"})) if safe_serialization else (
         lambda tmp: torch.save(data, tmp))
     write_together({os.path.join(directory, weights): write,
-                    os.path.join(directory, CONFIG_NAME): lambda tmp: _write_text(tmp, config_json)})
-    if os.path.exists(os.path.join(directory, stale)):
-        os.remove(os.path.join(directory, stale))
+                    os.path.join(directory, CONFIG_NAME): lambda tmp: _write_text(tmp, config_json)},
+                   remove=[os.path.join(directory, stale)])
 
 
-def write_together(files: dict[str, Callable[[str], None]]) -> None:
-    """``write(tmp)`` for each path (in order) to a temp name beside it, fsynced; then rename each into place."""
+def write_together(files: dict[str, Callable[[str], None]], remove: Sequence[str] = ()) -> None:
+    """``write(tmp)`` for each path (in order) to a temp name beside it, fsynced; then delete the ``remove`` paths
+    that exist, then rename each file into place."""
     staged: list[tuple[str, str]] = []
     try:
         for path, write in files.items():
             staged.append((_stage(path, write), path))
+        for path in remove:
+            if os.path.lexists(path):
+                os.remove(path)
         for tmp, path in staged:
             os.replace(tmp, path)
     finally:

@@ -196,6 +196,29 @@ def test_saving_in_the_other_format_removes_the_stale_weights_file(tmp_path, ids
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+def test_a_crash_at_the_stale_file_never_leaves_the_new_config_beside_old_weights(tmp_path, ids, monkeypatch):
+    """The other format's file goes before any rename: a crash there leaves the old config and no weights that
+    load silently (before, the new config was already in place beside the old .safetensors, which loading prefers)."""
+    old = _saved(tmp_path)
+    new = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(new, seed=9)
+    real_remove = os.remove
+
+    def crash(path):
+        if str(path).endswith("adapter_model.safetensors"):
+            real_remove(path)
+            raise KeyboardInterrupt  # killed right after the stale file went
+        real_remove(path)
+
+    monkeypatch.setattr(checkpoint.os, "remove", crash)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(tmp_path, safe_serialization=False)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_alpha"] == old.peft_config["default"].lora_alpha
+    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
 def test_target_not_found_suggests_names():
     with pytest.raises(ValueError, match=r"target module 'qproj' not found; did you mean 'q_proj'\?.*candidates"):
         get_peft_model(tiny_llama(), LoraConfig(target_modules=["qproj"]))
