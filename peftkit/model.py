@@ -24,9 +24,10 @@ class PeftModel(SaveLoadMixin, nn.Module):
 
     def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default",
                  calibration_batches: Optional[Iterable[dict]] = None, loss_fn: Optional[Callable] = None) -> None:
+        _refuse_wrapped(model)
         super().__init__()
         self.base_model = model
-        self.train(model.training)
+        self.training = model.training  # this wrapper's flag only: the model's submodules keep their own modes
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
         # per-adapter modules outside the base model (prompt methods: virtual-token embeddings / encoders)
@@ -206,10 +207,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
 
     def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
         """Make one adapter (or several, applied together) active; only active ones train."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        for name in names:
-            if name not in self.peft_config:
-                raise ValueError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}")
+        names = self._adapter_name_list(adapter_name, "set_adapter")
         if len(names) > 1 and any(name in self.prompt_modules for name in names):
             raise ValueError(f"adapters {names} include a prompt adapter, which runs alone; activate one at a time")
         merged = sorted({n for _, layer in adapter_layers(self.base_model) for n in layer.merged_adapters})
@@ -218,6 +216,18 @@ class PeftModel(SaveLoadMixin, nn.Module):
                           f"{names}", stacklevel=2)
             self.unmerge_adapter()
         self._activate(names)
+
+    def _adapter_name_list(self, names: Union[str, Iterable[str]], what: str) -> list[str]:
+        """``names`` (one name, or several) as a list of this model's adapters; a clear error for a missing name
+        or one named twice (set_adapter(["a", "a"]) would apply a's delta twice)."""
+        names = [names] if isinstance(names, str) else list(names)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"{what}: adapter(s) {repeated} named more than once in {names}; name each once")
+        return names
 
     def _activate(self, names: list[str], added: Optional[str] = None) -> None:
         # the library's own re-activation (after a load, a delete, a refine): merges are the user's and stay.
@@ -341,10 +351,8 @@ class PeftModel(SaveLoadMixin, nn.Module):
     # --- merging ------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Write the adapters' deltas into the base weights (undo with unmerge_adapter)."""
-        names = list(adapter_names) if adapter_names is not None else list(self._active)
+        names = self._adapter_name_list(adapter_names, "merge_adapter") if adapter_names is not None else list(self._active)
         for name in names:
-            if name not in self.peft_config:
-                raise ValueError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}")
             peft_type = self.peft_config[name].peft_type
             if not lookup(peft_type)[1].mergeable:  # refused before any weight changes
                 raise ValueError(f"adapter {name!r} is a {peft_type} adapter, which cannot be merged into the base "
@@ -443,9 +451,20 @@ def _contiguous_input(module: nn.Module, args: tuple) -> Optional[tuple]:
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                    calibration_batches: Optional[Iterable[dict]] = None, loss_fn: Optional[Callable] = None) -> PeftModel:
     """Wrap ``model`` with a new trainable adapter described by ``peft_config``."""
-    if isinstance(model, PeftModel):
-        raise ValueError("model is already a PeftModel; use model.add_adapter(name, config) to add another adapter")
     return PeftModel(model, peft_config, adapter_name, calibration_batches, loss_fn)
+
+
+def _refuse_wrapped(model: nn.Module) -> None:
+    """A PeftModel, or a model that already holds a PeftModel's adapter layers (its get_base_model()), cannot be the
+    base of another: the new adapters would overwrite or stack on the first one's inside the shared layers."""
+    if isinstance(model, PeftModel):
+        raise ValueError("model is already a PeftModel; use model.add_adapter(name, config) or "
+                         "model.load_adapter(path, name) to add another adapter")
+    held = next((name for name, module in model.named_modules() if isinstance(module, AdapterLayer)), None)
+    if held is not None:
+        raise ValueError(f"model already holds peftkit adapter layers (e.g. {held!r}) of a PeftModel made over it; add "
+                         "adapters through that PeftModel (add_adapter / load_adapter), or take the plain model back "
+                         "with its unload() first")
 
 
 def _tie_back(layer: AdapterLayer) -> None:

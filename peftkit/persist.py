@@ -27,10 +27,8 @@ class SaveLoadMixin:
         """Write each adapter in PEFT's layout: "default" at the top, others in a subfolder of their name."""
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory")
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        for name in names:
-            if name not in self.peft_config:
-                raise ValueError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}")
+        names = list(self.peft_config) if selected_adapters is None else self._adapter_name_list(
+            selected_adapters, "save_pretrained")
         for name in names:
             directory = save_directory if name == "default" else os.path.join(save_directory, name)
             method = lookup(self.peft_config[name].peft_type)[1]
@@ -54,11 +52,13 @@ class SaveLoadMixin:
         """A PeftModel with a saved adapter loaded onto ``model``; on any error ``model`` is left exactly as it was."""
         directory, config, tensors = _read_saved(model_id, subfolder, allow_pickle, is_trainable, config)
         peft_model = cls(model, config, adapter_name)
+        overwritten: dict[str, torch.Tensor] = {}
         try:
-            peft_model._fill(adapter_name, tensors, directory)
+            peft_model._fill(adapter_name, tensors, directory, overwritten)
             if device_map is not None or max_memory is not None:
                 peft_model._dispatch(device_map, max_memory)
         except Exception:
+            peft_model._put_back(adapter_name, overwritten)
             peft_model.unload()
             raise
         peft_model._loaded(adapter_name, is_trainable)
@@ -69,9 +69,11 @@ class SaveLoadMixin:
         """Load another saved adapter under ``adapter_name`` (not activated; see set_adapter)."""
         directory, config, tensors = _read_saved(model_id, subfolder, allow_pickle, is_trainable)
         self.add_adapter(adapter_name, config)
+        overwritten: dict[str, torch.Tensor] = {}
         try:
-            self._fill(adapter_name, tensors, directory)
+            self._fill(adapter_name, tensors, directory, overwritten)
         except Exception:
+            self._put_back(adapter_name, overwritten)
             self.delete_adapter(adapter_name)
             raise
         self._activate(self._active or [adapter_name])
@@ -84,17 +86,28 @@ class SaveLoadMixin:
         if not is_trainable:
             self.eval()
 
-    def _fill(self, adapter_name: str, tensors: dict[str, torch.Tensor], directory: str) -> None:
+    def _put_back(self, adapter_name: str, overwritten: dict[str, torch.Tensor]) -> None:
+        """Undo a failed load's writes into the base: the embedding weights ``_fill`` replaced (kept in ``overwritten``)."""
+        live = self._embedding_tensors(adapter_name)
+        checkpoint.copy_into({k: live[k] for k in overwritten}, overwritten)
+
+    def _fill(self, adapter_name: str, tensors: dict[str, torch.Tensor], directory: str,
+              overwritten: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Copy the saved ``tensors`` into the adapter (checked first); the base's embedding weights that they
+        replace are cloned into ``overwritten`` (where given) for _put_back."""
         method = lookup(self.peft_config[adapter_name].peft_type)[1]
         tensors = method.unpack_tensors(tensors)
         if adapter_name in self.prompt_modules:  # a saved prompt adapter is its embeddings: drop any encoder
             self.prompt_modules[adapter_name].use_saved_embeddings()
         expected = self.adapter_parameters(adapter_name)
         # embedding weights saved beside the adapter (PEFT does so by default) are optional; load them if there
-        expected.update({k: v for k, v in self._embedding_tensors(adapter_name).items() if k in tensors})
+        embeddings = {k: v for k, v in self._embedding_tensors(adapter_name).items() if k in tensors}
+        expected.update(embeddings)
         if method.acts_on_inputs:  # saved by an older peftkit: a trained head under base_model.model.*
             tensors = {k if k in expected else checkpoint.prompt_method_key(k): v for k, v in tensors.items()}
         checkpoint.check_fit(expected, tensors, directory)
+        if overwritten is not None:
+            overwritten.update({k: v.detach().clone() for k, v in embeddings.items()})
         checkpoint.copy_into(expected, tensors)
         method.check_loaded(self.base_model, adapter_name, directory)
 

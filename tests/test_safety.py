@@ -324,3 +324,56 @@ def test_layers_to_transform_needs_a_list_of_targets_and_an_empty_list_narrows_n
             == {n for n, _ in every.named_modules() if n.endswith("q_proj")})
     one = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[1]))
     assert {n for n, m in one.named_modules() if hasattr(m, "lora_A")} == {"base_model.model.layers.1.self_attn.q_proj"}
+
+
+def test_a_failed_load_puts_back_the_base_embedding_it_overwrote(tmp_path):
+    """An adapter on embed_tokens carries the full embedding (as PEFT saves it), copied into the base before the
+    device_map is checked: a refused device_map must leave the base's embedding as it was."""
+    model = get_peft_model(tiny_llama(seed=0), LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path)
+    base = tiny_llama(seed=5)
+    snap = _snapshot(base)
+    with pytest.raises(ValueError, match="'disk'"):
+        PeftModel.from_pretrained(base, tmp_path, device_map="disk")
+    _assert_untouched(base, snap)
+
+
+def test_a_peft_model_or_its_injected_base_is_not_a_base_again(tmp_path):
+    first = _saved(tmp_path)
+    inner = first.get_base_model()
+    before = _snapshot(first)
+    with pytest.raises(ValueError, match="already a PeftModel; use model.add_adapter"):
+        PeftModel.from_pretrained(first, tmp_path)
+    with pytest.raises(ValueError, match=r"already holds peftkit adapter layers \(e.g. 'model.layers.0.self_attn.q_proj'\)"):
+        get_peft_model(inner, LoraConfig(r=8, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="already holds peftkit adapter layers"):
+        PeftModel.from_pretrained(inner, tmp_path)
+    _assert_untouched(first, before)  # the first model's adapter is as it was (r=4, its own values)
+    assert first.base_model.model.layers[0].self_attn.q_proj.lora_A["default"].shape[0] == 4
+
+
+def test_adapter_name_lists_refuse_repeats_and_take_one_name(tmp_path, ids):
+    model = _saved(tmp_path)
+    with torch.no_grad():
+        want = model(ids).logits
+    with pytest.raises(ValueError, match=r"set_adapter: adapter\(s\) \['default'\] named more than once"):
+        model.set_adapter(["default", "default"])  # applied twice, it was the delta doubled
+    with pytest.raises(ValueError, match="named more than once"):
+        model.merge_adapter(["default", "default"])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+    model.save_pretrained(tmp_path / "one", selected_adapters="default")  # one name, not its characters
+    assert sorted(os.listdir(tmp_path / "one")) == ["adapter_config.json", "adapter_model.safetensors"]
+    model.merge_adapter("default")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+
+
+def test_wrapping_keeps_each_submodules_train_or_eval_mode():
+    base = tiny_llama()
+    base.train()
+    base.model.layers[1].eval()  # e.g. a block the user keeps frozen in eval mode
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
+    assert model.training and not base.model.layers[1].training and base.model.layers[0].training
