@@ -222,3 +222,40 @@ def test_a_zero_ratio_with_no_such_split_is_an_error(tmp_path):
         load_splits(DataConfig(dataset=path, test_ratio=0.0))
     root = label_dir(str(tmp_path / "d"))  # train + test files: validation_ratio still carves validation
     assert len(load_splits(DataConfig(dataset=root, test_ratio=0.0))["test"]) > 0
+
+
+def test_malformed_files_name_the_file_and_line(tmp_path):
+    """Each malformed file is refused naming where it goes wrong; none is read into wrong rows."""
+    cases = {
+        # an unquoted comma: the text's tail became the label (a class of its own)
+        "extra.csv": ("text,label\ngood food,pos\nrude, slow driver,neg\n", r"extra.csv, line 3: 3 fields under a header of 2"),
+        "latin1.csv": (b"text,label\ncaf\xe9 ok,pos\n", r"latin1.csv is not UTF-8 text \(line 2"),
+        "bad.jsonl": ('{"text": "a", "label": "x"}\n{"text": "b", "label": \n', r"bad.jsonl, line 2: not valid JSON"),
+        "ints.json": ("[1, 2, 3]", r"ints.json, row 1: a row must be an object of column values, not a JSON int"),
+        # columns of unequal length were cut to the shortest; one row object was zipped character by character
+        "uneven.json": (json.dumps({"text": ["a", "b", "c"], "label": ["x", "y"]}), r"uneven.json: a JSON object must map "
+                        r"each column to a list of its values, all of one length \(got \{'text': 3, 'label': 2\}\)"),
+        "one.json": (json.dumps({"text": "a", "label": "x"}), r"for one row, put the object in a list"),
+        "unclosed.csv": ('text,label\n"never closed,pos\n' + "x" * 140000 + "\n", r"unclosed.csv, line \d+: field larger"),
+    }
+    for name, (content, needle) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(ValueError, match=needle):
+            read_file(str(path))
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufefftext,label\nhello,pos\n".encode("utf-8"))
+    assert read_file(str(path)) == [{"text": "hello", "label": "pos"}]
+
+
+def test_a_nan_label_is_no_value_not_a_class(tmp_path):
+    path = str(tmp_path / "train.parquet")
+    rows = label_rows(4)
+    labels = [1.0, 0.0] * 4
+    labels[3] = float("nan")
+    pq.write_table(pa.table({"text": [r["text"] for r in rows], "label": labels}), path)
+    with pytest.raises(ValueError, match=r"row 4 of the train split has no value in 'label'"):
+        load_splits(DataConfig(dataset=path, task="seq-cls", label_column="label"))

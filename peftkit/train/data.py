@@ -99,22 +99,72 @@ def read_file(path: str) -> list[dict]:
     kind = FORMATS.get(os.path.splitext(path)[1].lower())
     if kind is None:
         raise ValueError(f"cannot read {path!r}: use one of the extensions {sorted(FORMATS)}")
-    if kind in ("csv", "tsv"):
-        with open(path, newline="", encoding="utf-8") as fh:
-            return [dict(row) for row in csv.DictReader(fh, delimiter="," if kind == "csv" else "\t")]
     if kind == "parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
+    try:  # utf-8-sig: a byte-order mark, as spreadsheet programs write, is not part of the first column's name
+        with open(path, newline="" if kind in ("csv", "tsv") else None, encoding="utf-8-sig") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as err:
+        line = text_line(path, err.start)
+        raise ValueError(f"{path} is not UTF-8 text (line {line}, byte {err.start}: {err.reason}); "
+                         "save it as UTF-8") from None
+    if kind in ("csv", "tsv"):
+        return _csv_rows(path, text, "," if kind == "csv" else "\t")
     if kind == "json" and text.lstrip()[:1] in ("[", "{") and not _is_jsonl(text):
-        data = json.loads(text)
-        if isinstance(data, dict):  # {"column": [values...]}
-            keys = list(data)
-            return [dict(zip(keys, values)) for values in zip(*(data[k] for k in keys))]
-        return list(data)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return _json_rows(path, json.loads(text))
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno})") from None
+            _check_row(path, rows[-1], f"line {number}")
+    return rows
+
+
+def text_line(path: str, offset: int) -> int:
+    """The 1-based line of byte ``offset`` in the file at ``path``."""
+    with open(path, "rb") as fh:
+        return fh.read(offset).count(b"\n") + 1
+
+
+def _csv_rows(path: str, text: str, delimiter: str) -> list[dict]:
+    reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
+    rows = []
+    try:
+        for row in reader:
+            if None in row:  # more fields than the header: DictReader files the rest under None
+                raise ValueError(f"{path}, line {reader.line_num}: {len(reader.fieldnames) + len(row[None])} fields "
+                                 f"under a header of {len(reader.fieldnames)}; a text holding the delimiter "
+                                 f"({delimiter!r}) must be quoted")
+            rows.append(dict(row))
+    except csv.Error as err:  # e.g. a field over csv's size limit
+        raise ValueError(f"{path}, line {reader.line_num}: {err} (an unclosed quote makes the rest of the file one "
+                         "field)") from None
+    return rows
+
+
+def _json_rows(path: str, data) -> list[dict]:
+    """The rows of a .json file: a list of row objects, or one object mapping each column to its list of values."""
+    if isinstance(data, dict):  # {"column": [values...]}
+        lengths = {k: len(v) if isinstance(v, list) else None for k, v in data.items()}
+        if None in lengths.values() or len(set(lengths.values())) > 1:
+            raise ValueError(f"{path}: a JSON object must map each column to a list of its values, all of one length "
+                             f"(got {lengths}); for one row, put the object in a list: [{{...}}]")
+        keys = list(data)
+        return [dict(zip(keys, values)) for values in zip(*(data[k] for k in keys))]
+    for index, row in enumerate(data):
+        _check_row(path, row, f"row {index + 1}")
+    return list(data)
+
+
+def _check_row(path: str, row, where: str) -> None:
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}, {where}: a row must be an object of column values, not a JSON {type(row).__name__} "
+                         f"({str(row)[:40]})")
 
 
 def _is_jsonl(text: str) -> bool:
@@ -226,7 +276,7 @@ def check_columns(rows: list[dict], data: DataConfig, split: str) -> None:
                              f"the data has columns {sorted(rows[absent[0]])}. "
                              "Pick the right ones with --text-column / --label-column")
         blank_ok = column == data.text_column or data.task not in LABEL_TASKS
-        empty = [i for i, row in enumerate(rows) if row[column] is None
+        empty = [i for i, row in enumerate(rows) if row[column] is None or row[column] != row[column]  # NaN
                  or (not blank_ok and isinstance(row[column], str) and not row[column].strip())]
         if empty:
             raise ValueError(f"row {empty[0] + 1} of the {split} split has no value in {column!r} (empty or null; "
