@@ -82,6 +82,13 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def plain_name(name: str) -> str:
+    """A module's name as on the model before any adapter wrapped a block above it: a bottleneck adapter around
+    ``self_attn`` puts ``q_proj`` at ``self_attn.base_layer.q_proj``; configs, patterns and saved adapters name it
+    ``self_attn.q_proj``, so that they fit a plain base too (as checkpoint.layer_key names its tensors)."""
+    return re.sub(r"\.base_layer(?=\.|$)", "", name)
+
+
 def name_matches(name: str, spec) -> bool:
     """PEFT's rule: a string is a full-match regex; a list matches exact names or dotted suffixes."""
     if spec is None:
@@ -167,12 +174,18 @@ def find_targets(model: nn.Module, config) -> list[str]:
     for name, module in model.named_modules():
         if not name or name.startswith(inside):
             continue
-        if not name_matches(name, config.target_modules) or name_matches(name, config.exclude_modules):
+        # a layer inside a bottleneck adapter's block answers to its plain name too; the block itself (the wrapper's
+        # base_layer) does not: under that name the wrapper is the target
+        plain = name if name.endswith(".base_layer") else plain_name(name)
+        if not (name_matches(name, config.target_modules) or name_matches(plain, config.target_modules)):
+            continue
+        if name_matches(name, config.exclude_modules) or name_matches(plain, config.exclude_modules):
             continue
         if in_full and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in in_full):
             continue
-        listed = not isinstance(config.target_modules, str) and name in config.target_modules
-        if layers is not None and not listed and layer_index(name, config.layers_pattern) not in layers:
+        listed = not isinstance(config.target_modules, str) and (name in config.target_modules
+                                                                  or plain in config.target_modules)
+        if layers is not None and not listed and layer_index(plain, config.layers_pattern) not in layers:
             continue
         found.append(name)
     if not found:

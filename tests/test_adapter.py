@@ -221,6 +221,37 @@ def test_unload_with_an_adapter_inside_a_bottleneck_block(inner, call):
     assert not torch.allclose(adapted, base_out, atol=1e-3)  # the inner adapter did change the output
 
 
+def test_adapters_made_beside_a_bottleneck_name_layers_as_on_a_plain_base(tmp_path):
+    """Inside a block a bottleneck adapter wraps, q_proj sits at self_attn.base_layer.q_proj. Configs that peftkit
+    writes (add_weighted_adapter's targets and rank_pattern, target_modules="auto") name it self_attn.q_proj, so the
+    adapter reloads onto a plain base in peftkit and in PEFT; and full plain paths given by the user match it."""
+    from peftkit import LoraConfig
+
+    model = get_peft_model(tiny_llama(), AdapterConfig(adapter_type="houlsby", bottleneck_size=4))
+    model.add_adapter("a", LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj"]))
+    model.add_adapter("auto", LoraConfig(r=2, target_modules="auto", auto_criterion="magnitude", auto_budget=0.3))
+    randomize_adapters(model)
+    model.add_weighted_adapter(["a", "b"], [1.0, 0.5], "c", combination_type="cat")
+    for name in ("c", "auto"):
+        saved = model.peft_config[name]
+        assert "base_layer" not in str(saved.target_modules) + str(saved.rank_pattern), (name, saved)
+    model.save_pretrained(tmp_path, selected_adapters=["c", "auto"])
+    for name in ("c", "auto"):
+        plain = PeftModel.from_pretrained(tiny_llama(), tmp_path / name, adapter_name=name)
+        saved = load_file(tmp_path / name / "adapter_model.safetensors")
+        got = {k: v for k, v in plain.state_dict().items() if "lora_" in k}
+        assert len(got) == len(saved) > 0
+        import peft  # PEFT finds every target too (it raises for a target that matches nothing)
+
+        theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / name), adapter_name=name)
+        assert sum("lora_A" in k for k in theirs.state_dict()) == sum("lora_A" in k for k in saved)
+    pinned = LoraConfig(r=2, target_modules=["model.layers.0.self_attn.q_proj"],
+                        rank_pattern={"model.layers.0.self_attn.q_proj": 3})
+    model.add_adapter("pinned", pinned)
+    assert model.base_model.model.layers[0].self_attn.base_layer.q_proj.lora_A["pinned"].shape[0] == 3
+
+
 def test_named_adapters_save_load_keys_and_delete(tmp_path):
     model = get_peft_model(tiny_llama(), AdapterConfig(bottleneck_size=4))
     model.add_adapter("ffn", AdapterConfig(adapter_type="parallel", bottleneck_size=2, scaling=4.0))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TargetedConfig, register
-from ..inject import (DEFAULT_TARGETS, every_bias, find_targets, is_linear_like, replace_modules,
+from ..inject import (DEFAULT_TARGETS, every_bias, find_targets, is_linear_like, plain_name, replace_modules,
                       resolve_target_modules)
 from ..layers import (AdapterLayer, MixedRows, adapter_dtype, param_device, plain_frozen_linear, shared_dropout,
                       sole_active_adapter)
@@ -65,11 +65,11 @@ class LoraConfig(TargetedConfig):
 
     def rank_for(self, module_name: str) -> int:
         """Rank of ``module_name``: rank_pattern's first matching key, else r."""
-        return _pattern_value(self.rank_pattern, module_name, self.r)
+        return _pattern_value(self.rank_pattern, plain_name(module_name), self.r)
 
     def alpha_for(self, module_name: str) -> float:
         """Alpha of ``module_name``: alpha_pattern's first matching key, else lora_alpha."""
-        return _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+        return _pattern_value(self.alpha_pattern, plain_name(module_name), self.lora_alpha)
 
     def scaling_for(self, module_name: str) -> float:
         """The factor s in W + s B A."""
