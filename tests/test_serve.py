@@ -356,6 +356,33 @@ def test_load_and_unload(env):
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["base", "a", "b", "c"]
 
 
+def test_a_bottleneck_adapter_runs_alone_and_leaves_mixed_batches_working(env, tmp_path):
+    """A bottleneck adapter runs on every row, so it cannot join a mixed batch. It used to stay active after its
+    own request (and after its load), and every later base / LoRA request was refused with a 500."""
+    from peftkit import AdapterConfig, get_peft_model
+
+    client, engine = env["client"], env["engine"]
+    bottleneck = get_peft_model(tiny_llama(), AdapterConfig(adapter_type="houlsby", bottleneck_size=4))
+    randomize_adapters(bottleneck, seed=11)
+    bottleneck.save_pretrained(str(tmp_path / "bn"))
+    assert client.post("/v1/adapters/load", json={"name": "bn", "path": str(tmp_path / "bn")}).status_code == 200
+    try:
+        assert engine._solo == {"bn"}
+        for model in ("base", "a", "bn", "a", "base", "b"):
+            reply = complete(client, model, PROMPTS[1])
+            assert reply.status_code == 200, reply.text
+            if model != "bn":
+                assert reply.json()["choices"][0]["text"] == env["offline"].text(PROMPTS[1], model, 8)
+        ids = env["tokenizer"](PROMPTS[1])["input_ids"]
+        with torch.no_grad():
+            want = bottleneck.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        want_text = env["tokenizer"].decode(want[0, len(ids):], skip_special_tokens=True)
+        assert complete(client, "bn", PROMPTS[1]).json()["choices"][0]["text"] == want_text
+        assert engine._solo == {"bn"}  # the LoRA adapters still batch together
+    finally:
+        client.post("/v1/adapters/unload", json={"name": "bn"})
+
+
 def test_a_load_whose_probe_fails_leaves_nothing_behind(env, monkeypatch):
     client, engine, root = env["client"], env["engine"], env["root"]
     probe = engine._classify

@@ -140,6 +140,7 @@ class Engine:
         self.stats = {"requests": 0, "batches": 0, "errors": 0, "max_batch_size": 0}
         self.batch_log: deque = deque(maxlen=256)  # {"size", "ids", "adapters"} per generate call
         if self.peft is not None:
+            self.peft._activate([])  # see _classify
             for name in list(self.peft.peft_config):
                 self._classify(name)
             self._refresh_names()
@@ -187,6 +188,7 @@ class Engine:
                 else:
                     self.peft.load_adapter(path, name)
                 self.peft.eval()
+                self.peft._activate([])  # from_pretrained activates what it loads; see _classify
                 self._classify(name)
             except Exception as exc:  # a load or probe that fails leaves nothing half-loaded behind
                 self._drop(name)
@@ -231,7 +233,9 @@ class Engine:
                     raise ValueError(f"adapters directory {directory!r}: {exc.message}; fix or move it") from exc
 
     def _classify(self, name: str) -> None:
-        # one 1-token mixed forward tells whether this adapter's method supports adapter_names (prompt methods do not)
+        # one 1-token mixed forward tells whether this adapter's method supports adapter_names (prompt methods and
+        # bottleneck adapters do not). No adapter stays active between calls: mixed batches name each row's adapter,
+        # and an active bottleneck adapter would run on every row (refused), so it is active only for its own calls
         probe = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
         try:
             with torch.no_grad():
@@ -358,9 +362,12 @@ class Engine:
                 torch.manual_seed(settings.seed)
             if self.peft is None or set(names) == {BASE_ADAPTER} and not self.peft.peft_config:
                 return self.base.generate(**kwargs)
-            if names[0] in self._solo:  # a group of one solo adapter: activate it, no adapter_names
-                self.peft.set_adapter(names[0])
-                return self.peft.generate(**kwargs)
+            if names[0] in self._solo:  # a group of one solo adapter: active for this call only, no adapter_names
+                self.peft._activate([names[0]])
+                try:
+                    return self.peft.generate(**kwargs)
+                finally:
+                    self.peft._activate([])
             return self.peft.generate(adapter_names=names, **kwargs)
 
     def cut(self, tokens: list[int], max_tokens: int) -> Generated:
