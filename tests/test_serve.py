@@ -709,3 +709,19 @@ def test_stream_with_a_tokenizer_that_cleans_up_spaces():
         for chunk in (1, 2):
             assert streamed(tokenizer, ids, stops, chunk) == render(tokenizer, FakeEngine(tokenizer, ()).cut(ids, 100), stops)
     assert streamed(tokenizer, ids, ["it's"], 1) == ("", 3, "stop")
+
+
+def test_batches_are_split_to_stay_within_the_context():
+    """Rows pad to the longest prompt and run for the largest max_tokens: a 24-token prompt asking 4 and a 2-token
+    prompt asking 20 each fit a 32-token context, but not together (24 + 20)."""
+    from types import SimpleNamespace
+
+    from peftkit.serve.engine import Engine
+
+    engine = SimpleNamespace(base=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=32)))
+    jobs = [SimpleNamespace(input_ids=[1] * n, max_tokens=m) for n, m in ((24, 4), (2, 20), (3, 4), (20, 8), (6, 2))]
+    parts = Engine._within_context(engine, jobs)
+    assert [[jobs.index(j) for j in part] for part in parts] == [[0], [1, 2], [3, 4]]
+    assert all(max(len(j.input_ids) for j in p) + max(j.max_tokens for j in p) <= 32 for p in parts)
+    engine.base.config = SimpleNamespace()  # no known context: one batch
+    assert Engine._within_context(engine, jobs) == [jobs]

@@ -317,7 +317,28 @@ class Engine:
                     continue
                 groups.setdefault(job.group_key(job.adapter in self._solo), []).append(job)
             for jobs in groups.values():
-                self._run_group(jobs)
+                for part in self._within_context(jobs):
+                    self._run_group(part)
+
+    def _within_context(self, jobs: list[Job]) -> list[list[Job]]:
+        """``jobs`` in consecutive parts whose padded width plus new tokens stay within the model's context: a
+        batch pads every row to its longest prompt and runs for its largest max_tokens, so two requests that each
+        fit could overrun it together (an index error on learned positions; on CUDA, an assert that breaks the
+        context)."""
+        context = getattr(getattr(self.base, "config", None), "max_position_embeddings", None)
+        if context is None:
+            return [jobs]
+        parts: list[list[Job]] = []
+        width = new = 0
+        for job in jobs:
+            w, n = max(width, len(job.input_ids)), max(new, job.max_tokens)
+            if parts and w + n <= context:
+                parts[-1].append(job)
+                width, new = w, n
+            else:
+                parts.append([job])
+                width, new = len(job.input_ids), job.max_tokens
+        return parts
 
     def _run_group(self, jobs: list[Job]) -> None:
         try:
