@@ -4,7 +4,7 @@ import torch
 from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification,
                           T5Config, T5ForConditionalGeneration)
 
-from conftest import tiny_llama, train_briefly
+from conftest import randomize_adapters, tiny_llama, train_briefly
 from peftkit import PeftModel, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 
 CONFIGS = {
@@ -225,3 +225,25 @@ def test_generate_can_return_a_dict_with_scores():
     plain = model.generate(**kw)
     out = model.generate(return_dict_in_generate=True, output_scores=True, **kw)
     assert torch.equal(out.sequences, plain) and len(out.scores) == 4 and plain.shape[1] == ids.shape[1] + 4
+
+
+def test_a_prompt_adapter_beside_a_lora_adapter_on_the_embeddings(tmp_path):
+    """LoRA on embed_tokens wraps the embedding table; a prompt adapter next to it (either load order) still finds
+    the table and gives what it gives alone (it was refused, or failed at every call)."""
+    from peftkit import LoraConfig, PeftModel, PromptTuningConfig
+
+    prompt = get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"), "p")
+    prompt.save_pretrained(str(tmp_path))
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]), "e")
+    randomize_adapters(lora)
+    lora.save_pretrained(str(tmp_path))
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        want = prompt(input_ids=ids).logits
+        for first, second in (("p", "e"), ("e", "p")):
+            model = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / first), adapter_name=first)
+            model.load_adapter(str(tmp_path / second), second)
+            model.set_adapter("p")
+            torch.testing.assert_close(model(input_ids=ids).logits, want)
+            model.set_adapter("e")
+            assert not torch.allclose(model(input_ids=ids).logits[:, -1], want[:, -1], atol=1e-3)

@@ -175,11 +175,12 @@ def fill_from_model(model: nn.Module, config: PromptLearningConfig, check_dim: b
                          f"{limit} positions; use fewer virtual tokens")
 
 
-def input_embeddings(model: nn.Module) -> nn.Embedding:
-    """The model's token embedding table, or a clear error."""
+def input_embeddings(model: nn.Module) -> nn.Module:
+    """The model's token embedding table (an nn.Embedding, or another adapter's wrapper of one, e.g. LoRA on
+    embed_tokens: called, it gives the embeddings with that adapter's state), or a clear error."""
     get = getattr(model, "get_input_embeddings", None)
     embeddings = get() if callable(get) else None
-    if not isinstance(embeddings, nn.Embedding):
+    if not isinstance(getattr(embeddings, "base_layer", embeddings), nn.Embedding):
         raise ValueError(f"{type(model).__name__} has no token input embeddings (get_input_embeddings() gives "
                          f"{type(embeddings).__name__}); prompt methods prepend to those, so they cannot apply")
     return embeddings
@@ -195,7 +196,8 @@ def position_limit(model: nn.Module) -> Optional[int]:
 
 def initial_embeddings(model: nn.Module, config: PromptLearningConfig) -> torch.Tensor:
     """(total_virtual_tokens, token_dim) float32 start values, as PEFT's PromptEmbedding makes them."""
-    total, words = config.total_virtual_tokens, input_embeddings(model)
+    total = config.total_virtual_tokens
+    words = getattr(input_embeddings(model), "base_layer", input_embeddings(model))  # the base table, as PEFT reads
     init = getattr(config, "prompt_tuning_init", "RANDOM")
     if init == "RANDOM":
         return nn.Embedding(total, config.token_dim).weight.detach()  # N(0, 1), nn.Embedding's default
