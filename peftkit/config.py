@@ -112,9 +112,14 @@ class PeftConfig:
         file = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(file):
             hint = "the directory does not exist" if not os.path.isdir(directory) else f"it has no {CONFIG_NAME}"
+            inside = sorted(e for e in os.listdir(directory) if os.path.isfile(os.path.join(directory, e, CONFIG_NAME))
+                            ) if os.path.isdir(directory) else []
+            if inside:  # adapters other than "default" are saved in a subfolder of their name
+                hint += (f", but its subfolders {inside} hold adapters (save_pretrained puts an adapter not named "
+                         f"'default' in a subfolder of its name): pass subfolder={inside[0]!r}")
             raise FileNotFoundError(
-                f"cannot load an adapter from {directory!r}: {hint}. Pass the directory that "
-                "save_pretrained wrote (peftkit reads local directories only, never a hub)."
+                f"cannot load an adapter from {directory!r}: {hint}." + ("" if inside else " Pass the directory that "
+                "save_pretrained wrote (peftkit reads local directories only, never a hub).")
             )
         try:
             with open(file, encoding="utf-8") as fh:

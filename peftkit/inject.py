@@ -152,6 +152,9 @@ def expand_all_linear(model: nn.Module, task_type: Optional[str], supported: tup
 def _nearest_error(spec, model: nn.Module) -> ValueError:
     leaves = [n for n, m in model.named_modules() if n and not any(True for _ in m.children())]
     wanted = [spec] if isinstance(spec, str) else list(spec)
+    if not wanted:
+        return ValueError("target_modules is an empty list; name the modules to adapt (e.g. ['q_proj', 'v_proj']), "
+                          "or leave it unset for the model type's defaults")
     hints = difflib.get_close_matches(str(wanted[0]), sorted({n.rsplit(".", 1)[-1] for n in leaves}), n=1, cutoff=0.7)
     hint = f"did you mean {hints[0]!r}? " if hints else ""
     return ValueError(
@@ -171,6 +174,7 @@ def find_targets(model: nn.Module, config) -> list[str]:
     found, inside = [], _wrapper_prefixes(model)
     in_full = _trained_in_full(config)
     layers = config.layers_to_transform or None
+    dropped: dict[str, str] = {}  # why a module that target_modules names is not a target: the first one of each reason
     for name, module in model.named_modules():
         if not name or name.startswith(inside):
             continue
@@ -180,14 +184,21 @@ def find_targets(model: nn.Module, config) -> list[str]:
         if not (name_matches(name, config.target_modules) or name_matches(plain, config.target_modules)):
             continue
         if name_matches(name, config.exclude_modules) or name_matches(plain, config.exclude_modules):
+            dropped.setdefault("exclude_modules", name)
             continue
         if in_full and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in in_full):
+            dropped.setdefault("modules_to_save (trained in full)", name)
             continue
         listed = not isinstance(config.target_modules, str) and (name in config.target_modules
                                                                   or plain in config.target_modules)
         if layers is not None and not listed and layer_index(plain, config.layers_pattern) not in layers:
+            dropped.setdefault(f"layers_to_transform={layers}", name)
             continue
         found.append(name)
+    if not found and dropped:
+        reasons = "; ".join(f"{why} leaves out e.g. {name!r}" for why, name in dropped.items())
+        raise ValueError(f"target_modules {config.target_modules!r} match modules, but none is left to adapt: {reasons}. "
+                         "Loosen those settings or name other targets")
     if not found:
         raise _nearest_error(config.target_modules, model)
     return found

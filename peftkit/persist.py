@@ -25,10 +25,17 @@ class SaveLoadMixin:
     def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None,
                         safe_serialization: bool = True) -> None:
         """Write each adapter in PEFT's layout: "default" at the top, others in a subfolder of their name."""
+        if not os.fspath(save_directory):
+            raise ValueError("save_directory is empty; pass the directory to write the adapter into")
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory")
         names = list(self.peft_config) if selected_adapters is None else self._adapter_name_list(
             selected_adapters, "save_pretrained")
+        clash = [n for n in names if n != "default" and os.path.lexists(os.path.join(save_directory, n))
+                 and not os.path.isdir(os.path.join(save_directory, n))]
+        if clash:  # checked before anything is written: a save stops half done otherwise
+            raise ValueError(f"adapter {clash[0]!r} is saved in the subfolder {os.path.join(save_directory, clash[0])!r}, "
+                             "which is a file there; rename the adapter or save into another directory")
         for name in names:
             directory = save_directory if name == "default" else os.path.join(save_directory, name)
             method = lookup(self.peft_config[name].peft_type)[1]

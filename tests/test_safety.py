@@ -377,3 +377,36 @@ def test_wrapping_keeps_each_submodules_train_or_eval_mode():
     base.model.layers[1].eval()  # e.g. a block the user keeps frozen in eval mode
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
     assert model.training and not base.model.layers[1].training and base.model.layers[0].training
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(target_modules=[]), "target_modules is an empty list"),
+    (dict(target_modules=["q_proj"], exclude_modules=["q_proj"]),
+     "none is left to adapt: exclude_modules leaves out e.g. 'model.layers.0.self_attn.q_proj'"),
+    (dict(target_modules=["q_proj"], layers_to_transform=[7]), "none is left to adapt: layers_to_transform=[7]"),
+    (dict(target_modules=["lm_head"], modules_to_save=["lm_head"]), "none is left to adapt: modules_to_save"),
+])
+def test_targets_that_match_but_are_all_left_out_say_why(kwargs, needle):
+    """These said "target module 'q_proj' not found; did you mean 'q_proj'?" (or raised IndexError)."""
+    with pytest.raises(ValueError) as err:
+        get_peft_model(tiny_llama(), LoraConfig(**kwargs))
+    assert needle in str(err.value)
+
+
+def test_a_named_adapters_subfolder_is_pointed_to_and_a_clashing_file_stops_the_save_first(tmp_path):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]), adapter_name="sentiment")
+    model.save_pretrained(tmp_path / "one")
+    with pytest.raises(FileNotFoundError, match=r"its subfolders \['sentiment'\] hold adapters .*pass subfolder='sentiment'"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path / "one")
+    assert PeftModel.from_pretrained(tiny_llama(), tmp_path / "one", subfolder="sentiment", adapter_name="sentiment")
+    both = tmp_path / "both"
+    _saved(both)
+    (both / "LICENSE").write_text("the user's file")
+    before = {f: (both / f).read_bytes() for f in os.listdir(both)}
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("LICENSE", LoraConfig(r=2, target_modules=["k_proj"]))
+    with pytest.raises(ValueError, match="adapter 'LICENSE' is saved in the subfolder .* which is a file there"):
+        model.save_pretrained(both)
+    assert {f: (both / f).read_bytes() for f in os.listdir(both)} == before  # "default" was not written either
+    with pytest.raises(ValueError, match="save_directory is empty"):
+        model.save_pretrained("")
