@@ -250,6 +250,20 @@ def test_inspect_adapter_lists_its_tensors(assets, capsys):
     assert info["total_bytes"] == sum(v.numel() * v.element_size() for v in tensors.values())
 
 
+def test_inspect_a_damaged_adapter_names_the_file(assets, capsys, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "adapter"
+    shutil.copytree(os.path.join(assets["run"], "adapter"), damaged)
+    weights = damaged / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # cut inside the header
+    code, _, err = run_cli(capsys, "inspect", "--adapter", str(damaged))
+    assert code == 1 and f"cannot read {weights}: the file is truncated or corrupt" in one_error_line(err)
+    (damaged / "adapter_config.json").write_text("{ not json")
+    code, _, err = run_cli(capsys, "inspect", "--adapter", str(damaged))
+    assert code == 1 and "adapter_config.json is not valid JSON" in one_error_line(err)
+
+
 # --- bad input ------------------------------------------------------------------------------------
 def test_flag_of_another_method_is_refused_with_that_methods_fields(capsys):
     code, _, err = run_cli(capsys, "train", "--method", "ia3", "--r", "4", "--print-config")

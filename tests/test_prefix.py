@@ -250,3 +250,12 @@ def test_a_model_without_token_inputs_gets_a_clear_error():
     features = torch.randn(1, 8, 32)
     with pytest.raises(ValueError, match="prefix tuning runs on token inputs: pass input_ids or inputs_embeds"):
         model(input_features=features, decoder_input_ids=torch.tensor([[1, 5]]))
+
+
+@pytest.mark.parametrize("num_layers", [1, 5])
+def test_num_layers_that_do_not_fit_the_model_are_refused_at_wrap(num_layers):
+    """The wrap used to succeed and the first forward failed deep inside attention (IndexError / shape error)."""
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=f"num_layers={num_layers} but the model has 2 layers"):
+        get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=4, num_layers=num_layers, task_type="CAUSAL_LM"))
+    assert not any("prefix" in n for n, _ in model.named_modules())

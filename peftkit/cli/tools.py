@@ -79,20 +79,27 @@ def adapter_contents(adapter_dir: str) -> dict:
 
     from ..checkpoint import WEIGHTS_NAME
 
-    with open(os.path.join(adapter_dir, ADAPTER_CONFIG), encoding="utf-8") as fh:
-        config = json.load(fh)
+    config_path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    try:
+        with open(config_path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CliError(f"{config_path} is not valid JSON ({err}); the file is corrupt, re-save the adapter", 1) from None
     path = os.path.join(adapter_dir, WEIGHTS_NAME)
     if not os.path.isfile(path):
         raise CliError(f"{adapter_dir!r} has no {WEIGHTS_NAME}", 1)
     tensors = []
-    with safe_open(path, framework="pt") as fh:
-        for name in sorted(fh.keys()):
-            tensor = fh.get_slice(name)
-            shape, dtype = list(tensor.get_shape()), tensor.get_dtype()
-            numel = 1
-            for n in shape:
-                numel *= n
-            tensors.append({"name": name, "shape": shape, "dtype": dtype, "bytes": numel * _itemsize(dtype)})
+    try:
+        with safe_open(path, framework="pt") as fh:
+            for name in sorted(fh.keys()):
+                tensor = fh.get_slice(name)
+                shape, dtype = list(tensor.get_shape()), tensor.get_dtype()
+                numel = 1
+                for n in shape:
+                    numel *= n
+                tensors.append({"name": name, "shape": shape, "dtype": dtype, "bytes": numel * _itemsize(dtype)})
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) for a damaged header
+        raise CliError(f"cannot read {path}: the file is truncated or corrupt ({err}); re-save the adapter", 1) from None
     return {"config": config, "tensors": tensors, "total_bytes": sum(t["bytes"] for t in tensors),
             "file_bytes": os.path.getsize(path)}
 
