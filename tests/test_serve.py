@@ -442,6 +442,7 @@ def test_error_cases(env):
     assert "limit of 24" in error_of(complete(client, "a", "hello", max_tokens=25), 400)["message"]
     assert error_of(complete(client, "a", " ".join(["cat"] * 45)), 400)["code"] == "context_length_exceeded"
     assert error_of(complete(client, "a", ["one", "two"]), 400)["param"] == "prompt"
+    assert error_of(complete(client, "a", [1, 2, 3]), 400)["param"] == "prompt"  # not "prompt.str"
     assert error_of(complete(client, "a", "hi", logprobs=3), 400)["param"] == "logprobs"
     assert error_of(complete(client, "a", "hi", temperature=3), 400)["param"] == "temperature"
     assert error_of(complete(client, "a", "hi", temperature=1, seed=2**64), 400)["param"] == "seed"
@@ -506,6 +507,9 @@ def test_flags_and_a_missing_model(tmp_path, capsys):
     assert (args.host, args.port) == ("127.0.0.1", 8000)
     assert main(args) == 2  # a clear message, no traceback, no server
     assert "missing" in capsys.readouterr().err
+    clash = parser.parse_args(["--model", "m", "--default-max-tokens", "16", "--max-tokens-limit", "8"])
+    with pytest.raises(ValueError, match=r"^--default-max-tokens \(16\) exceeds --max-tokens-limit \(8\)"):
+        limits_from_args(clash)  # in the flags' names, not ServeLimits' fields
 
 
 # --- incremental decoding of a stream ------------------------------------------------------------------------

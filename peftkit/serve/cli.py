@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import re
 import sys
 from typing import Optional
 
@@ -38,11 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def limits_from_args(args: argparse.Namespace) -> ServeLimits:
-    """The ServeLimits the flags describe."""
-    return ServeLimits(max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                       max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
-                       max_body_bytes=args.max_body_bytes, max_concurrency=args.max_concurrency,
-                       max_prompt_tokens=args.max_prompt_tokens)
+    """The ServeLimits the flags describe; a bad combination is refused in the flags' names."""
+    names = [f.name for f in dataclasses.fields(ServeLimits)]
+    try:
+        return ServeLimits(**{name: getattr(args, name) for name in names})
+    except ValueError as err:
+        message = str(err)
+        for name in sorted(names, key=len, reverse=True):  # longest first: max_tokens_limit before max_tokens
+            message = message.replace(f"ServeLimits.{name}", f"--{name.replace('_', '-')}")
+            message = re.sub(rf"\b{name}\b", f"--{name.replace('_', '-')}", message)
+        raise ValueError(message) from None
 
 
 def load_base(name_or_path: str, device: Optional[str] = None):

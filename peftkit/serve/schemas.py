@@ -101,9 +101,14 @@ def parse(model: type[BaseModel], body: bytes) -> BaseModel:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
+        # pydantic names the member of a Union it tried ("prompt.str"): the field is what the client sent
+        where = ".".join(str(part) for part in first["loc"] if not _union_member(part)) or "body"
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
         raise ServeError(400, f"{where}: {first['msg']}{more}", param=where, code="invalid_value") from exc
+
+
+def _union_member(part) -> bool:
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "dict", "none") or "[" in part)
 
 
 def check_supported(req: _Request) -> None:
