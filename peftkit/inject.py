@@ -140,7 +140,9 @@ def expand_all_linear(model: nn.Module, task_type: Optional[str], supported: tup
     """
     heads = _head_names(model, task_type)
     layers = _unwrapped_modules(model)
-    chosen = [n for n, m in layers if isinstance(m, supported) and is_linear_like(m)
+    # a linear layer that a bottleneck adapter wraps itself (BERT's dense hook points) cannot take another adapter
+    blocks = {n for n, m in model.named_modules() if isinstance(m, AdapterLayer) and m.wraps_block}
+    chosen = [n for n, m in layers if isinstance(m, supported) and is_linear_like(m) and n not in blocks
               and n not in heads and not any(n.startswith(h + ".") for h in heads)]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in chosen})
     linear_names = [n for n, m in layers if is_linear_like(m)]
@@ -219,9 +221,12 @@ def _unwrapped_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     the wrapper's name; what lives inside wrappers is left out."""
     inside = _wrapper_prefixes(model)
     out = []
+    wrappers = {n for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
     for name, module in model.named_modules():
         if inside and name.startswith(inside):
             continue
+        if name.endswith(".base_layer") and name[:-len(".base_layer")] in wrappers:
+            continue  # a block wrapper's base layer: the wrapper stands for it already
         out.append((name, module.base_layer if isinstance(module, AdapterLayer) else module))
     return out
 
@@ -242,6 +247,13 @@ def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
+def refuse_held(module: AdapterLayer, name: str, peft_type: str) -> None:
+    """Refuse a ``peft_type`` adapter on ``module``, a wrapper that holds another method's adapters."""
+    if module.peft_type != peft_type:
+        raise ValueError(f"module {name!r} already holds a {module.peft_type or 'modules_to_save'} adapter; one module "
+                         f"cannot take a {peft_type} adapter too. Exclude it with exclude_modules.")
+
+
 def replace_modules(model: nn.Module, config, adapter_name: str,
                     make_layer: Callable[[nn.Module, str], AdapterLayer], targets: Iterable[str]) -> list[str]:
     """Wrap each target in a layer from ``make_layer`` (or add the adapter to an existing wrapper)."""
@@ -250,11 +262,7 @@ def replace_modules(model: nn.Module, config, adapter_name: str,
         parent, child = get_submodule_parent(model, name)
         module = getattr(parent, child)
         if isinstance(module, AdapterLayer):
-            if module.peft_type != config.peft_type:
-                raise ValueError(
-                    f"module {name!r} already holds a {module.peft_type or 'modules_to_save'} adapter; one module "
-                    f"cannot take a {config.peft_type} adapter too. Exclude it with exclude_modules."
-                )
+            refuse_held(module, name, config.peft_type)
             module.create_adapter(adapter_name, config, name)
         else:
             layer = make_layer(module, name)

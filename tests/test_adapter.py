@@ -277,3 +277,23 @@ def test_named_adapters_save_load_keys_and_delete(tmp_path):
     loaded.delete_adapter("default")
     assert len(_wrapped(loaded)) == 2  # the attention wrappers held only "default": unwrapped
     torch.testing.assert_close(loaded(IDS).logits, outs["ffn"], atol=1e-6, rtol=0)
+
+
+def test_other_adapters_beside_a_bottleneck_on_berts_linear_hook_points():
+    """On BERT the bottleneck adapter wraps the output dense layers themselves: "all-linear" for LoRA / IA3 then
+    names the other linear layers (it listed the wrapped Linear as a module called 'base_layer' and failed), and
+    naming a wrapped one says it already holds an adapter (it said "is a BottleneckLayer ... name leaf layers")."""
+    from peftkit import IA3Config, LoraConfig
+
+    for config in (LoraConfig(r=2, target_modules="all-linear"), IA3Config(target_modules="all-linear", feedforward_modules=[])):
+        model = get_peft_model(tiny_bert(), AdapterConfig(bottleneck_size=4), "bn")
+        model.add_adapter("x", config)
+        targets = model.peft_config["x"].target_modules
+        assert "base_layer" not in targets and not any(t.endswith("output.dense") for t in targets)
+        assert any(t.endswith("intermediate.dense") for t in targets) and any(t.endswith("query") for t in targets)
+    model = get_peft_model(tiny_bert(), AdapterConfig(bottleneck_size=4), "bn")
+    before = [n for n, _ in model.named_modules()]
+    with pytest.raises(ValueError, match=r"'encoder.layer.0.attention.output.dense' already holds a BOTTLENECK "
+                                         r"adapter; one module cannot take a LORA adapter too"):
+        model.add_adapter("x", LoraConfig(r=2, target_modules=["dense"]))
+    assert [n for n, _ in model.named_modules()] == before and "x" not in model.peft_config

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TargetedConfig, register
-from ..inject import (DEFAULT_TARGETS, every_bias, find_targets, is_linear_like, plain_name, replace_modules,
+from ..inject import (DEFAULT_TARGETS, every_bias, find_targets, is_linear_like, plain_name, refuse_held,
+                      replace_modules,
                       resolve_target_modules)
 from ..layers import (AdapterLayer, MixedRows, adapter_dtype, param_device, plain_frozen_linear, shared_dropout,
                       sole_active_adapter)
@@ -401,6 +402,8 @@ class LoraMethod(AutoTargetMethod):  # target_modules="auto": see selective_scor
         targets = find_targets(model, config)
         modules = [model.get_submodule(name) for name in targets]
         for name, module in zip(targets, modules):
+            if isinstance(module, AdapterLayer) and not isinstance(module, LoraLayer):
+                refuse_held(module, name, config.peft_type)  # e.g. a bottleneck adapter wraps BERT's dense itself
             _layer_class(module.base_layer if isinstance(module, LoraLayer) else module, name)
         if any(type(m).__name__ == "Conv1D" for m in modules):
             config.fan_in_fan_out = True  # as PEFT records it for GPT-2, so its loader does not warn
