@@ -247,10 +247,19 @@ def selective(dtype) -> None:
         model(input_ids=x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad()
+    counts = dict(model.peft_config["default"].selected_counts)
     merged = model.merge_and_unload()
     changed = sum(int((p != q).sum()) for (n, p), q in zip(merged.named_parameters(), base.parameters()))
     scored = sum(m.weight.numel() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
     check(f"selective: changed entries / scored {str(dtype)[6:]} (<= budget 0.05)", changed / scored, 0.05)
+    # calibration batches read on the CPU score a model on the GPU (moved by selective_scoring.on_model_device)
+    cpu_batches = [{k: v.cpu() for k, v in batches[0].items()}]
+    on_cpu = get_peft_model(copy.deepcopy(base), peftkit.SelectiveConfig(criterion="fisher", budget=0.05,
+                                                                           target_modules="all-linear"),
+                            calibration_batches=cpu_batches)
+    same = dict(on_cpu.peft_config["default"].selected_counts) == counts
+    check(f"selective: CPU calibration batches on a cuda model select the same counts {str(dtype)[6:]}",
+          0.0 if same else 1.0, 0.0)
 
 
 def device_map_load() -> None:

@@ -383,3 +383,21 @@ def test_refine_into_a_module_another_method_wraps_is_refused_before_any_change(
     assert model.peft_config["default"].selected_counts == counts
     after = _dense_deltas(model)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_calibration_batches_go_to_the_models_device():
+    """Batches read on the CPU for a model elsewhere are moved to its input embeddings' device ('meta' stands in
+    for a GPU here); a model placed by accelerate (hf_device_map) gets them as they are, its hooks move inputs."""
+    from conftest import tiny_llama
+    from peftkit.methods.selective_scoring import on_model_device
+
+    batch = {"input_ids": torch.tensor([[1, 2]]), "labels": torch.tensor([[1, 2]]), "note": "kept"}
+    model = tiny_llama()
+    same = on_model_device(model, batch)
+    assert same["input_ids"] is batch["input_ids"] and same["note"] == "kept"
+    model.to("meta")  # every weight on another device than the batch
+    moved = on_model_device(model, batch)
+    assert moved["input_ids"].device.type == "meta" and moved["labels"].device.type == "meta"
+    assert batch["input_ids"].device.type == "cpu"  # the caller's batch is left as it was
+    model.hf_device_map = {"": "cpu"}
+    assert on_model_device(model, batch)["input_ids"] is batch["input_ids"]

@@ -35,6 +35,7 @@ def _batch_loss(model: nn.Module, batch, loss_fn: Optional[LossFn], index: int) 
     if not isinstance(batch, Mapping):  # a dict, or a tokenizer's / collator's BatchEncoding
         raise TypeError(f"calibration batch {index} is a {type(batch).__name__}; pass dicts of model inputs "
                         "(input_ids=..., labels=...)")
+    batch = on_model_device(model, batch)
     outputs = model(**batch)
     if loss_fn is not None:
         loss = loss_fn(outputs, batch)
@@ -44,6 +45,23 @@ def _batch_loss(model: nn.Module, batch, loss_fn: Optional[LossFn], index: int) 
         raise ValueError(f"calibration batch {index} gave no scalar loss: include 'labels' in each batch so the "
                          "model computes its loss, or pass loss_fn=(outputs, batch) -> scalar tensor")
     return loss
+
+
+def on_model_device(model: nn.Module, batch: Mapping) -> dict:
+    """``batch`` with its tensors on the device of the model's input embeddings (calibration data read on the CPU
+    for a model on a GPU); as it is for a model placed by accelerate (device_map), whose hooks move inputs."""
+    if getattr(model, "hf_device_map", None) is not None or getattr(getattr(model, "base_model", None),
+                                                                     "hf_device_map", None) is not None:
+        return dict(batch)
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    weight = getattr(embeddings, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        weight = next(model.parameters(), None)
+    if weight is None or getattr(embeddings, "_hf_hook", None) is not None:  # an accelerate hook moves inputs itself
+        return dict(batch)
+    device = weight.device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) and v.device != device else v for k, v in batch.items()}
 
 
 def _accumulate(criterion: str, score: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> None:
