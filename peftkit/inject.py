@@ -82,11 +82,24 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def plain_name(name: str) -> str:
+def block_wrappers(model: nn.Module) -> set[str]:
+    """Names of the wrappers around whole blocks (bottleneck adapters), whose block sits at ``<name>.base_layer``."""
+    return {n for n, m in model.named_modules() if isinstance(m, AdapterLayer) and m.wraps_block}
+
+
+def plain_name(name: str, blocks: set[str]) -> str:
     """A module's name as on the model before any adapter wrapped a block above it: a bottleneck adapter around
-    ``self_attn`` puts ``q_proj`` at ``self_attn.base_layer.q_proj``; configs, patterns and saved adapters name it
-    ``self_attn.q_proj``, so that they fit a plain base too (as checkpoint.layer_key names its tensors)."""
-    return re.sub(r"\.base_layer(?=\.|$)", "", name)
+    ``self_attn`` (one of ``blocks``, see block_wrappers) puts ``q_proj`` at ``self_attn.base_layer.q_proj``;
+    configs, patterns and saved adapters name it ``self_attn.q_proj``, so that they fit a plain base too. Only
+    those wrappers' ``base_layer`` goes: a model's own module called base_layer keeps its name."""
+    if not blocks:
+        return name
+    real, out = [], []
+    for part in name.split("."):
+        if not (part == "base_layer" and ".".join(real) in blocks):
+            out.append(part)
+        real.append(part)
+    return ".".join(out)
 
 
 def name_matches(name: str, spec) -> bool:
@@ -177,12 +190,14 @@ def find_targets(model: nn.Module, config) -> list[str]:
     in_full = _trained_in_full(config)
     layers = config.layers_to_transform or None
     dropped: dict[str, str] = {}  # why a module that target_modules names is not a target: the first one of each reason
+    blocks = block_wrappers(model)
     for name, module in model.named_modules():
         if not name or name.startswith(inside):
             continue
         # a layer inside a bottleneck adapter's block answers to its plain name too; the block itself (the wrapper's
         # base_layer) does not: under that name the wrapper is the target
-        plain = name if name.endswith(".base_layer") else plain_name(name)
+        is_block = name.endswith(".base_layer") and name[:-len(".base_layer")] in blocks
+        plain = name if is_block else plain_name(name, blocks)
         if not (name_matches(name, config.target_modules) or name_matches(plain, config.target_modules)):
             continue
         if name_matches(name, config.exclude_modules) or name_matches(plain, config.exclude_modules):
@@ -255,19 +270,21 @@ def refuse_held(module: AdapterLayer, name: str, peft_type: str) -> None:
 
 
 def replace_modules(model: nn.Module, config, adapter_name: str,
-                    make_layer: Callable[[nn.Module, str], AdapterLayer], targets: Iterable[str]) -> list[str]:
-    """Wrap each target in a layer from ``make_layer`` (or add the adapter to an existing wrapper)."""
-    replaced = []
+                    make_layer: Callable[[nn.Module, str], AdapterLayer], targets: Iterable[str],
+                    plain: bool = False) -> list[str]:
+    """Wrap each target in a layer from ``make_layer`` (or add the adapter to an existing wrapper). With ``plain``,
+    each layer's create_adapter gets the target's plain name (see plain_name), which the config's patterns name."""
+    replaced, blocks = [], block_wrappers(model) if plain else set()
     for name in targets:
         parent, child = get_submodule_parent(model, name)
         module = getattr(parent, child)
         if isinstance(module, AdapterLayer):
             refuse_held(module, name, config.peft_type)
-            module.create_adapter(adapter_name, config, name)
+            module.create_adapter(adapter_name, config, plain_name(name, blocks))
         else:
             layer = make_layer(module, name)
             layer.train(module.training)  # a new wrapper follows the mode of what it wraps
-            layer.create_adapter(adapter_name, config, name)
+            layer.create_adapter(adapter_name, config, plain_name(name, blocks))
             setattr(parent, child, layer)
         replaced.append(name)
     return replaced

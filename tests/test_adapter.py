@@ -297,3 +297,34 @@ def test_other_adapters_beside_a_bottleneck_on_berts_linear_hook_points():
                                          r"adapter; one module cannot take a LORA adapter too"):
         model.add_adapter("x", LoraConfig(r=2, target_modules=["dense"]))
     assert [n for n, _ in model.named_modules()] == before and "x" not in model.peft_config
+
+
+class _OwnBaseLayer(nn.Module):
+    """A model with its own submodule called base_layer (not an adapter's): blk.q_proj and blk.base_layer.q_proj."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blk = nn.Module()
+        self.blk.q_proj = nn.Linear(8, 8)
+        self.blk.base_layer = nn.Sequential()
+        self.blk.base_layer.add_module("q_proj", nn.Linear(8, 8))
+
+    def forward(self, x):
+        return self.blk.q_proj(x) + self.blk.base_layer.q_proj(x)
+
+
+@pytest.mark.parametrize("kwargs, ranks", [
+    (dict(target_modules=["q_proj"], rank_pattern={"blk.base_layer.q_proj": 2}),
+     {"blk.q_proj": 8, "blk.base_layer.q_proj": 2}),
+    (dict(target_modules=["q_proj"], exclude_modules=["blk.q_proj"]), {"blk.base_layer.q_proj": 8}),
+    (dict(target_modules=["blk.q_proj"]), {"blk.q_proj": 8}),
+])
+def test_a_models_own_base_layer_keeps_its_name(kwargs, ranks):
+    """Only a bottleneck wrapper's base_layer is dropped from names (inject.plain_name); with every name kept, these
+    picked the wrong modules and ranks (as PEFT does, checked by review)."""
+    from peftkit import LoraConfig
+
+    model = get_peft_model(_OwnBaseLayer(), LoraConfig(**kwargs))
+    got = {n: m.lora_A["default"].shape[0] for n, m in model.base_model.named_modules() if hasattr(m, "lora_A")}
+    assert got == ranks

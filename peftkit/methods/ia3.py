@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import TargetSpec, TargetedConfig, register
-from ..inject import find_targets, is_linear_like, plain_name, replace_modules, resolve_target_modules
+from ..inject import block_wrappers, find_targets, is_linear_like, plain_name, replace_modules, resolve_target_modules
 from ..layers import AdapterLayer, MixedRows, adapter_dtype, current_rows, param_device
 from .selective_scoring import AutoTargetMethod
 
@@ -140,7 +140,7 @@ class IA3Layer(AdapterLayer):
             self.in_features, self.out_features = shape[self.in_axis], shape[self.out_axis]
 
     def create_adapter(self, name: str, config: IA3Config, module_name: str) -> None:
-        feedforward = is_feedforward(plain_name(module_name), config.feedforward_modules)
+        feedforward = is_feedforward(module_name, config.feedforward_modules)
         if feedforward and self.is_conv and self.base_layer.groups != 1:
             raise ValueError(f"{module_name!r} is a grouped convolution; IA3 scales the input of convolutions with "
                              "groups=1 only. Leave it out of feedforward_modules.")
@@ -326,12 +326,13 @@ class IA3Method(AutoTargetMethod):
         for name in targets:
             module = model.get_submodule(name)
             _check_supported(module.base_layer if isinstance(module, AdapterLayer) else module, name)
-        partial = [n for n in targets if _partial_only(plain_name(n), config.feedforward_modules)]
+        blocks = block_wrappers(model)
+        partial = [n for n in targets if _partial_only(plain_name(n, blocks), config.feedforward_modules)]
         if partial:
             logger.warning("feedforward_modules %s match %s only as the end of a longer name; those get their "
                            "input scaled, as in PEFT. Use dotted names to be exact.",
                            config.feedforward_modules, partial[:3])
-        return replace_modules(model, config, adapter_name, _make_layer, targets)
+        return replace_modules(model, config, adapter_name, _make_layer, targets, plain=True)
 
 
 def _make_layer(module: nn.Module, name: str) -> IA3Layer:

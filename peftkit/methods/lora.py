@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TargetedConfig, register
-from ..inject import (DEFAULT_TARGETS, every_bias, find_targets, is_linear_like, plain_name, refuse_held,
+from ..inject import (DEFAULT_TARGETS, every_bias, find_targets, is_linear_like, refuse_held,
                       replace_modules,
                       resolve_target_modules)
 from ..layers import (AdapterLayer, MixedRows, adapter_dtype, param_device, plain_frozen_linear, shared_dropout,
@@ -66,11 +66,11 @@ class LoraConfig(TargetedConfig):
 
     def rank_for(self, module_name: str) -> int:
         """Rank of ``module_name``: rank_pattern's first matching key, else r."""
-        return _pattern_value(self.rank_pattern, plain_name(module_name), self.r)
+        return _pattern_value(self.rank_pattern, module_name, self.r)
 
     def alpha_for(self, module_name: str) -> float:
         """Alpha of ``module_name``: alpha_pattern's first matching key, else lora_alpha."""
-        return _pattern_value(self.alpha_pattern, plain_name(module_name), self.lora_alpha)
+        return _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
 
     def scaling_for(self, module_name: str) -> float:
         """The factor s in W + s B A."""
@@ -407,7 +407,7 @@ class LoraMethod(AutoTargetMethod):  # target_modules="auto": see selective_scor
             _layer_class(module.base_layer if isinstance(module, LoraLayer) else module, name)
         if any(type(m).__name__ == "Conv1D" for m in modules):
             config.fan_in_fan_out = True  # as PEFT records it for GPT-2, so its loader does not warn
-        return replace_modules(model, config, adapter_name, _make_layer, targets)
+        return replace_modules(model, config, adapter_name, _make_layer, targets, plain=True)
 
     def extra_tensors(self, model: nn.Module, config: LoraConfig, adapter_name: str) -> dict[str, torch.Tensor]:
         """Biases trained and saved with the adapter, by their paths in the model."""

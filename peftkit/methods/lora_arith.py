@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ..inject import _wrapper_prefixes, adapter_layers, name_matches, plain_name
+from ..inject import _wrapper_prefixes, adapter_layers, block_wrappers, name_matches, plain_name
 from .lora import LoraConfig, LoraLayer
 
 COMBINATIONS = ("svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
@@ -207,7 +207,8 @@ def _check_options(opts: Options) -> None:
 
 def _new_config(model, adapters: list[str], ranks: dict[str, int]) -> LoraConfig:
     # scaling 1 everywhere: alpha = rank per module, no rsLoRA; modules whose rank differs go to rank_pattern
-    ranks = {plain_name(path): rank for path, rank in ranks.items()}  # named as on a plain base
+    blocks = block_wrappers(model.base_model)
+    ranks = {plain_name(path, blocks): rank for path, rank in ranks.items()}  # named as on a plain base
     counts = Counter(ranks.values())
     r = max(counts, key=lambda rank: (counts[rank], rank))  # the most common rank (the larger on a tie)
     pattern = module_pattern(ranks, r)
@@ -237,9 +238,10 @@ def module_pattern(values: dict[str, float], default: float) -> dict[str, float]
 def _targets(model, paths: list[str]) -> list[str]:
     # the leaf names ("q_proj") when they pick exactly these modules, else the full paths; named as on a plain
     # base (no bottleneck adapter's base_layer), so the result reloads there
-    paths = sorted({plain_name(p) for p in paths})
+    blocks = block_wrappers(model.base_model)
+    paths = sorted({plain_name(p, blocks) for p in paths})
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
     inside = _wrapper_prefixes(model.base_model)
-    picked = {plain_name(n) for n, m in model.base_model.named_modules()
+    picked = {plain_name(n, blocks) for n, m in model.base_model.named_modules()
               if n and not n.startswith(inside) and not getattr(m, "wraps_block", False) and name_matches(n, leaves)}
     return leaves if picked == set(paths) else paths

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from ..inject import Method, expand_all_linear, find_targets, plain_name
+from ..inject import Method, block_wrappers, expand_all_linear, find_targets, plain_name
 from ..layers import AdapterLayer
 
 CRITERIA = ("fisher", "grad", "sensitivity", "magnitude")
@@ -279,7 +279,8 @@ def choose_auto_targets(model: nn.Module, config, batches: Optional[Iterable[dic
     except Exception:
         config.target_modules = "auto"
         raise
-    config.target_modules = [plain_name(n) for n in top_modules(importance, config.auto_budget)]
+    blocks = block_wrappers(model)
+    config.target_modules = [plain_name(n, blocks) for n in top_modules(importance, config.auto_budget)]
     return config.target_modules
 
 
