@@ -379,6 +379,19 @@ def test_a_bottleneck_adapter_runs_alone_and_leaves_mixed_batches_working(env, t
         want_text = env["tokenizer"].decode(want[0, len(ids):], skip_special_tokens=True)
         assert complete(client, "bn", PROMPTS[1]).json()["choices"][0]["text"] == want_text
         assert engine._solo == {"bn"}  # the LoRA adapters still batch together
+        # unloading another adapter, or a load that fails, leaves no adapter active either (delete_adapter
+        # activates the first one left: the bottleneck adapter, which then ran on every row)
+        assert client.post("/v1/adapters/load", json={"name": "d2", "path": str(env["root"] / "extra" / "d")}).status_code == 200
+        assert client.post("/v1/adapters/unload", json={"name": "d2"}).status_code == 200
+        assert engine.peft._active == []
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        (bad / "adapter_config.json").write_text((tmp_path / "bn" / "adapter_config.json").read_text())
+        assert client.post("/v1/adapters/load", json={"name": "bad", "path": str(bad)}).status_code == 400  # no weights
+        assert engine.peft._active == []
+        for model in ("base", "a"):
+            reply = complete(client, model, PROMPTS[1])
+            assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == env["offline"].text(PROMPTS[1], model, 8)
     finally:
         client.post("/v1/adapters/unload", json={"name": "bn"})
 
@@ -722,10 +735,17 @@ def test_batches_are_split_to_stay_within_the_context():
 
     from peftkit.serve.engine import Engine
 
-    engine = SimpleNamespace(base=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=32)))
-    jobs = [SimpleNamespace(input_ids=[1] * n, max_tokens=m) for n, m in ((24, 4), (2, 20), (3, 4), (20, 8), (6, 2))]
+    engine = SimpleNamespace(base=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=32)),
+                             virtual_tokens=lambda adapter: 6 if adapter == "prompt" else 0)
+    jobs = [SimpleNamespace(input_ids=[1] * n, max_tokens=m, adapter="a")
+            for n, m in ((24, 4), (2, 20), (3, 4), (20, 8), (6, 2))]
     parts = Engine._within_context(engine, jobs)
     assert [[jobs.index(j) for j in part] for part in parts] == [[0], [1, 2], [3, 4]]
     assert all(max(len(j.input_ids) for j in p) + max(j.max_tokens for j in p) <= 32 for p in parts)
+    jobs[2].adapter = jobs[4].adapter = "prompt"  # 6 virtual tokens each: 9 and 12 wide, both still fit
+    assert [[jobs.index(j) for j in part] for part in Engine._within_context(engine, jobs)] == [[0], [1, 2], [3, 4]]
+    jobs[2].input_ids = [1] * 7  # 7 + 6 = 13 wide: beside job 1 (20 new tokens) 33 > 32, so a part of its own,
+    # which job 3 (20 + 8) and job 4 (12 + 2) join
+    assert [[jobs.index(j) for j in part] for part in Engine._within_context(engine, jobs)] == [[0], [1], [2, 3, 4]]
     engine.base.config = SimpleNamespace()  # no known context: one batch
     assert Engine._within_context(engine, jobs) == [jobs]

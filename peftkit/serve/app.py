@@ -171,7 +171,7 @@ async def chat_completions(request: Request) -> Union[dict, StreamingResponse]:
     return await _serve(request, req, ids, req.max_completion_tokens or req.max_tokens, chat=True)
 
 
-def _checked_max_tokens(engine: Engine, prompt_ids: list[int], asked: Optional[int]) -> int:
+def _checked_max_tokens(engine: Engine, prompt_ids: list[int], asked: Optional[int], adapter: str) -> int:
     limits = engine.limits
     max_tokens = asked if asked is not None else limits.default_max_tokens
     if max_tokens > limits.max_tokens_limit:
@@ -183,9 +183,11 @@ def _checked_max_tokens(engine: Engine, prompt_ids: list[int], asked: Optional[i
         raise ServeError(400, f"the prompt has {len(prompt_ids)} tokens, over this server's limit of "
                               f"{limits.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
     context = getattr(getattr(engine.base, "config", None), "max_position_embeddings", None)
-    if context is not None and len(prompt_ids) + max_tokens > context:
-        raise ServeError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                              f"context of {context} tokens; shorten the prompt or lower max_tokens",
+    virtual = engine.virtual_tokens(adapter)
+    if context is not None and len(prompt_ids) + virtual + max_tokens > context:
+        extra = f" + the adapter's {virtual} virtual tokens" if virtual else ""
+        raise ServeError(400, f"prompt ({len(prompt_ids)} tokens){extra} + max_tokens ({max_tokens}) exceeds the "
+                              f"model's context of {context} tokens; shorten the prompt or lower max_tokens",
                          param="max_tokens", code="context_length_exceeded")
     return max_tokens
 
@@ -195,7 +197,7 @@ async def _serve(request: Request, req, prompt_ids: list[int], asked: Optional[i
     engine: Engine = request.app.state.engine
     admission: Admission = request.app.state.admission
     adapter = engine.resolve(req.model)
-    max_tokens = _checked_max_tokens(engine, prompt_ids, asked)
+    max_tokens = _checked_max_tokens(engine, prompt_ids, asked, adapter)
     stops = stop_list(req.stop)
     sampling = Sampling(req.temperature, req.top_p, req.seed)
     rid = engine.new_id("chatcmpl" if chat else "cmpl")

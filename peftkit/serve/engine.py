@@ -203,6 +203,7 @@ class Engine:
                 self.resolve(name)  # raises the 404 with the known names
                 raise ServeError(400, f"{name!r} is the base model, which cannot be unloaded", param="name")
             self.peft.delete_adapter(name)
+            self.peft._activate([])  # delete_adapter activates another one: see _classify
             self._solo.discard(name)
             self._refresh_names()
 
@@ -215,6 +216,7 @@ class Engine:
             self.peft = None
         else:
             self.peft.delete_adapter(name)
+            self.peft._activate([])  # see _classify
         self._solo.discard(name)
 
     def _adapter_path(self, name: str, path: Optional[str]) -> str:
@@ -331,14 +333,19 @@ class Engine:
         parts: list[list[Job]] = []
         width = new = 0
         for job in jobs:
-            w, n = max(width, len(job.input_ids)), max(new, job.max_tokens)
+            w, n = max(width, len(job.input_ids) + self.virtual_tokens(job.adapter)), max(new, job.max_tokens)
             if parts and w + n <= context:
                 parts[-1].append(job)
                 width, new = w, n
             else:
                 parts.append([job])
-                width, new = len(job.input_ids), job.max_tokens
+                width, new = len(job.input_ids) + self.virtual_tokens(job.adapter), job.max_tokens
         return parts
+
+    def virtual_tokens(self, adapter: str) -> int:
+        """Positions a prompt-learning adapter puts before the prompt (prompt / P-tuning, prefix tuning); 0 else."""
+        config = self.peft.peft_config.get(adapter) if self.peft is not None else None
+        return int(getattr(config, "num_virtual_tokens", 0) or 0)
 
     def _run_group(self, jobs: list[Job]) -> None:
         try:
