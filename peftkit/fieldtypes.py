@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing
+from collections.abc import Mapping
 from typing import Any, Union
 
 _NO = object()  # "does not fit"
+_SEQUENCES = (list, tuple, set, frozenset, range)
 
 
 class FieldTypeError(TypeError, ValueError):
@@ -38,12 +41,33 @@ def _fit(value: Any, hint: Any) -> Any:
     """``value`` (or its number, for text where a number is wanted) if it fits ``hint``, else _NO."""
     exact = _fits_exactly(value, hint)
     if exact:
-        return value if not isinstance(value, float) or math.isfinite(value) else _NO
+        return _plain(value) if not (isinstance(value, numbers.Real) and math.isnan(value)) else _NO
     if isinstance(value, str) and _wants(hint, float):  # YAML 1.1 reads 1e-3 (no dot) as text
-        number = _parse_number(value, int_only=not _wants(hint, float, exact_type=True))
+        number = _parse_number(value, ints=_wants(hint, int, exact_type=True),
+                               floats=_wants(hint, float, exact_type=True))
         if number is not None:
             return number
     return _NO
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy numbers as Python's, ranges as lists and other mappings as dicts (what JSON writes);
+    ``value`` itself where nothing changes."""
+    if isinstance(value, bool) or value is None or isinstance(value, (str, int, float)) and type(value) in (str, int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (list, tuple, range)):
+        items = [_plain(v) for v in value]
+        if isinstance(value, range):
+            return items
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    if isinstance(value, Mapping):
+        items = {k: _plain(v) for k, v in value.items()}
+        return value if type(value) is dict and all(items[k] is v for k, v in value.items()) else items
+    return value
 
 
 def _fits_exactly(value: Any, hint: Any) -> bool:
@@ -56,18 +80,23 @@ def _fits_exactly(value: Any, hint: Any) -> bool:
         return value is None
     if hint is bool:
         return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint in (list, dict, str, tuple):
-        return isinstance(value, (list, tuple, set) if hint in (list, tuple) else hint)
-    if origin in (list, tuple, set):  # tuples and sets are taken where a list is wanted (configs turn them into lists)
+    if hint is int:  # numpy's integers too
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:  # any real number (numpy's too); infinity is a value some settings take (max_grad_norm)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint in (list, tuple):
+        return isinstance(value, _SEQUENCES)
+    if hint is dict:
+        return isinstance(value, Mapping)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, set):  # tuples, sets and ranges are taken where a list is wanted
         item = args[0] if args else Any
-        return isinstance(value, (list, tuple, set)) and all(_fits_exactly(v, item) for v in value)
+        return isinstance(value, _SEQUENCES) and all(_fits_exactly(v, item) for v in value)
     if origin is dict:
         key, item = args if len(args) == 2 else (Any, Any)
-        return isinstance(value, dict) and all(_fits_exactly(k, key) and _fits_exactly(v, item) for k, v in value.items())
+        return isinstance(value, Mapping) and all(_fits_exactly(k, key) and _fits_exactly(v, item)
+                                                  for k, v in value.items())
     if origin is typing.Literal:
         return value in args
     return not isinstance(hint, type) or isinstance(value, hint)  # other classes: an instance of them
@@ -80,16 +109,19 @@ def _wants(hint: Any, kind: type, exact_type: bool = False) -> bool:
     return hint is kind if exact_type else hint in (int, float)
 
 
-def _parse_number(text: str, int_only: bool) -> Union[int, float, None]:
+def _parse_number(text: str, ints: bool, floats: bool) -> Union[int, float, None]:
+    """The number ``text`` spells: an int where an int is taken and it is a whole-number literal ("3": a count, not
+    3.0), else a finite float where floats are taken; None where it spells none of those."""
+    text = text.strip()
+    if ints and text.lstrip("+-").isdigit():
+        return int(text)  # exactly: not through a float, which rounds past 2**53
+    if not floats:
+        return None
     try:
-        number = float(text.strip())
+        number = float(text)
     except ValueError:
         return None
-    if not math.isfinite(number):
-        return None
-    if int_only:
-        return int(number) if number.is_integer() and text.strip().lstrip("+-").isdigit() else None
-    return number
+    return number if math.isfinite(number) else None
 
 
 def _describe(hint: Any) -> str:

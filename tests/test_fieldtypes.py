@@ -58,7 +58,23 @@ def test_a_yaml_job_with_lr_1e_3_loads(tmp_path):
         assert needle in str(err.value)
 
 
-def test_max_grad_norm_must_be_finite():
-    assert TrainConfig(max_grad_norm=None).max_grad_norm is None
-    with pytest.raises(ValueError, match="max_grad_norm = inf"):
-        TrainConfig(max_grad_norm=math.inf)
+def test_numpy_numbers_ranges_and_infinity_are_taken_as_plain_values():
+    """Values that worked before the checks: numpy numbers (stored as Python's, so the config writes as JSON), a range,
+    and an infinite max_grad_norm (measure the norm, do not clip)."""
+    import numpy as np
+
+    config = LoraConfig(r=np.int64(4), lora_alpha=np.float32(16), layers_to_transform=range(2),
+                        target_modules=["q_proj"], rank_pattern={"q": np.int64(2)})
+    assert (type(config.r), type(config.lora_alpha), config.layers_to_transform) == (int, float, [0, 1])
+    assert type(config.rank_pattern["q"]) is int
+    json.dumps(config.to_dict())  # numpy numbers would not serialise
+    assert TrainConfig(epochs=np.int64(2), max_grad_norm=math.inf).max_grad_norm == math.inf
+    with pytest.raises(ValueError, match="max_grad_norm = nan"):
+        TrainConfig(max_grad_norm=math.nan)
+
+
+def test_text_for_an_int_or_float_field_keeps_a_whole_number_an_int():
+    """auto_budget takes a fraction or a count: "1" is a count of one (as 1.0 it meant every module)."""
+    assert LoraConfig(target_modules="auto", auto_budget="1").auto_budget == 1
+    assert LoraConfig(target_modules="auto", auto_budget="0.5").auto_budget == 0.5
+    assert TrainConfig(seed="12345678901234567891").seed == 12345678901234567891  # exactly, not through a float

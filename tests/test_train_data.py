@@ -259,3 +259,13 @@ def test_a_nan_label_is_no_value_not_a_class(tmp_path):
     pq.write_table(pa.table({"text": [r["text"] for r in rows], "label": labels}), path)
     with pytest.raises(ValueError, match=r"row 4 of the train split has no value in 'label'"):
         load_splits(DataConfig(dataset=path, task="seq-cls", label_column="label"))
+
+
+def test_only_real_line_breaks_end_rows(tmp_path):
+    """csv and JSON Lines end lines at \\n (or \\r\\n); a form feed or U+2028 inside a text is part of it."""
+    text = "first\u2028second \x0c third"
+    (tmp_path / "t.csv").write_text(f"text,label\n{text},pos\nplain,neg\n", encoding="utf-8")
+    assert read_file(str(tmp_path / "t.csv")) == [{"text": text, "label": "pos"}, {"text": "plain", "label": "neg"}]
+    line = json.dumps({"text": text, "label": "pos"}, ensure_ascii=False)
+    (tmp_path / "t.jsonl").write_text(line + "\r\n" + line + "\n", encoding="utf-8")
+    assert read_file(str(tmp_path / "t.jsonl")) == [{"text": text, "label": "pos"}] * 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 import random
@@ -115,7 +116,7 @@ def read_file(path: str) -> list[dict]:
     if kind == "json" and text.lstrip()[:1] in ("[", "{") and not _is_jsonl(text):
         return _json_rows(path, json.loads(text))
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # JSON Lines ends lines at \n only (not U+2028, ...)
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -132,7 +133,7 @@ def text_line(path: str, offset: int) -> int:
 
 
 def _csv_rows(path: str, text: str, delimiter: str) -> list[dict]:
-    reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)  # csv's own line breaks only
     rows = []
     try:
         for row in reader:
