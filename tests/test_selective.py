@@ -162,6 +162,21 @@ def test_save_load_merge_unmerge_exact(granularity, ids, tmp_path):
             assert torch.equal(param, base[name.replace(".base_layer", "")]), name
 
 
+@pytest.mark.parametrize("granularity", ["element", "row"])
+def test_unmerge_after_the_model_changed_dtype_restores_the_base(granularity):
+    """The entries a merge overwrote are kept outside the module's tensors, so .to() does not convert them: unmerge
+    converts them itself (it failed with a dtype error, and a retry had lost them)."""
+    model = _trained(granularity)
+    base = {n: p.detach().clone() for n, p in tiny_llama().named_parameters()}
+    model.merge_adapter()
+    model.to(torch.float64)
+    model.unmerge_adapter()
+    model.to(torch.float32)
+    for name, param in model.base_model.named_parameters():
+        if "selective_" not in name:
+            assert torch.equal(param, base[name.replace(".base_layer", "")]), name
+
+
 def test_checkpoint_keys_and_sizes(tmp_path):
     from safetensors.torch import load_file
 

@@ -187,7 +187,11 @@ class SelectiveLayer(AdapterLayer):
         """
         flat, merged = self.weight_param.data.view(-1), list(self.merged_adapters)
         for name in reversed(merged):
-            self._write(flat, self._flat_positions(name), self._kept.pop(name))
+            # kept in a plain dict, which Module.to() does not move: to the weight's device and dtype now (exact
+            # for a round trip to a wider dtype), and dropped only once written back
+            kept = self._kept[name].to(device=flat.device, dtype=flat.dtype)
+            self._write(flat, self._flat_positions(name), kept)
+            del self._kept[name]
             self._record_unmerge(name)
         self.merge([n for n in merged if names is not None and n not in names])
 
