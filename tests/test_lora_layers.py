@@ -525,3 +525,25 @@ def test_an_accelerate_hook_on_the_base_layer_takes_the_plain_path():
     assert layer._fusable(x) == "default"
     add_hook_to_module(layer.base_layer, ModelHook())
     assert layer._fusable(x) is None
+
+
+def test_inductor_compiles_the_training_kernels_on_the_cpu():
+    """Inductor lowers oneDNN's linear only for frozen constant weights: under torch.compile the kernels take torch's
+    matmul (they failed to compile with an InductorError), and the compiled gradients equal eager ones."""
+    from conftest import tiny_llama
+    from peftkit.methods import lora_kernels
+
+    a, b = torch.randn(4, 8), torch.randn(3, 8)
+    assert lora_kernels.uses_onednn(a, b) == (lora_kernels._ONEDNN is not None and torch.backends.mkldnn.enabled)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for compiled in (False, True):
+        model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "down_proj"])).train()
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
+        run = torch.compile(model.base_model, backend="inductor") if compiled else model.base_model
+        run(input_ids=ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for eager, comp in zip(*grads):
+        torch.testing.assert_close(comp, eager, atol=1e-5, rtol=1e-4)

@@ -31,9 +31,10 @@ _ONEDNN = _onednn_linear_op()
 
 
 def uses_onednn(a: torch.Tensor, b: torch.Tensor, fast: bool = True) -> bool:
-    """Whether ``linear(a, b, fast=fast)`` runs on oneDNN (float32 on CPU, see ``linear``)."""
+    """Whether ``linear(a, b, fast=fast)`` runs on oneDNN (float32 on CPU, see ``linear``). Not while torch.compile
+    traces: inductor lowers this op only for a weight it holds as a frozen constant, which the adapter's is not."""
     return (fast and _ONEDNN is not None and a.dtype == torch.float32 and a.device.type == "cpu" and a.numel() > 0
-            and b.numel() > 0 and torch.backends.mkldnn.enabled)
+            and b.numel() > 0 and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling())
 
 
 def linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, fast: bool = True,
