@@ -14,6 +14,7 @@ columns and labels.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from typing import Optional
@@ -106,16 +107,16 @@ class _ShiftedLabelSmoother:
 def load_adapter_weights(model: PeftModel, directory: str, resume: bool = False) -> None:
     """Load the saved values of each of ``model``'s adapters (as save_pretrained laid them out in ``directory``) into
     that adapter: all or none. Every file is read first; each is checked against its adapter (keys, shapes) as it
-    is copied, and a failure puts back the adapters already filled. A P-tuning adapter takes the saved encoder
-    output as its embeddings (its encoder is dropped); ``resume`` refuses that, since training could not continue
-    where it stopped."""
+    is copied, and a failure puts back the adapters already filled. A P-tuning adapter, or prefix tuning with
+    prefix_projection, takes the saved encoder output as its embeddings (its encoder is dropped); ``resume``
+    refuses that, since training could not continue where it stopped."""
     for name, module in model.prompt_modules.items() if resume else ():  # (the best model at the end may drop it)
-        if getattr(module, "mlp_head", None) is not None or getattr(module, "lstm_head", None) is not None:
+        if module.holds_encoder():
             raise ValueError(
-                f"adapter {name!r} is P-tuning with its encoder in training, and a checkpoint holds the encoder's "
-                "output (PEFT's format), not the encoder: training cannot resume where it stopped. Train without "
-                "resume_from_checkpoint, or continue from the saved embeddings: PeftModel.from_pretrained(base, "
-                f"{directory!r}, is_trainable=True) trains them directly")
+                f"adapter {name!r} trains an encoder (P-tuning, or prefix tuning with prefix_projection), and a "
+                "checkpoint holds the encoder's output (PEFT's format), not the encoder: training cannot resume "
+                "where it stopped. Train without resume_from_checkpoint, or continue from the saved embeddings: "
+                f"PeftModel.from_pretrained(base, {directory!r}, is_trainable=True) trains them directly")
     found = {}
     for name in model.peft_config:
         where = directory if name == "default" else os.path.join(directory, name)
@@ -125,12 +126,17 @@ def load_adapter_weights(model: PeftModel, directory: str, resume: bool = False)
                                     "PeftTrainer or PeftModel.save_pretrained?")
         found[name] = (where, checkpoint.load_tensors(where))
     kept = {name: {k: v.detach().clone() for k, v in model.adapter_parameters(name).items()} for name in found}
+    # filling an encoder's adapter replaces its module's encoder by the saved output: those modules come back whole
+    modules = {name: copy.deepcopy(m) for name, m in model.prompt_modules.items() if m.holds_encoder()}
     try:
         for name, (where, tensors) in found.items():
             model._fill(name, tensors, where)
     except Exception:
+        for name, module in modules.items():
+            model.prompt_modules[name] = module
         with torch.no_grad():
             for name, values in kept.items():
                 for key, value in model.adapter_parameters(name).items():
-                    value.copy_(values[key])
+                    if key in values:
+                        value.copy_(values[key])
         raise

@@ -157,22 +157,46 @@ def test_a_checkpoint_whose_second_adapter_does_not_fit_loads_nothing(tmp_path):
     assert any(not torch.equal(v, saved_default[k]) for k, v in values["default"].items())  # it would have changed
 
 
-def test_resuming_a_p_tuning_encoder_is_refused_before_anything_changes(tmp_path):
-    """A P-tuning checkpoint holds the encoder's output, not the encoder (PEFT's format): resume says so and leaves
-    the encoder in place (it used to drop the encoder, then fail on the optimizer's parameter groups)."""
-    from peftkit import PromptEncoderConfig
+@pytest.mark.parametrize("method", ["p_tuning", "prefix_projection"])
+def test_resuming_an_encoder_is_refused_before_anything_changes(tmp_path, method):
+    """A P-tuning checkpoint (or prefix tuning's with prefix_projection) holds the encoder's output, not the encoder
+    (PEFT's format): resume says so and leaves the encoder in place (it used to drop the encoder, then fail on the
+    optimizer's parameter groups; prefix projection was not caught at all)."""
+    from peftkit import PrefixTuningConfig, PromptEncoderConfig
 
     def build():
-        return get_peft_model(tiny_gpt2(), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
-                                                               encoder_hidden_size=8))
+        config = (PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=8)
+                  if method == "p_tuning" else
+                  PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True,
+                                     encoder_hidden_size=8))
+        return get_peft_model(tiny_gpt2(), config)
 
     PeftTrainer(model=build(), args=args(tmp_path / "run"), train_dataset=lm_rows()).train()
     resumed = build()
     names = [n for n, _ in resumed.named_parameters()]
-    with pytest.raises(ValueError, match="P-tuning with its encoder.*cannot resume"):
+    with pytest.raises(ValueError, match="trains an encoder.*cannot resume"):
         PeftTrainer(model=resumed, args=args(tmp_path / "again"), train_dataset=lm_rows()).train(
             resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
-    assert [n for n, _ in resumed.named_parameters()] == names and any("mlp_head" in n for n in names)
+    assert [n for n, _ in resumed.named_parameters()] == names and any("mlp_head" in n or "transform" in n for n in names)
+
+
+def test_a_failed_load_puts_back_an_encoder_it_had_dropped(tmp_path):
+    """All or none: a P-tuning adapter filled before a later adapter fails gets its encoder back."""
+    from peftkit import PromptEncoderConfig
+
+    def build(r: int):
+        model = get_peft_model(tiny_gpt2(), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                                encoder_hidden_size=8))
+        model.add_adapter("other", LoraConfig(r=r, target_modules=["c_attn"], fan_in_fan_out=True))
+        return model
+
+    build(2).save_pretrained(str(tmp_path / "saved"))
+    wrong = build(3)
+    before = {n: p.detach().clone() for n, p in wrong.named_parameters()}
+    with pytest.raises(ValueError, match="shape"):
+        load_adapter_weights(wrong, str(tmp_path / "saved"))
+    after = dict(wrong.named_parameters())
+    assert after.keys() == before.keys() and all(torch.equal(after[n], v) for n, v in before.items())
 
 
 def test_p_tuning_with_load_best_model_at_end_ends_on_the_best_checkpoints_embeddings(tmp_path):

@@ -73,6 +73,9 @@ class PrefixEncoder(PromptEmbedding):
             self.embedding = nn.Embedding(self.embedding.num_embeddings, width).to(self.embedding.weight.device)
             self.transform = None
 
+    def holds_encoder(self) -> bool:
+        return self.transform is not None
+
 
 def cache_argument(model: nn.Module) -> Optional[str]:
     """The name forward takes the attention cache by: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""

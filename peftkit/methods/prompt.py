@@ -117,6 +117,10 @@ class PromptEmbedding(nn.Module):
     def use_saved_embeddings(self) -> None:
         """Nothing to drop: the embeddings are what is saved."""
 
+    def holds_encoder(self) -> bool:
+        """Whether the saved tensor is an encoder's output (which loading would put in place of the encoder)."""
+        return False
+
 
 class PromptEncoder(PromptEmbedding):
     """P-tuning's module: embeddings fed through an MLP or a bidirectional LSTM + MLP (PEFT's layout)."""
@@ -151,6 +155,9 @@ class PromptEncoder(PromptEmbedding):
         """Drop the encoder: a checkpoint holds its output, which goes straight into the embeddings."""
         self.lstm_head = None
         self.mlp_head = None
+
+    def holds_encoder(self) -> bool:
+        return self.mlp_head is not None or self.lstm_head is not None
 
 
 def fill_from_model(model: nn.Module, config: PromptLearningConfig, check_dim: bool = True) -> None:
