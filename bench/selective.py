@@ -22,7 +22,6 @@ import importlib.util
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -272,7 +271,9 @@ def run_variant(name: str, lr=None) -> dict:
 def peak_mib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    from peftkit.train.job import peak_rss_bytes
+
+    return peak_rss_bytes() / 2 ** 20  # this child's own (VmHWM), not its parent's too
 
 
 def table(results: list[dict]) -> str:

@@ -20,7 +20,8 @@ A step is zero_grad + forward + causal-LM loss + backward + fused AdamW(lr 1e-4)
 optimizer). Each variant builds the model, warms up for 2 steps, then times --steps steps.
 
 Each variant runs in its own subprocess (this script re-invokes itself with --variant NAME), so peak
-memory is per variant: peak RSS (ru_maxrss) on CPU, torch.cuda.max_memory_allocated on CUDA; both
+memory is per variant: peak RSS (Linux's VmHWM; ru_maxrss would also count this parent's memory up to the
+fork) on CPU, torch.cuda.max_memory_allocated on CUDA; both
 cover the whole child process (model, batch, activations, gradients, optimizer state). With
 --repeats R the parent runs R rounds, alternating the order (forward, reversed, ...) so that drift in
 machine load spreads over all variants; step times are pooled over the rounds.
@@ -245,9 +246,10 @@ def time_steps(step, n: int, device: str) -> list[float]:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size in MB (ru_maxrss is KB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    """This process's own peak resident set size in MB (peftkit.train.job.peak_rss_bytes)."""
+    from peftkit.train.job import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20
 
 
 def peak_memory_mb(device: str) -> float:

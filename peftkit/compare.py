@@ -1,7 +1,7 @@
 """``peftkit compare``: full fine-tuning vs PEFT methods on the same model and data, measured.
 
-Each variant trains in its own ``python -m peftkit train`` subprocess (so its peak memory is its own, read
-with ``os.wait4``); its summary.json gives the rest. Forgetting is measured here, on the bundled general
+Each variant trains in its own ``python -m peftkit train`` subprocess (so its peak memory is its own, as the
+run records it from Linux's VmHWM); its summary.json gives the rest. Forgetting is measured here, on the bundled general
 text: the change of the LM loss (causal LMs), or representation drift (other models).
 """
 from __future__ import annotations
@@ -80,15 +80,15 @@ def run_variant(job: dict, directory: str, log_path: str, in_process: bool = Fal
     started = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
         if in_process:
-            code, peak = _train_here(args, log), None
+            code = _train_here(args, log)
         else:
-            proc = subprocess.Popen([sys.executable, "-m", "peftkit", *args], stdout=log, stderr=subprocess.STDOUT)
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS
-            code, peak = os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024  # Linux: KiB
+            code = subprocess.Popen([sys.executable, "-m", "peftkit", *args], stdout=log,
+                                    stderr=subprocess.STDOUT).wait()
     if code == 130:
         raise KeyboardInterrupt(f"compare interrupted while training {directory}")
-    if peak is None:  # in-process: the process peak so far, as the run recorded it
-        peak = _read_summary(directory).get("peak_memory_bytes")
+    # the peak the run recorded (train.job.peak_rss_bytes: the child's own; its rusage from wait4 would also count
+    # this process's memory up to the fork); in-process, the process peak so far
+    peak = _read_summary(directory).get("peak_memory_bytes")
     return {"wall_time_s": time.perf_counter() - started, "peak_rss_bytes": peak, "returncode": code}
 
 

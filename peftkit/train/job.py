@@ -131,7 +131,21 @@ def _tree_bytes(path: str) -> int:
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return peak_rss_bytes() / 2**20
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started its program: Linux's VmHWM. (ru_maxrss also counts the
+    memory of the process it was forked from, up to the exec, so a child of a big parent reports the parent's.)"""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
 def save_model(model, tokenizer, output_dir: str, full: bool) -> str:
