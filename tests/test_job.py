@@ -258,3 +258,11 @@ def test_setting_aside_never_lands_on_an_earlier_aside(tmp_path, monkeypatch):
         taken.append(job_module._set_aside(str(out)))
     assert taken[0] != taken[1] and all(os.path.isdir(p) for p in taken)
     assert [open(os.path.join(p, "summary.json")).read() for p in taken] == ["first", "second"]
+
+
+def test_prefix_tuning_with_gradient_checkpointing_is_refused_before_anything_is_written(model_dir, data_dir, tmp_path):
+    bad = job(model_dir, data_dir, gradient_checkpointing=True)
+    bad.method, bad.peft = "prefix_tuning", {"num_virtual_tokens": 2}
+    with pytest.raises(ValueError, match="without gradient checkpointing"):
+        run_job(bad, str(tmp_path / "run"), progress=False, log=quiet)
+    assert not (tmp_path / "run").exists()

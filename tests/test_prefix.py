@@ -259,3 +259,14 @@ def test_num_layers_that_do_not_fit_the_model_are_refused_at_wrap(num_layers):
     with pytest.raises(ValueError, match=f"num_layers={num_layers} but the model has 2 layers"):
         get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=4, num_layers=num_layers, task_type="CAUSAL_LM"))
     assert not any("prefix" in n for n, _ in model.named_modules())
+
+
+def test_training_under_gradient_checkpointing_is_refused_with_the_reason():
+    """transformers turns the cache off under checkpointing in training, and the prefixes live in the cache: the
+    forward failed with a bare shape error (as it does in PEFT)."""
+    model = get_peft_model(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(ValueError, match="train prefix tuning without gradient checkpointing"):
+        model.train()(input_ids=ids, labels=ids)
+    assert model.eval()(input_ids=ids).logits.shape == (2, 5, 64)  # inference keeps its cache: runs

@@ -77,6 +77,19 @@ class PrefixEncoder(PromptEmbedding):
         return self.transform is not None
 
 
+NO_CHECKPOINTING = ("prefix tuning feeds its prefixes through the attention cache, which transformers turns off under "
+                    "gradient checkpointing in training; train prefix tuning without gradient checkpointing (its "
+                    "trained values are small: prompt tuning or LoRA take checkpointing)")
+
+
+def checkpointing(model: nn.Module) -> bool:
+    """Whether transformers' gradient (activation) checkpointing is on for ``model``."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # the newer name first (no warning)
+        if name in dir(type(model)):
+            return bool(getattr(model, name))
+    return False
+
+
 def cache_argument(model: nn.Module) -> Optional[str]:
     """The name forward takes the attention cache by: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
     parameters = inspect.signature(model.forward).parameters
@@ -122,6 +135,8 @@ class PrefixMethod(Method):
     def run(self, model: nn.Module, module: nn.Module, config: PrefixTuningConfig, inputs: dict, generate: bool):
         """Forward or generate with the prefixes pre-filled in a fresh cache."""
         inputs, cache_name = dict(inputs), cache_argument(model)
+        if model.training and checkpointing(model):
+            raise ValueError(NO_CHECKPOINTING)
         if inputs.get("past_key_values") is not None or inputs.get("cache") is not None:
             raise ValueError("with a prefix adapter the cache holds the prefixes; do not pass one")
         reference = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")

@@ -199,6 +199,10 @@ def run_job(job: JobConfig, output_dir: str, *, resume: bool = False, overwrite:
     output_dir = os.path.abspath(output_dir)
     check_output_dir(output_dir, resume, overwrite)
     peft_config = method_config(job.method, job.peft, job.data.task)  # bad settings fail before the slow load
+    if getattr(peft_config, "peft_type", None) == "PREFIX_TUNING" and job.train.gradient_checkpointing:
+        from ..methods.prefix import NO_CHECKPOINTING
+
+        raise ValueError(NO_CHECKPOINTING)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, os.cpu_count() or 1))  # every core (restored on return)
     try:
