@@ -320,9 +320,10 @@ def unwrap(model: nn.Module, name: str, merge: bool) -> None:
 
 
 def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
-    """id(parameter) -> names of the modules holding it, for parameters held by more than one (tied weights)."""
+    """id(parameter) -> names of the modules holding it, for parameters held by more than one (tied weights, or one
+    module registered under two names)."""
     holders: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):
         for param in module.parameters(recurse=False):
             holders.setdefault(id(param), []).append(name)
     return {k: v for k, v in holders.items() if len(v) > 1}

@@ -11,7 +11,7 @@ from peftkit import IA3Config, LoraConfig, PeftModel, SelectiveConfig, get_peft_
 from peftkit.config import AUTO_CRITERIA
 from peftkit.methods.selective import SelectiveLayer
 from peftkit.methods.selective_codec import decode_gaps, decode_index, encode_gaps, encode_index
-from peftkit.methods.selective_scoring import CRITERIA
+from peftkit.methods.selective_scoring import CRITERIA, score_weights
 from conftest import randomize_adapters, tiny_llama, train_briefly
 
 
@@ -401,3 +401,52 @@ def test_calibration_batches_go_to_the_models_device():
     assert batch["input_ids"].device.type == "cpu"  # the caller's batch is left as it was
     model.hf_device_map = {"": "cpu"}
     assert on_model_device(model, batch)["input_ids"] is batch["input_ids"]
+
+
+class _SharedWeights(nn.Module):
+    """l2 shares l1's weight (weight-shared blocks); ``alias`` is l1 registered under a second name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1 = nn.Linear(4, 4)
+        self.l2 = nn.Linear(4, 4)
+        self.l2.weight = self.l1.weight
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x, labels=None):
+        y = self.out(torch.relu(self.l2(torch.relu(self.l1(x)))))
+        return {"logits": y, "loss": None if labels is None else ((y - labels) ** 2).mean()}
+
+
+def test_scoring_shared_weights_and_aliases():
+    """A weight two Linear layers share is scored once (target_modules='auto' crashed: the first name's hook freed
+    the gradient the second's read); a Linear registered under two names counts as shared for selective."""
+    batches = [{"x": torch.randn(3, 4, generator=torch.Generator().manual_seed(1)),
+                "labels": torch.randn(3, 2, generator=torch.Generator().manual_seed(2))}]
+    model = _SharedWeights()
+    weights = {"l1": model.l1.weight, "l2": model.l2.weight, "out": model.out.weight}
+    scores = score_weights(model, weights, "fisher", batches)
+    assert scores["l1"] is scores["l2"] and bool(scores["l1"].any())
+    model.l1.weight.requires_grad_(True)
+    model.zero_grad()
+    model(**batches[0])["loss"].backward()
+    torch.testing.assert_close(scores["l1"], model.l1.weight.grad.square())  # the summed gradient of both uses
+    get_peft_model(_SharedWeights(), LoraConfig(r=2, target_modules="auto", auto_criterion="fisher", auto_budget=2),
+                   calibration_batches=batches)
+    aliased = _SharedWeights()
+    aliased.l2.weight = nn.Parameter(aliased.l2.weight.detach().clone())  # untied: only the alias shares now
+    aliased.alias = aliased.l1
+    with pytest.raises(ValueError, match="'l1' shares its weight with 'alias'"):
+        get_peft_model(aliased, SelectiveConfig(criterion="magnitude", budget=0.5, target_modules=["l1"]))
+
+
+def test_scoring_puts_back_each_submodules_mode():
+    from conftest import tiny_llama
+
+    model = tiny_llama().train()
+    model.model.layers[0].eval()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    get_peft_model(model, SelectiveConfig(criterion="fisher", budget=0.05),
+                   calibration_batches=[{"input_ids": ids, "labels": ids}])
+    assert model.training and not model.model.layers[0].training and model.model.layers[1].training

@@ -96,8 +96,11 @@ def score_weights(model: nn.Module, weights: dict[str, nn.Parameter], criterion:
     params = list(model.parameters())
     saved_flags = [p.requires_grad for p in params]
     saved_grads = {name: w.grad for name, w in weights.items()}
-    was_training = model.training
-    scores = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+    modes = [(m, m.training) for m in model.modules()]  # each module's own mode, put back as it was
+    # one score (and one hook) per parameter: names that share a weight (tied) share its score
+    unique: dict[int, torch.Tensor] = {}
+    scores = {name: unique.setdefault(id(w), torch.zeros(w.shape, dtype=torch.float32, device=w.device))
+              for name, w in weights.items()}
     hooks = []
     try:
         for p in params:
@@ -105,6 +108,7 @@ def score_weights(model: nn.Module, weights: dict[str, nn.Parameter], criterion:
         for name, w in weights.items():
             w.grad = None
             w.requires_grad_(True)
+        for name, w in {id(w): (n, w) for n, w in weights.items()}.values():
             hooks.append(w.register_post_accumulate_grad_hook(_hook(criterion, scores[name])))
         model.eval()
         seen = _run_batches(model, batches, loss_fn, num_batches)
@@ -115,8 +119,9 @@ def score_weights(model: nn.Module, weights: dict[str, nn.Parameter], criterion:
             p.requires_grad_(flag)
         for name, w in weights.items():
             w.grad = saved_grads[name]
-        model.train(was_training)
-    for score in scores.values():
+        for module, training in modes:
+            module.training = training
+    for score in unique.values():
         score.div_(seen)
     if all(not bool(score.any()) for score in scores.values()):
         raise ValueError(f"every {criterion!r} score is zero: the calibration loss gave the scored weights no gradient "
