@@ -31,7 +31,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
         # per-adapter modules outside the base model (prompt methods: virtual-token embeddings / encoders)
-        self.prompt_modules = nn.ModuleDict()
+        self.prompt_modules = nn.ModuleDict().train(self.training)
         self._inputs_off = False  # True inside disable_adapter: forward / generate leave the inputs alone
         # restored by unload() / a failed load, so the user's model comes back as it was
         self._grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -178,7 +178,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
             method.inject(self.base_model, config, adapter_name)
             module = method.input_module(self.base_model, config, adapter_name)
             if module is not None:
-                self.prompt_modules[adapter_name] = module
+                self.prompt_modules[adapter_name] = module.train(self.training)  # dropout as the model's mode says
             self._wrap_heads(config, adapter_name)
         except Exception:
             self._remove(adapter_name)

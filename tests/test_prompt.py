@@ -247,3 +247,14 @@ def test_a_prompt_adapter_beside_a_lora_adapter_on_the_embeddings(tmp_path):
             torch.testing.assert_close(model(input_ids=ids).logits, want)
             model.set_adapter("e")
             assert not torch.allclose(model(input_ids=ids).logits[:, -1], want[:, -1], atol=1e-3)
+
+
+def test_a_p_tuning_encoder_follows_the_models_mode():
+    """Made over a model in eval mode, the encoder's dropout is off (it was created in train mode)."""
+    model = get_peft_model(tiny_llama().eval(), PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_reparameterization_type="LSTM", encoder_num_layers=2,
+        encoder_dropout=0.5))
+    assert not model.training and not any(m.training for m in model.prompt_modules.modules())
+    ids = torch.arange(6)[None]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
