@@ -209,6 +209,26 @@ def _base_job(args: argparse.Namespace, flags: list) -> dict:
     return job
 
 
+def _check_variants(job: dict, variants: list[tuple[str, str, Optional[int]]], lrs: dict[str, float]) -> None:
+    """Every variant's job and method settings, checked before the first one trains (a bad --r would otherwise
+    surface only when its variant's turn came); a low-data run must train on fewer examples than the main one."""
+    from .cli.commands import CliError
+    from .train import JobConfig
+    from .train.models import method_config
+
+    main_n = job["data"].get("max_train_samples")
+    for name, method, n_train in variants:
+        if n_train is not None and main_n is not None and n_train >= main_n:
+            raise CliError(f"--low-data {n_train} is not below --max-train-samples {main_n}: the low-data variants "
+                           "would train on as much data as the main ones; pass a smaller --low-data")
+        data = variant_job(job, method, n_train, lrs)
+        try:
+            JobConfig.from_dict(data)
+            method_config(method, data["peft"], data["data"]["task"])
+        except (ValueError, TypeError) as err:
+            raise CliError(f"variant {name!r}: {err}") from None
+
+
 def _variants(args: argparse.Namespace) -> list[tuple[str, str, Optional[int]]]:
     from .cli.commands import CliError, check_method_name
 
@@ -217,6 +237,9 @@ def _variants(args: argparse.Namespace) -> list[tuple[str, str, Optional[int]]]:
         raise CliError("--methods is empty; pass e.g. full,lora,ia3")
     for method in methods:
         check_method_name(method)
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        raise CliError(f"--methods names {repeated} more than once; name each method once")
     if args.low_data is not None and args.low_data < 2:
         raise CliError(f"--low-data {args.low_data}: use at least 2 training examples")
     out = [(m, m, None) for m in methods]
@@ -257,6 +280,7 @@ def run_compare(args: argparse.Namespace, flags: list) -> int:
     variants = _variants(args)
     lrs = method_lrs(args, sorted({method for _, method, _ in variants}))
     job = _base_job(args, flags)
+    _check_variants(job, variants, lrs)
     used = {k for _, method, _ in variants for k in peft_for(method, job["peft"])}
     if set(job["peft"]) - used:
         raise CliError(f"method setting(s) {sorted(set(job['peft']) - used)} belong to none of the compared methods "

@@ -120,6 +120,19 @@ def test_compare_refuses_bad_methods(capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--methods", "full,lora", "--r", "0"], "variant 'lora': LoRA rank r must be a positive integer"),
+    (["--methods", "lora,LoRA"], "--methods names ['lora'] more than once"),
+    (["--methods", "lora", "--max-train-samples", "8", "--low-data", "16"], "--low-data 16 is not below --max-train-samples 8"),
+])
+def test_every_variant_is_checked_before_the_first_trains(assets, tmp_path, capsys, argv, needle):
+    """These were found when their variant's turn came (after others had trained), or not at all."""
+    out = tmp_path / "cmp"
+    code = main(["compare", "--model", assets["model"], "--dataset", assets["data"], "--max-steps", "1", "--epochs", "1",
+                 "--in-process", "--output-dir", str(out), *argv])
+    assert code == 2 and needle in capsys.readouterr().err and not out.exists()
+
+
 def test_method_flags_go_to_the_methods_that_have_them(capsys):
     assert compare.peft_for("lora", {"r": 4, "target_modules": ["q"], "feedforward_modules": ["f"]}) == {
         "r": 4, "target_modules": ["q"]}
