@@ -172,6 +172,22 @@ def test_predict_writes_csv_and_jsonl_atomically_and_refuses_overwrite(assets, t
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp files left
 
 
+def test_predict_checks_its_paths_before_loading_the_model(assets, tmp_path, capsys, monkeypatch):
+    """A bad --output name was refused only after every row was predicted; a directory there gave a raw OSError,
+    and a directory at --input was said not to exist."""
+    from peftkit.cli import commands
+
+    monkeypatch.setattr(commands, "load_run_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"text": "hello"}) + "\n")
+    (tmp_path / "dir.csv").mkdir()
+    for argv, needle in ((["--input", source, "--output", tmp_path / "p.txt"], "use a .csv, .tsv, .jsonl or .json"),
+                         (["--input", source, "--output", tmp_path / "dir.csv", "--overwrite"], "is a directory; pass a file"),
+                         (["--input", tmp_path, "--output", tmp_path / "p.csv"], "is a directory; pass a data file")):
+        code, _, err = run_cli(capsys, "predict", "--adapter", assets["run"], *argv)
+        assert code == 2 and needle in one_error_line(err)
+
+
 def test_generate_prints_the_greedy_continuation(assets, capsys, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

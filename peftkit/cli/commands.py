@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from .errors import CliError
 from .flags import check_method_flags, given_values, method_classes_from_registry
-from .runs import data_labels, load_run_model, resolve_run, run_labels, write_rows
+from .runs import check_output_path, data_labels, load_run_model, resolve_run, run_labels, write_rows
 from ..train.job import JOB_FILE, holds_run, run_exists_message  # JOB_FILE: the run's job, recorded by run_job: the one record --resume reads
 
 
@@ -212,7 +212,11 @@ def run_predict(args: argparse.Namespace, flags: list) -> int:
     from ..train.data import read_file
 
     if not os.path.isfile(args.input):
-        raise CliError(f"--input {args.input!r} does not exist")
+        what = "is a directory; pass a data file" if os.path.isdir(args.input) else "does not exist"
+        raise CliError(f"--input {args.input!r} {what}")
+    check_output_path(args.output)
+    if os.path.isdir(args.output):
+        raise CliError(f"--output {args.output!r} is a directory; pass a file name (.csv, .tsv, .jsonl or .json)")
     if os.path.exists(args.output) and not args.overwrite:
         raise CliError(f"--output {args.output!r} already exists; pass --overwrite to replace it")
     run = resolve_run(args.adapter)

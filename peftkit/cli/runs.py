@@ -111,10 +111,20 @@ def load_run_model(run: Run, model_name: Optional[str], task: str, labels: Optio
     return PeftModel.from_pretrained(base, run.adapter_dir).eval(), tokenizer
 
 
+OUTPUT_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json")
+
+
+def check_output_path(path: str) -> None:
+    """Refuse an output file name write_rows cannot write (before any work is done)."""
+    if os.path.splitext(path)[1].lower() not in OUTPUT_EXTENSIONS:
+        raise CliError(f"--output {path!r}: use a .csv, .tsv, .jsonl or .json file name")
+
+
 def write_rows(rows: list[dict], path: str) -> None:
     """Rows to .csv / .tsv / .jsonl / .json by the extension; atomic."""
     from ..checkpoint import atomic_write_text
 
+    check_output_path(path)
     ext = os.path.splitext(path)[1].lower()
     if ext in (".jsonl", ".json"):
         lines = [json.dumps(_plain(r), ensure_ascii=False) for r in rows]
@@ -126,8 +136,6 @@ def write_rows(rows: list[dict], path: str) -> None:
         writer.writeheader()
         writer.writerows({k: _cell(v) for k, v in _plain(r).items()} for r in rows)
         text = buffer.getvalue()
-    else:
-        raise CliError(f"--output {path!r}: use a .csv, .tsv, .jsonl or .json file name")
     atomic_write_text(path, text)
 
 
