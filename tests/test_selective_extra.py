@@ -450,3 +450,20 @@ def test_scoring_puts_back_each_submodules_mode():
     get_peft_model(model, SelectiveConfig(criterion="fisher", budget=0.05),
                    calibration_batches=[{"input_ids": ids, "labels": ids}])
     assert model.training and not model.model.layers[0].training and model.model.layers[1].training
+
+
+def test_report_rows_and_columns_for_two_stacks_and_numbered_parts():
+    """The layer is the first numbered segment: T5's "block.1.layer.0.SelfAttention.k" is block 1, type
+    "layer.0.SelfAttention.k" (the last ".1." was taken, giving twice the columns), and encoder and decoder blocks
+    are separate rows (they were summed)."""
+    from peftkit.methods.selective_report import _grid, split_name
+
+    counts = {"encoder.block.0.layer.0.SelfAttention.k": (1, 10), "encoder.block.1.layer.0.SelfAttention.k": (2, 10),
+              "encoder.block.1.layer.1.DenseReluDense.wi": (3, 10), "decoder.block.0.layer.0.SelfAttention.k": (4, 10),
+              "decoder.block.0.layer.1.EncDecAttention.k": (5, 10), "lm_head": (6, 10)}
+    layers, types, cells = _grid(counts)
+    assert layers == ["encoder.block 0", "encoder.block 1", "decoder.block 0", "-"]
+    assert types == ["layer.0.SelfAttention.k", "layer.1.DenseReluDense.wi", "layer.1.EncDecAttention.k", "lm_head"]
+    assert cells[("encoder.block 1", "layer.0.SelfAttention.k")] == (2, 10)
+    assert cells[("decoder.block 0", "layer.0.SelfAttention.k")] == (4, 10)
+    assert split_name("model.layers.1.mlp.experts.3.up_proj") == ("1", "mlp.experts.3.up_proj")

@@ -14,7 +14,7 @@ from typing import Optional
 from torch import nn
 
 from ..checkpoint import atomic_write_text
-from ..inject import adapter_layers, layer_index
+from ..inject import adapter_layers
 
 logger = logging.getLogger("peftkit")
 NO_LAYER = "-"  # modules outside the repeated blocks (e.g. a pooler)
@@ -30,23 +30,34 @@ def selection_counts(model: nn.Module, adapter_name: str) -> dict[str, tuple[int
             if isinstance(layer, SelectiveLayer) and adapter_name in layer.selective_values}
 
 
-def split_name(path: str) -> tuple[str, str]:
-    """(layer index or "-", module type): "model.layers.3.self_attn.q_proj" -> ("3", "self_attn.q_proj")."""
-    index = layer_index(path, None)
-    if index is None:
+_BLOCK = re.compile(r"(.*?[^.]+)\.(\d+)\.")  # the first numbered segment: "<stack>.<n>." (model.layers.3.)
+
+
+def split_name(path: str, stacks: int = 1) -> tuple[str, str]:
+    """(layer, module type) at the first numbered segment: "model.layers.3.self_attn.q_proj" -> ("3",
+    "self_attn.q_proj"); "-" for modules outside the repeated blocks. Where the model has ``stacks`` > 1 stacks of
+    blocks (T5's encoder.block and decoder.block), the layer names its stack: "decoder.block 3"."""
+    found = _BLOCK.match(path)
+    if found is None:
         return NO_LAYER, path
-    found = list(re.finditer(rf"\.{index}\.", path))[-1]
-    return str(index), path[found.end():]
+    index = found.group(2)
+    return (index if stacks <= 1 else f"{found.group(1)} {index}"), path[found.end():]
 
 
 def _grid(counts: dict[str, tuple[int, int]]) -> tuple[list[str], list[str], dict[tuple[str, str], tuple[int, int]]]:
-    # layers (sorted numerically, "-" last), module types (first-seen order), (layer, type) -> (selected, entries)
+    # layers (by stack in first-seen order, then numerically; "-" last), module types (first-seen order),
+    # (layer, type) -> (selected, entries)
+    stacks = list(dict.fromkeys(m.group(1) for m in map(_BLOCK.match, counts) if m is not None))
     cells: dict[tuple[str, str], tuple[int, int]] = {}
+    order: dict[str, tuple] = {NO_LAYER: (len(stacks), 0)}
     for path, (chosen, total) in counts.items():
-        key = split_name(path)
+        key = split_name(path, len(stacks))
+        found = _BLOCK.match(path)
+        if found is not None:
+            order[key[0]] = (stacks.index(found.group(1)), int(found.group(2)))
         old = cells.get(key, (0, 0))
         cells[key] = (old[0] + chosen, old[1] + total)
-    layers = sorted({k[0] for k in cells}, key=lambda s: (s == NO_LAYER, int(s) if s != NO_LAYER else 0))
+    layers = sorted({k[0] for k in cells}, key=lambda layer: order[layer])
     types = list(dict.fromkeys(k[1] for k in cells))
     return layers, types, cells
 
