@@ -467,3 +467,12 @@ def test_report_rows_and_columns_for_two_stacks_and_numbered_parts():
     assert cells[("encoder.block 1", "layer.0.SelfAttention.k")] == (2, 10)
     assert cells[("decoder.block 0", "layer.0.SelfAttention.k")] == (4, 10)
     assert split_name("model.layers.1.mlp.experts.3.up_proj") == ("1", "mlp.experts.3.up_proj")
+
+
+def test_a_non_contiguous_weight_is_refused_with_the_reason():
+    """The delta goes through a flat view of the weight: training and merge failed with a bare view-size error."""
+    model = _SharedWeights()
+    model.l1.weight = nn.Parameter(torch.randn(4, 4).t())  # strides (1, 4)
+    with pytest.raises(ValueError, match=r"'l1' has a non-contiguous weight \(strides \(1, 4\)"):
+        get_peft_model(model, SelectiveConfig(criterion="magnitude", budget=0.5, target_modules=["l1"]))
+    assert isinstance(model.l1, nn.Linear)

@@ -295,6 +295,10 @@ def _refuse_shared(model: nn.Module, weights: dict[str, nn.Parameter]) -> None:
     in one module's forward but merge into both."""
     shared = shared_parameters(model)
     for name, weight in weights.items():
+        if not weight.is_contiguous():  # the delta is written through a flat view of the weight
+            raise ValueError(f"target module {name!r} has a non-contiguous weight (strides {weight.stride()}, e.g. a "
+                             "transposed or sliced tensor); selective fine-tuning writes into it flat. Give the module "
+                             "a contiguous copy of its weight first, or leave it out of target_modules")
         others = [n for n in shared.get(id(weight), []) if n != name and not n.startswith(name + ".")]
         if others:
             raise ValueError(f"target module {name!r} shares its weight with {others[0]!r} (tied weights): a selective "
