@@ -476,3 +476,16 @@ def test_a_non_contiguous_weight_is_refused_with_the_reason():
     with pytest.raises(ValueError, match=r"'l1' has a non-contiguous weight \(strides \(1, 4\)"):
         get_peft_model(model, SelectiveConfig(criterion="magnitude", budget=0.5, target_modules=["l1"]))
     assert isinstance(model.l1, nn.Linear)
+
+
+def test_a_target_another_method_holds_is_refused_before_scoring(monkeypatch):
+    from conftest import tiny_llama
+    from peftkit.methods import selective
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    monkeypatch.setattr(selective, "score_weights", lambda *a, **k: pytest.fail("scored first"))
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="q_proj' already holds a LORA adapter; one module cannot take a SELECTIVE"):
+        model.add_adapter("s", SelectiveConfig(criterion="fisher", ranking="per_module"),
+                          calibration_batches=[{"input_ids": ids, "labels": ids}])
+    assert list(model.peft_config) == ["default"]

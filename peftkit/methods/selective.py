@@ -24,7 +24,7 @@ from torch import nn
 
 from ..checkpoint import layer_key
 from ..config import TargetSpec, TargetedConfig, register
-from ..inject import (Method, adapter_layers, every_bias, find_targets, replace_modules, resolve_target_modules,
+from ..inject import (Method, adapter_layers, every_bias, find_targets, refuse_held, replace_modules, resolve_target_modules,
                       shared_parameters)
 from ..layers import AdapterLayer, adapter_dtype, param_device, plain_frozen_linear, sole_active_adapter
 from .lora_kernels import linear
@@ -346,7 +346,12 @@ class SelectiveMethod(Method):
                                  "selected_counts=None to select again on this one")
             return
         resolve_target_modules(model, config, {}, "selective ", "'all-linear'")
-        weights = {name: _scored_weight(model, name) for name in find_targets(model, config)}
+        targets = find_targets(model, config)
+        for name in targets:  # another method's layer: refused now, not after all the scoring
+            module = model.get_submodule(name)
+            if isinstance(module, AdapterLayer):
+                refuse_held(module, name, config.peft_type)
+        weights = {name: _scored_weight(model, name) for name in targets}
         _refuse_shared(model, weights)
         scores = score_weights(model, weights, config.criterion, batches, loss_fn, config.num_batches)
         names = list(scores)
