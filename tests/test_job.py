@@ -266,3 +266,27 @@ def test_prefix_tuning_with_gradient_checkpointing_is_refused_before_anything_is
     with pytest.raises(ValueError, match="without gradient checkpointing"):
         run_job(bad, str(tmp_path / "run"), progress=False, log=quiet)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_interrupted_set_aside_puts_the_old_run_back_whole(tmp_path, monkeypatch):
+    from peftkit.train import job as job_module
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("summary.json", "metrics.jsonl", "job.json"):
+        (out / name).write_text(name)
+    real = os.replace
+    calls = []
+
+    def interrupted(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # Ctrl-C after the first entry moved
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(job_module.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        job_module._set_aside(str(out))
+    monkeypatch.undo()
+    assert sorted(os.listdir(out)) == ["job.json", "metrics.jsonl", "summary.json"]
+    assert not [p for p in os.listdir(tmp_path) if ".replaced-" in p]

@@ -119,8 +119,16 @@ def _set_aside(output_dir: str) -> str:
     while os.path.lexists(aside):  # one left by a run that crashed in this same second
         aside, n = f"{stem}-{n}", n + 1
     os.makedirs(aside)
-    for name in run_entries(output_dir):  # one rename each, job.json last
-        os.replace(os.path.join(output_dir, name), os.path.join(aside, name))
+    moved = []
+    try:
+        for name in run_entries(output_dir):  # one rename each, job.json last
+            os.replace(os.path.join(output_dir, name), os.path.join(aside, name))
+            moved.append(name)
+    except BaseException:  # Ctrl-C or an error part-way: the old run goes back whole, not split in two
+        for name in reversed(moved):
+            os.replace(os.path.join(aside, name), os.path.join(output_dir, name))
+        os.rmdir(aside)
+        raise
     return aside
 
 
