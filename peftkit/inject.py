@@ -154,7 +154,7 @@ def expand_all_linear(model: nn.Module, task_type: Optional[str], supported: tup
     heads = _head_names(model, task_type)
     layers = _unwrapped_modules(model)
     # a linear layer that a bottleneck adapter wraps itself (BERT's dense hook points) cannot take another adapter
-    blocks = {n for n, m in model.named_modules() if isinstance(m, AdapterLayer) and m.wraps_block}
+    blocks = block_wrappers(model)
     chosen = [n for n, m in layers if isinstance(m, supported) and is_linear_like(m) and n not in blocks
               and n not in heads and not any(n.startswith(h + ".") for h in heads)]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in chosen})
