@@ -23,7 +23,7 @@ from torch import nn
 
 from . import checkpoint
 from .config import PeftConfig
-from .inject import adapter_layers
+from .inject import adapter_layers, block_wrappers, plain_name
 from .methods.lora import LoraConfig, LoraLayer
 from .methods.lora_arith import module_pattern
 
@@ -45,7 +45,10 @@ def hotswap_adapter(model, model_id_or_path: Union[str, os.PathLike], adapter_na
 
 
 def _lora_layers(model, adapter_name: str) -> dict[str, LoraLayer]:
-    return {p: m for p, m in adapter_layers(model.base_model) if isinstance(m, LoraLayer) and adapter_name in m.A}
+    # by plain name (inject.plain_name): what the config's patterns and the saved keys name
+    blocks = block_wrappers(model.base_model)
+    return {plain_name(p, blocks): m for p, m in adapter_layers(model.base_model)
+            if isinstance(m, LoraLayer) and adapter_name in m.A}
 
 
 def _plan(model, name: str, new_config: PeftConfig, found: dict, directory: str) -> list[tuple[torch.Tensor, torch.Tensor]]:

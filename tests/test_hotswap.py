@@ -146,3 +146,37 @@ def test_many_loads_flag_exactly_the_active_adapter_without_walking_the_model(di
         n for n, _ in model.named_parameters() if n.endswith(".x3")} != set()
     model.unload()
     assert not any(p.requires_grad is False for p in base.parameters())  # the user's flags come back
+
+
+def _beside_bottleneck(seed: int):
+    """LoRA on q_proj inside blocks a bottleneck adapter wraps, its alpha_pattern keyed by a plain dotted path."""
+    model = get_peft_model(tiny_llama(), peftkit.AdapterConfig(bottleneck_size=4), adapter_name="bn")
+    model.add_adapter("default", LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"],
+                                            alpha_pattern={"layers.0.self_attn.q_proj": 16}))
+    model.set_adapter(["bn", "default"])
+    randomize_adapters(model, seed=seed)
+    return model.eval()
+
+
+def test_hotswap_and_prepare_beside_a_bottleneck_adapter_keep_each_layers_scaling(tmp_path):
+    """Inside the bottleneck's wrapper q_proj's path holds base_layer; the config's patterns name the plain path.
+    Hotswap folded the wrong scaling into B (silently wrong outputs), and prepare_for_hotswap wrote alpha_pattern
+    keys with base_layer in them, which no reload matches."""
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    source = _beside_bottleneck(3)
+    source.save_pretrained(str(tmp_path / "src"))
+    with torch.no_grad():
+        want = source(input_ids=ids).logits
+    model = _beside_bottleneck(5)
+    model.load_state_dict({k: v for k, v in source.state_dict().items() if "lora_" not in k}, strict=False)
+    hotswap_adapter(model, str(tmp_path / "src"), "default")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, atol=1e-6, rtol=0)
+    prepare_for_hotswap(model, 8)
+    assert "base_layer" not in str(model.peft_config["default"].alpha_pattern)
+    model.save_pretrained(str(tmp_path / "prepared"), selected_adapters=["default"])
+    plain = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "prepared"))
+    live = {n.replace(".base_layer", ""): m.scaling["default"] for n, m in model.base_model.named_modules()
+            if hasattr(m, "lora_A")}
+    loaded = {n: m.scaling["default"] for n, m in plain.base_model.named_modules() if hasattr(m, "lora_A")}
+    assert loaded == live and len(set(live.values())) == 2
