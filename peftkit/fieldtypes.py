@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 import typing
 from collections.abc import Mapping
 from typing import Any, Union
 
 _NO = object()  # "does not fit"
+INFINITY_OK = "infinity_ok"  # a dataclass's ClassVar naming the float fields that take infinity (max_grad_norm)
 _SEQUENCES = (list, tuple, set, frozenset, range)
 
 
@@ -30,6 +32,9 @@ def check_types(obj: Any) -> None:
     for field in dataclasses.fields(obj):
         hint, value = hints.get(field.name, Any), getattr(obj, field.name)
         fitted = _fit(value, hint)
+        if (fitted is not _NO and isinstance(fitted, float) and math.isinf(fitted)
+                and field.name not in getattr(type(obj), INFINITY_OK, ())):
+            fitted = _NO
         if fitted is _NO:
             raise FieldTypeError(f"{type(obj).__name__}.{field.name} = {value!r} ({type(value).__name__}) does not fit: "
                              f"it takes {_describe(hint)}{_hint_for(value, hint)}")
@@ -59,6 +64,8 @@ def _plain(value: Any) -> Any:
         return int(value)
     if isinstance(value, numbers.Real):
         return float(value)
+    if isinstance(value, (set, frozenset)):  # JSON has no sets: a sorted list, as the configs store them
+        return sorted(_plain(v) for v in value)
     if isinstance(value, (list, tuple, range)):
         items = [_plain(v) for v in value]
         if isinstance(value, range):
@@ -82,7 +89,7 @@ def _fits_exactly(value: Any, hint: Any) -> bool:
         return isinstance(value, bool)
     if hint is int:  # numpy's integers too
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if hint is float:  # any real number (numpy's too); infinity is a value some settings take (max_grad_norm)
+    if hint is float:  # any real number (numpy's too); infinity only where the class says so (INFINITY_OK)
         return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if hint in (list, tuple):
         return isinstance(value, _SEQUENCES)
@@ -113,7 +120,7 @@ def _parse_number(text: str, ints: bool, floats: bool) -> Union[int, float, None
     """The number ``text`` spells: an int where an int is taken and it is a whole-number literal ("3": a count, not
     3.0), else a finite float where floats are taken; None where it spells none of those."""
     text = text.strip()
-    if ints and text.lstrip("+-").isdigit():
+    if ints and re.fullmatch(r"[+-]?[0-9]+", text):
         return int(text)  # exactly: not through a float, which rounds past 2**53
     if not floats:
         return None

@@ -71,6 +71,14 @@ def test_numpy_numbers_ranges_and_infinity_are_taken_as_plain_values():
     assert TrainConfig(epochs=np.int64(2), max_grad_norm=math.inf).max_grad_norm == math.inf
     with pytest.raises(ValueError, match="max_grad_norm = nan"):
         TrainConfig(max_grad_norm=math.nan)
+    for make, needle in ((lambda: LoraConfig(lora_alpha=math.inf), "lora_alpha = inf"),  # only max_grad_norm takes inf
+                         (lambda: TrainConfig(lr=math.inf), "lr = inf"),
+                         (lambda: LoraConfig(r="+-3"), r"LoraConfig.r = '\+-3' \(str\)")):
+        with pytest.raises(ValueError, match=needle):
+            make()
+    config = LoraConfig(target_modules=frozenset({"v_proj", "q_proj"}), layers_to_transform=frozenset({1, 0}))
+    assert (config.target_modules, config.layers_to_transform) == (["q_proj", "v_proj"], [0, 1])
+    json.dumps(config.to_dict())
 
 
 def test_text_for_an_int_or_float_field_keeps_a_whole_number_an_int():

@@ -135,7 +135,7 @@ class PrefixMethod(Method):
     def run(self, model: nn.Module, module: nn.Module, config: PrefixTuningConfig, inputs: dict, generate: bool):
         """Forward or generate with the prefixes pre-filled in a fresh cache."""
         inputs, cache_name = dict(inputs), cache_argument(model)
-        if model.training and checkpointing(model):
+        if model.training and torch.is_grad_enabled() and checkpointing(model):  # when transformers drops the cache
             raise ValueError(NO_CHECKPOINTING)
         if inputs.get("past_key_values") is not None or inputs.get("cache") is not None:
             raise ValueError("with a prefix adapter the cache holds the prefixes; do not pass one")

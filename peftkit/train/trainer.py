@@ -13,7 +13,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ class TrainingInterrupted(Exception):
 class TrainConfig:
     """How to train: optimisation, schedule, precision, evaluation and checkpointing."""
 
+    infinity_ok: ClassVar[tuple] = ("max_grad_norm",)  # fieldtypes.INFINITY_OK: inf measures the norm, clips nothing
     epochs: int = 2  # passes over the training data
     batch_size: int = 16  # examples per forward pass
     eval_batch_size: int = 32  # examples per forward pass when evaluating
@@ -48,7 +49,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1  # share of the optimizer steps spent warming the lr up linearly
     schedule: str = "linear"  # after warmup: "linear" decay to 0 or "constant"
     grad_accum: int = 1  # batches whose gradients add up into one optimizer step
-    max_grad_norm: Optional[float] = 1.0  # clip the global gradient norm to this (None: no clipping)
+    max_grad_norm: Optional[float] = 1.0  # clip the global gradient norm to this (None or inf: no clipping)
     seed: int = 0  # seeds data order, dropout and initialisation: same seed, same result on CPU
     precision: str = "fp32"  # "fp32" | "bf16" (autocast; CPU or CUDA) | "fp16" (autocast + loss scaling; CUDA only)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
