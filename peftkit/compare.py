@@ -214,7 +214,7 @@ def _check_variants(job: dict, variants: list[tuple[str, str, Optional[int]]], l
     surface only when its variant's turn came); a low-data run must train on fewer examples than the main one."""
     from .cli.commands import CliError
     from .train import JobConfig
-    from .train.models import method_config
+    from .train.job import checked_method_config
 
     main_n = job["data"].get("max_train_samples")
     for name, method, n_train in variants:
@@ -223,8 +223,7 @@ def _check_variants(job: dict, variants: list[tuple[str, str, Optional[int]]], l
                            "would train on as much data as the main ones; pass a smaller --low-data")
         data = variant_job(job, method, n_train, lrs)
         try:
-            JobConfig.from_dict(data)
-            method_config(method, data["peft"], data["data"]["task"])
+            checked_method_config(JobConfig.from_dict(data))
         except (ValueError, TypeError) as err:
             raise CliError(f"variant {name!r}: {err}") from None
 

@@ -124,6 +124,7 @@ def test_compare_refuses_bad_methods(capsys):
     (["--methods", "full,lora", "--r", "0"], "variant 'lora': LoRA rank r must be a positive integer"),
     (["--methods", "lora,LoRA"], "--methods names ['lora'] more than once"),
     (["--methods", "lora", "--max-train-samples", "8", "--low-data", "16"], "--low-data 16 is not below --max-train-samples 8"),
+    (["--methods", "lora,prefix_tuning", "--gradient-checkpointing"], "variant 'prefix_tuning': prefix tuning feeds"),
 ])
 def test_every_variant_is_checked_before_the_first_trains(assets, tmp_path, capsys, argv, needle):
     """These were found when their variant's turn came (after others had trained), or not at all."""

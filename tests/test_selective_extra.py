@@ -489,3 +489,16 @@ def test_a_target_another_method_holds_is_refused_before_scoring(monkeypatch):
         model.add_adapter("s", SelectiveConfig(criterion="fisher", ranking="per_module"),
                           calibration_batches=[{"input_ids": ids, "labels": ids}])
     assert list(model.peft_config) == ["default"]
+
+
+def test_loading_onto_a_non_contiguous_weight_is_refused_too(tmp_path):
+    from conftest import tiny_llama
+
+    saved = get_peft_model(tiny_llama(), SelectiveConfig(criterion="magnitude", budget=0.05, target_modules=["q_proj"]))
+    saved.save_pretrained(tmp_path)
+    base = tiny_llama()
+    q = base.model.layers[0].self_attn.q_proj
+    q.weight = nn.Parameter(q.weight.detach().t().contiguous().t())  # same values, transposed strides
+    with pytest.raises(ValueError, match="q_proj' has a non-contiguous weight"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert not any(isinstance(m, SelectiveLayer) for m in base.modules())

@@ -101,6 +101,7 @@ class SelectiveLayer(AdapterLayer):
     def create_adapter(self, name: str, config: SelectiveConfig, module_name: str) -> None:
         """Adapter ``name`` with the selection stashed by the method, or sized from ``selected_counts`` (loading)."""
         weight = self.base_layer.weight
+        _refuse_noncontiguous(module_name, weight)  # also where a saved adapter loads (no scoring ran)
         device, granularity = param_device(self.base_layer), config.granularity
         chosen = getattr(config, "_selection", {}).get(module_name)
         count = config.selected_counts[module_name]
@@ -290,15 +291,19 @@ def _with_delta(weight: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
     return weight.detach().clone().view(-1).index_add_(0, index, values.detach()).view(weight.shape)
 
 
+def _refuse_noncontiguous(name: str, weight: torch.Tensor) -> None:
+    if not weight.is_contiguous():  # the delta is written through a flat view of the weight
+        raise ValueError(f"target module {name!r} has a non-contiguous weight (strides {weight.stride()}, e.g. a "
+                         "transposed or sliced tensor); selective fine-tuning writes into it flat. Give the module "
+                         "a contiguous copy of its weight first, or leave it out of target_modules")
+
+
 def _refuse_shared(model: nn.Module, weights: dict[str, nn.Parameter]) -> None:
     """Refuse a target whose weight another module shares (tied embeddings and output head): the delta would act
     in one module's forward but merge into both."""
     shared = shared_parameters(model)
     for name, weight in weights.items():
-        if not weight.is_contiguous():  # the delta is written through a flat view of the weight
-            raise ValueError(f"target module {name!r} has a non-contiguous weight (strides {weight.stride()}, e.g. a "
-                             "transposed or sliced tensor); selective fine-tuning writes into it flat. Give the module "
-                             "a contiguous copy of its weight first, or leave it out of target_modules")
+        _refuse_noncontiguous(name, weight)
         others = [n for n in shared.get(id(weight), []) if n != name and not n.startswith(name + ".")]
         if others:
             raise ValueError(f"target module {name!r} shares its weight with {others[0]!r} (tied weights): a selective "

@@ -206,17 +206,23 @@ def run_job(job: JobConfig, output_dir: str, *, resume: bool = False, overwrite:
     started = time.time()
     output_dir = os.path.abspath(output_dir)
     check_output_dir(output_dir, resume, overwrite)
-    peft_config = method_config(job.method, job.peft, job.data.task)  # bad settings fail before the slow load
-    if getattr(peft_config, "peft_type", None) == "PREFIX_TUNING" and job.train.gradient_checkpointing:
-        from ..methods.prefix import NO_CHECKPOINTING
-
-        raise ValueError(NO_CHECKPOINTING)
+    peft_config = checked_method_config(job)  # bad settings fail before the slow load
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, os.cpu_count() or 1))  # every core (restored on return)
     try:
         return _run(job, output_dir, peft_config, resume, overwrite, progress, log, started)
     finally:
         torch.set_num_threads(threads)
+
+
+def checked_method_config(job: JobConfig):
+    """The job's method config (None for full fine-tuning), with the settings that cannot train together refused."""
+    peft_config = method_config(job.method, job.peft, job.data.task)
+    if getattr(peft_config, "peft_type", None) == "PREFIX_TUNING" and job.train.gradient_checkpointing:
+        from ..methods.prefix import NO_CHECKPOINTING
+
+        raise ValueError(NO_CHECKPOINTING)
+    return peft_config
 
 
 def _run(job: JobConfig, output_dir: str, peft_config, resume: bool, overwrite: bool, progress: bool,
