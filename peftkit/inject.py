@@ -102,6 +102,18 @@ def plain_name(name: str, blocks: set[str]) -> str:
     return ".".join(out)
 
 
+def real_name(model: nn.Module, name: str) -> str:
+    """The module path in ``model`` that ``name`` (a real or plain name, see plain_name) stands for; ``name`` itself
+    where no module has that plain name (the caller's lookup then reports it)."""
+    blocks = block_wrappers(model)
+    if not blocks:
+        return name
+    for real, _ in model.named_modules():
+        if not (real.endswith(".base_layer") and real[:-len(".base_layer")] in blocks) and plain_name(real, blocks) == name:
+            return real
+    return name
+
+
 def name_matches(name: str, spec) -> bool:
     """PEFT's rule: a string is a full-match regex; a list matches exact names or dotted suffixes."""
     if spec is None:

@@ -502,3 +502,29 @@ def test_loading_onto_a_non_contiguous_weight_is_refused_too(tmp_path):
     with pytest.raises(ValueError, match="q_proj' has a non-contiguous weight"):
         PeftModel.from_pretrained(base, tmp_path)
     assert not any(isinstance(m, SelectiveLayer) for m in base.modules())
+
+
+def test_a_selective_adapter_beside_a_bottleneck_reloads_on_a_plain_base(tmp_path):
+    """Its selection is recorded by plain module names (mlp.down_proj, not mlp.base_layer.down_proj): reloading on a
+    plain base failed ("LlamaMLP has no attribute base_layer"). Reloaded beside the bottleneck again, it still fits."""
+    from conftest import randomize_adapters, tiny_llama
+    from peftkit import AdapterConfig
+
+    model = get_peft_model(tiny_llama(), AdapterConfig(bottleneck_size=4), adapter_name="bn")
+    model.add_adapter("sel", SelectiveConfig(criterion="magnitude", budget=0.05, target_modules=["down_proj"]))
+    randomize_adapters(model)
+    assert all("base_layer" not in k for k in model.peft_config["sel"].selected_counts)
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        model.set_adapter("sel")
+        alone = model(input_ids=ids).logits
+        model.set_adapter(["bn", "sel"])
+        both = model(input_ids=ids).logits
+        plain = PeftModel.from_pretrained(tiny_llama(), tmp_path / "sel", adapter_name="sel")
+        torch.testing.assert_close(plain(input_ids=ids).logits, alone)
+        again = PeftModel.from_pretrained(tiny_llama(), tmp_path / "bn", adapter_name="bn")
+        again.load_adapter(tmp_path / "sel", "sel")
+        again.set_adapter(["bn", "sel"])
+        torch.testing.assert_close(again(input_ids=ids).logits, both)

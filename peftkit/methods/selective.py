@@ -24,8 +24,8 @@ from torch import nn
 
 from ..checkpoint import layer_key
 from ..config import TargetSpec, TargetedConfig, register
-from ..inject import (Method, adapter_layers, every_bias, find_targets, refuse_held, replace_modules, resolve_target_modules,
-                      shared_parameters)
+from ..inject import (Method, adapter_layers, block_wrappers, every_bias, find_targets, plain_name, real_name,
+                      refuse_held, replace_modules, resolve_target_modules, shared_parameters)
 from ..layers import AdapterLayer, adapter_dtype, param_device, plain_frozen_linear, sole_active_adapter
 from .lora_kernels import linear
 from .selective_codec import SAVE_DTYPES, pack, unpack
@@ -362,17 +362,20 @@ class SelectiveMethod(Method):
         names = list(scores)
         units = [unit_scores(scores.pop(name), config.granularity) for name in names]  # rows / modules: frees scores
         chosen = select(units, config.budget, config.threshold, config.ranking, _widths(weights, names, config.granularity))
+        # keyed by plain names (inject.plain_name): the record fits a base without other adapters' wrappers too
+        blocks = block_wrappers(model)
         selection = {n: c for n, c in zip(names, chosen) if c.numel()}
-        config.selected_counts = {n: _counts(c, weights[n], config.granularity) for n, c in selection.items()}
-        config._selection = selection
+        config.selected_counts = {plain_name(n, blocks): _counts(c, weights[n], config.granularity)
+                                  for n, c in selection.items()}
+        config._selection = {plain_name(n, blocks): c for n, c in selection.items()}
 
     def inject(self, model: nn.Module, config: SelectiveConfig, adapter_name: str) -> list[str]:
         """Wrap the modules with a selection (``selected_counts``) for ``adapter_name``."""
-        targets = list(config.selected_counts)
+        targets = [real_name(model, name) for name in config.selected_counts]  # recorded by plain name
         for name in targets:
             _scored_weight(model, name)
         try:
-            return replace_modules(model, config, adapter_name, _make_layer, targets)
+            return replace_modules(model, config, adapter_name, _make_layer, targets, plain=True)
         finally:
             config.__dict__.pop("_selection", None)  # indices live in the layers now, not in the config
 

@@ -27,7 +27,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from ..inject import adapter_layers, find_targets, replace_modules, unwrap
+from ..inject import adapter_layers, block_wrappers, find_targets, plain_name, replace_modules, unwrap
 from ..layers import AdapterLayer
 from .selective import SelectiveConfig, SelectiveLayer, _counts, _make_layer, _scored_weight, _widths
 from .selective_scoring import LossFn, check_finite, score_weights, select, top_k, unit_scores
@@ -61,7 +61,9 @@ def refine(model: nn.Module, batches: Optional[Iterable[dict]], budget: float, a
     for name in names:
         _reselect(model, name, chosen[name], config, adapter_name, optimizer)
     config.budget, config.threshold = budget, None
-    config.selected_counts = {n: _counts(c, weights[n], config.granularity) for n, c in chosen.items() if c.numel()}
+    blocks = block_wrappers(base)  # recorded by plain name, as selection records them
+    config.selected_counts = {plain_name(n, blocks): _counts(c, weights[n], config.granularity)
+                              for n, c in chosen.items() if c.numel()}
     # new layers learn which adapters are active; their values, created trainable, train only if this one does
     model._activate(model.active_adapters, added=adapter_name)
     return dict(config.selected_counts)
@@ -150,11 +152,12 @@ def _reselect(model: nn.Module, name: str, new: torch.Tensor, config: SelectiveC
     layer = base.get_submodule(name)
     held = isinstance(layer, SelectiveLayer) and adapter_name in layer.adapter_names
     if not held and new.numel():
-        config._selection = {name: new}
-        config.selected_counts = {**(config.selected_counts or {}), name: _counts(new, _scored_weight(base, name),
-                                                                                  config.granularity)}
+        plain = plain_name(name, block_wrappers(base))
+        config._selection = {plain: new}
+        config.selected_counts = {**(config.selected_counts or {}), plain: _counts(new, _scored_weight(base, name),
+                                                                                   config.granularity)}
         try:
-            replace_modules(base, config, adapter_name, _make_layer, [name])
+            replace_modules(base, config, adapter_name, _make_layer, [name], plain=True)
         finally:
             config.__dict__.pop("_selection", None)
         if optimizer is not None:
