@@ -65,7 +65,11 @@ def _plain(value: Any) -> Any:
     if isinstance(value, numbers.Real):
         return float(value)
     if isinstance(value, (set, frozenset)):  # JSON has no sets: a sorted list, as the configs store them
-        return sorted(_plain(v) for v in value)
+        items = [_plain(v) for v in value]
+        try:
+            return sorted(items)
+        except TypeError:  # mixed types (the field's own check then says what is wrong)
+            return sorted(items, key=repr)
     if isinstance(value, (list, tuple, range)):
         items = [_plain(v) for v in value]
         if isinstance(value, range):

@@ -102,16 +102,18 @@ def plain_name(name: str, blocks: set[str]) -> str:
     return ".".join(out)
 
 
-def real_name(model: nn.Module, name: str) -> str:
-    """The module path in ``model`` that ``name`` (a real or plain name, see plain_name) stands for; ``name`` itself
-    where no module has that plain name (the caller's lookup then reports it)."""
+def real_names(model: nn.Module) -> dict[str, str]:
+    """Plain name (see plain_name) -> module path in ``model``, for the modules whose path differs from it (those
+    inside a bottleneck adapter's block); look a name up with ``.get(name, name)``."""
     blocks = block_wrappers(model)
     if not blocks:
-        return name
+        return {}
+    table = {}
     for real, _ in model.named_modules():
-        if not (real.endswith(".base_layer") and real[:-len(".base_layer")] in blocks) and plain_name(real, blocks) == name:
-            return real
-    return name
+        plain = plain_name(real, blocks)
+        if plain != real and not (real.endswith(".base_layer") and real[:-len(".base_layer")] in blocks):
+            table[plain] = real
+    return table
 
 
 def name_matches(name: str, spec) -> bool:

@@ -76,6 +76,10 @@ def test_numpy_numbers_ranges_and_infinity_are_taken_as_plain_values():
                          (lambda: LoraConfig(r="+-3"), r"LoraConfig.r = '\+-3' \(str\)")):
         with pytest.raises(ValueError, match=needle):
             make()
+    with pytest.raises(ValueError, match=r"alpha_pattern values must be finite numbers, got \{'q': inf\}"):
+        LoraConfig(alpha_pattern={"q": math.inf})
+    with pytest.raises(ValueError, match="exclude_modules = "):  # a set of mixed types: the field's message
+        LoraConfig(exclude_modules={"q_proj", None})
     config = LoraConfig(target_modules=frozenset({"v_proj", "q_proj"}), layers_to_transform=frozenset({1, 0}))
     assert (config.target_modules, config.layers_to_transform) == (["q_proj", "v_proj"], [0, 1])
     json.dumps(config.to_dict())

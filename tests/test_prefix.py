@@ -261,10 +261,15 @@ def test_num_layers_that_do_not_fit_the_model_are_refused_at_wrap(num_layers):
     assert not any("prefix" in n for n, _ in model.named_modules())
 
 
-def test_training_under_gradient_checkpointing_is_refused_with_the_reason():
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_training_under_gradient_checkpointing_is_refused_with_the_reason(family):
     """transformers turns the cache off under checkpointing in training, and the prefixes live in the cache: the
-    forward failed with a bare shape error (as it does in PEFT)."""
-    model = get_peft_model(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    forward failed with a bare shape error (as it does in PEFT). Without grad it runs (GPT-2 drops the cache under
+    the flag whatever the grad mode: the flag is off for such a call, and back after)."""
+    from test_families import tiny_gpt2
+
+    base = tiny_llama() if family == "llama" else tiny_gpt2()
+    model = get_peft_model(base, PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with pytest.raises(ValueError, match="train prefix tuning without gradient checkpointing"):
@@ -273,3 +278,4 @@ def test_training_under_gradient_checkpointing_is_refused_with_the_reason():
         want = model.eval()(input_ids=ids).logits
         torch.testing.assert_close(model.train()(input_ids=ids).logits, want)  # sampling mid-training
         assert model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0).shape == (2, 7)
+    assert model.base_model.is_gradient_checkpointing

@@ -528,3 +528,29 @@ def test_a_selective_adapter_beside_a_bottleneck_reloads_on_a_plain_base(tmp_pat
         again.load_adapter(tmp_path / "sel", "sel")
         again.set_adapter(["bn", "sel"])
         torch.testing.assert_close(again(input_ids=ids).logits, both)
+
+
+def test_a_selection_recorded_by_real_paths_still_loads_beside_the_bottleneck(tmp_path):
+    """Adapters saved before selections were recorded by plain names keyed them by the path inside the bottleneck's
+    wrapper (mlp.base_layer.down_proj): loading re-keys them."""
+    import json
+
+    from conftest import randomize_adapters, tiny_llama
+    from peftkit import AdapterConfig
+
+    model = get_peft_model(tiny_llama(), AdapterConfig(bottleneck_size=4), adapter_name="bn")
+    model.add_adapter("sel", SelectiveConfig(criterion="magnitude", budget=0.05, target_modules=["down_proj"]))
+    randomize_adapters(model)
+    model.set_adapter(["bn", "sel"])
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "sel" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["selected_counts"] = {k.replace(".mlp.", ".mlp.base_layer."): v for k, v in config["selected_counts"].items()}
+    path.write_text(json.dumps(config))
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    again = PeftModel.from_pretrained(tiny_llama(), tmp_path / "bn", adapter_name="bn")
+    again.load_adapter(tmp_path / "sel", "sel")
+    again.set_adapter(["bn", "sel"])
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    assert all("base_layer" not in k for k in again.peft_config["sel"].selected_counts)

@@ -56,6 +56,10 @@ class LoraConfig(TargetedConfig):
         ranks = [self.r, *self.rank_pattern.values()]
         if any(not isinstance(r, int) or isinstance(r, bool) or r <= 0 for r in ranks):
             raise ValueError(f"LoRA rank r must be a positive integer, got {ranks}")
+        bad = {k: a for k, a in self.alpha_pattern.items()
+               if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a)}
+        if bad:
+            raise ValueError(f"alpha_pattern values must be finite numbers, got {bad}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.bias not in BIAS_MODES:

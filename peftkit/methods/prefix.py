@@ -14,6 +14,7 @@ discards from the same rows).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Optional
@@ -90,6 +91,19 @@ def checkpointing(model: nn.Module) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _checkpointing_off(model: nn.Module):
+    """transformers' per-module gradient_checkpointing flags off within the block, back as they were after."""
+    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in flagged:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.gradient_checkpointing = True
+
+
 def cache_argument(model: nn.Module) -> Optional[str]:
     """The name forward takes the attention cache by: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
     parameters = inspect.signature(model.forward).parameters
@@ -134,9 +148,17 @@ class PrefixMethod(Method):
 
     def run(self, model: nn.Module, module: nn.Module, config: PrefixTuningConfig, inputs: dict, generate: bool):
         """Forward or generate with the prefixes pre-filled in a fresh cache."""
+        if model.training and checkpointing(model):
+            if torch.is_grad_enabled():  # transformers drops the cache, where the prefixes live
+                raise ValueError(NO_CHECKPOINTING)
+            # without grad nothing is checkpointed anyway; some models (GPT-2) drop the cache under the flag whatever
+            # the grad mode, so the flag is off for this call (a no-grad forward or generate mid-training)
+            with _checkpointing_off(model):
+                return self._run(model, module, config, inputs, generate)
+        return self._run(model, module, config, inputs, generate)
+
+    def _run(self, model: nn.Module, module: nn.Module, config: PrefixTuningConfig, inputs: dict, generate: bool):
         inputs, cache_name = dict(inputs), cache_argument(model)
-        if model.training and torch.is_grad_enabled() and checkpointing(model):  # when transformers drops the cache
-            raise ValueError(NO_CHECKPOINTING)
         if inputs.get("past_key_values") is not None or inputs.get("cache") is not None:
             raise ValueError("with a prefix adapter the cache holds the prefixes; do not pass one")
         reference = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..checkpoint import layer_key
 from ..config import TargetSpec, TargetedConfig, register
-from ..inject import (Method, adapter_layers, block_wrappers, every_bias, find_targets, plain_name, real_name,
+from ..inject import (Method, adapter_layers, block_wrappers, every_bias, find_targets, plain_name, real_names,
                       refuse_held, replace_modules, resolve_target_modules, shared_parameters)
 from ..layers import AdapterLayer, adapter_dtype, param_device, plain_frozen_linear, sole_active_adapter
 from .lora_kernels import linear
@@ -371,7 +371,10 @@ class SelectiveMethod(Method):
 
     def inject(self, model: nn.Module, config: SelectiveConfig, adapter_name: str) -> list[str]:
         """Wrap the modules with a selection (``selected_counts``) for ``adapter_name``."""
-        targets = [real_name(model, name) for name in config.selected_counts]  # recorded by plain name
+        # recorded by plain name (by the real path in adapters saved before that: re-keyed, so both load)
+        real, blocks = real_names(model), block_wrappers(model)
+        targets = [real.get(name, name) for name in config.selected_counts]
+        config.selected_counts = {plain_name(t, blocks): c for t, c in zip(targets, config.selected_counts.values())}
         for name in targets:
             _scored_weight(model, name)
         try:
