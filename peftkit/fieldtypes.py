@@ -32,9 +32,11 @@ def check_types(obj: Any) -> None:
     for field in dataclasses.fields(obj):
         hint, value = hints.get(field.name, Any), getattr(obj, field.name)
         fitted = _fit(value, hint)
-        if (fitted is not _NO and isinstance(fitted, float) and math.isinf(fitted)
-                and field.name not in getattr(type(obj), INFINITY_OK, ())):
+        infinity_ok = field.name in getattr(type(obj), INFINITY_OK, ())
+        if fitted is not _NO and isinstance(fitted, float) and math.isinf(fitted) and not infinity_ok:
             fitted = _NO
+        if fitted is _NO and infinity_ok and isinstance(value, str) and value.strip().lower() in ("inf", "+inf"):
+            fitted = math.inf  # YAML 1.1 reads "inf" (not ".inf") as text
         if fitted is _NO:
             raise FieldTypeError(f"{type(obj).__name__}.{field.name} = {value!r} ({type(value).__name__}) does not fit: "
                              f"it takes {_describe(hint)}{_hint_for(value, hint)}")

@@ -69,6 +69,7 @@ def test_numpy_numbers_ranges_and_infinity_are_taken_as_plain_values():
     assert type(config.rank_pattern["q"]) is int
     json.dumps(config.to_dict())  # numpy numbers would not serialise
     assert TrainConfig(epochs=np.int64(2), max_grad_norm=math.inf).max_grad_norm == math.inf
+    assert TrainConfig(max_grad_norm="inf").max_grad_norm == math.inf  # as YAML 1.1 reads max_grad_norm: inf
     with pytest.raises(ValueError, match="max_grad_norm = nan"):
         TrainConfig(max_grad_norm=math.nan)
     for make, needle in ((lambda: LoraConfig(lora_alpha=math.inf), "lora_alpha = inf"),  # only max_grad_norm takes inf
