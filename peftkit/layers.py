@@ -20,6 +20,14 @@ def param_device(module: nn.Module) -> torch.device:
     return torch.device(getattr(hook, "execution_device", None) or "cpu")
 
 
+def checkpointing(model: nn.Module) -> bool:
+    """Whether transformers' gradient (activation) checkpointing is on for ``model``."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # the newer name first (no warning)
+        if name in dir(type(model)):
+            return bool(getattr(model, name))
+    return False
+
+
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     """Adapters of a low-precision or quantised base are kept in float32, as in PEFT."""
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32

@@ -13,7 +13,7 @@ from torch import nn
 from . import checkpoint
 from .config import PeftConfig, lookup
 from .inject import HEAD_NAMES, adapter_layers, shared_parameters, unwrap, wrap_modules_to_save
-from .layers import AdapterLayer, mixed_rows, new_forward_pass
+from .layers import AdapterLayer, checkpointing, mixed_rows, new_forward_pass
 from .persist import SaveLoadMixin
 
 BASE_ADAPTER = "__base__"  # reserved: "no adapter" in mixed batches
@@ -44,7 +44,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if isinstance(head, nn.Linear):
             self._head_hook = head.register_forward_pre_hook(_contiguous_input)
-        if getattr(model, "is_gradient_checkpointing", False):
+        if checkpointing(model):
             self._require_input_grads()
 
     def __getattr__(self, name: str):

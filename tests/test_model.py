@@ -444,3 +444,18 @@ def test_a_reference_pass_under_disable_adapter_leaves_a_pending_backward_intact
     assert plain.keys() == with_reference.keys() and any(".dpo" in n for n in plain)
     for name, grad in plain.items():
         torch.testing.assert_close(with_reference[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_wrapping_reads_checkpointing_without_transformers_deprecation_warning():
+    """transformers 5 deprecates is_gradient_checkpointing (every get_peft_model warned); the newer name is read."""
+    import warnings
+
+    base = tiny_llama()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    model.train()(input_ids=ids, labels=ids).loss.backward()  # reentrant checkpointing still reaches the adapters
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)

@@ -553,4 +553,11 @@ def test_a_selection_recorded_by_real_paths_still_loads_beside_the_bottleneck(tm
     again.set_adapter(["bn", "sel"])
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+        model.set_adapter("sel")
+        plain = PeftModel.from_pretrained(tiny_llama(), tmp_path / "sel", adapter_name="sel")  # no bottleneck there
+        torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits)
     assert all("base_layer" not in k for k in again.peft_config["sel"].selected_counts)
+    config["selected_counts"] = {"model.layers.9.mlp.down_proj": 4}
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="names module 'model.layers.9.mlp.down_proj', which this model does not have"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path / "sel", adapter_name="sel")

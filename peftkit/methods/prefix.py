@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import register
 from ..inject import Method
+from ..layers import checkpointing
 from .prompt import (_FROM_MODEL, PromptEmbedding, PromptLearningConfig, fill_from_model, input_embeddings, map_sequences,
                      position_limit, prepend_columns)
 
@@ -81,14 +82,6 @@ class PrefixEncoder(PromptEmbedding):
 NO_CHECKPOINTING = ("prefix tuning feeds its prefixes through the attention cache, which transformers turns off under "
                     "gradient checkpointing in training; train prefix tuning without gradient checkpointing (its "
                     "trained values are small: prompt tuning or LoRA take checkpointing)")
-
-
-def checkpointing(model: nn.Module) -> bool:
-    """Whether transformers' gradient (activation) checkpointing is on for ``model``."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # the newer name first (no warning)
-        if name in dir(type(model)):
-            return bool(getattr(model, name))
-    return False
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ peftkit's own ``peft_type`` ``SELECTIVE`` (no peer library has this method).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -311,6 +312,21 @@ def _refuse_shared(model: nn.Module, weights: dict[str, nn.Parameter]) -> None:
                              "or untie the weights first")
 
 
+def _module_path(model: nn.Module, name: str) -> str:
+    """``name``, or for a recorded path that went through a bottleneck adapter's wrapper (``mlp.base_layer.down_proj``,
+    as adapters saved before plain names recorded them) on a model without that wrapper, the plain path; a clear
+    error where neither names a module."""
+    candidates = [name, re.sub(r"\.base_layer(?=\.)", "", name)]
+    for path in candidates:
+        try:
+            model.get_submodule(path)
+            return path
+        except AttributeError:
+            continue
+    raise ValueError(f"the selection names module {name!r}, which this model does not have: was the adapter made on "
+                     "another model?")
+
+
 def _scored_weight(model: nn.Module, name: str) -> nn.Parameter:
     module = model.get_submodule(name)
     base = module.base_layer if isinstance(module, AdapterLayer) else module
@@ -373,7 +389,7 @@ class SelectiveMethod(Method):
         """Wrap the modules with a selection (``selected_counts``) for ``adapter_name``."""
         # recorded by plain name (by the real path in adapters saved before that: re-keyed, so both load)
         real, blocks = real_names(model), block_wrappers(model)
-        targets = [real.get(name, name) for name in config.selected_counts]
+        targets = [_module_path(model, real.get(name, name)) for name in config.selected_counts]
         config.selected_counts = {plain_name(t, blocks): c for t, c in zip(targets, config.selected_counts.values())}
         for name in targets:
             _scored_weight(model, name)
