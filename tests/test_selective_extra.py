@@ -561,3 +561,27 @@ def test_a_selection_recorded_by_real_paths_still_loads_beside_the_bottleneck(tm
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="names module 'model.layers.9.mlp.down_proj', which this model does not have"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path / "sel", adapter_name="sel")
+
+
+def test_refine_regrow_with_rows_ranked_globally_counts_the_budget_in_parameters():
+    """Rows of modules with different in_features: select fills the budget in parameters, and so does regrow now
+    (it counted rows, and came out short of the budget). Half of it stays with the held rows of largest |delta|."""
+    from peftkit.methods.selective_refine import refine
+
+    model, opt, _ = _trained_selective(SelectiveConfig(criterion="sensitivity", budget=0.05, ranking="global",
+                                                       granularity="row"))
+    base = model.base_model
+    layers = {p: m for p, m in base.named_modules() if isinstance(m, SelectiveLayer)}
+    held = {(p, int(u)) for p, m in layers.items() for u in m.selective_indices["default"]}
+    names = [n for n, m in tiny_llama().named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    widths = {n: tiny_llama().get_submodule(n).in_features for n in names}
+    assert len(set(widths.values())) > 1
+    total = sum(tiny_llama().get_submodule(n).weight.numel() for n in names)
+    counts = refine(model, _batches(), 0.1, optimizer=opt, regrow=0.5)
+    budget = round(0.1 * total)
+    assert budget - max(widths.values()) < sum(counts.values()) <= budget
+    after = {(p, int(u)) for p, m in base.named_modules() if isinstance(m, SelectiveLayer) and "default" in m.adapter_names
+             for u in m.selective_indices["default"]}
+    kept = after & held
+    assert kept and after - held  # some held rows stay, some new ones grow
+    assert sum(widths[p] for p, _ in kept) <= round(0.5 * budget)

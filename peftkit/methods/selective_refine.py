@@ -56,7 +56,8 @@ def refine(model: nn.Module, batches: Optional[Iterable[dict]], budget: float, a
         chosen = dict(zip(names, select(units, budget, None, config.ranking, _widths(weights, names, config.granularity))))
     else:
         held = [_held(base, name, adapter_name, u.numel()) for name, u in zip(names, units)]
-        chosen = dict(zip(names, _drop_and_grow(units, held, budget, regrow, config.ranking)))
+        widths = _widths(weights, names, config.granularity)
+        chosen = dict(zip(names, _drop_and_grow(units, held, budget, regrow, config.ranking, widths)))
     _check_wrappable(base, names, chosen, adapter_name)
     for name in names:
         _reselect(model, name, chosen[name], config, adapter_name, optimizer)
@@ -96,11 +97,15 @@ def _held(base: nn.Module, name: str, adapter_name: str, n_units: int) -> torch.
 
 
 def _drop_and_grow(units: list[torch.Tensor], held: list[torch.Tensor], budget: float, regrow: float,
-                   ranking: str) -> list[torch.Tensor]:
+                   ranking: str, widths: Optional[list[int]] = None) -> list[torch.Tensor]:
     """Per module, the unit indices to train: within each ranking group (all modules, or each one) the budget's k
     units are the largest held deltas, (1 - regrow) k of them (fewer if fewer are held; more only where too few
-    units are unselected to grow the rest), then the best scores among the others. regrow=1 keeps none."""
+    units are unselected to grow the rest), then the best scores among the others. regrow=1 keeps none.
+    Ranked globally over units of different widths (rows of modules with different in_features), the budget is
+    counted in parameters, as select counts it (see _drop_and_grow_by_size)."""
     check_finite(units)
+    if ranking != "per_module" and widths is not None and len(set(widths)) > 1:
+        return _drop_and_grow_by_size(units, held, budget, regrow, widths)
     groups = [[i] for i in range(len(units))] if ranking == "per_module" else [list(range(len(units)))]
     chosen: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long)] * len(units)
     for group in groups:
@@ -116,6 +121,45 @@ def _drop_and_grow(units: list[torch.Tensor], held: list[torch.Tensor], budget: 
     if not any(c.numel() for c in chosen):
         raise ValueError(f"budget {budget} selects nothing; raise the budget (or use a finer granularity)")
     return chosen
+
+
+def _drop_and_grow_by_size(units: list[torch.Tensor], held: list[torch.Tensor], budget: float, regrow: float,
+                           widths: list[int]) -> list[torch.Tensor]:
+    """_drop_and_grow over all modules with the budget in parameters: held units by |delta| until (1 - regrow) of
+    the budget's parameters (all held ones if they hold fewer; more where too few unselected parameters are left to
+    grow into), then unheld units by score until the budget is full, each unit taken only where it still fits."""
+    total = sum(u.numel() * w for u, w in zip(units, widths))
+    now = sum(int(torch.isfinite(h).sum()) * w for h, w in zip(held, widths))
+    k = round(budget * total)
+    keep = min(now, max(round((1.0 - regrow) * k), k - (total - now)))
+    kept, used = _fill(held, widths, keep)
+    fresh = [torch.where(torch.isfinite(h), float("-inf"), u.float().cpu()) for h, u in zip(held, units)]
+    grown, _ = _fill(fresh, widths, k - used)
+    chosen = [torch.cat([a, b]).sort().values for a, b in zip(kept, grown)]
+    if not any(c.numel() for c in chosen):
+        raise ValueError(f"budget {budget} selects nothing; raise the budget (or use a finer granularity)")
+    return chosen
+
+
+def _fill(values: list[torch.Tensor], widths: list[int], limit: int) -> tuple[list[torch.Tensor], int]:
+    """Per tensor, the units taken best first (ties: earlier tensor, then lower index) while they fit in ``limit``
+    parameters, a unit too wide for what is left passed over for narrower ones; -inf units are never taken. Also
+    the parameters taken."""
+    flat = torch.cat([v.flatten().float().cpu() for v in values])
+    owner = torch.cat([torch.full((v.numel(),), i, dtype=torch.long) for i, v in enumerate(values)])
+    size = torch.tensor(widths, dtype=torch.long)[owner]
+    picked = torch.zeros(flat.numel(), dtype=torch.bool)
+    left, narrowest = limit, min(widths)
+    for unit in torch.sort(flat, descending=True, stable=True).indices.tolist():
+        if left < narrowest or flat[unit] == float("-inf"):
+            break
+        if int(size[unit]) <= left:
+            picked[unit] = True
+            left -= int(size[unit])
+    starts = [0]
+    for v in values:
+        starts.append(starts[-1] + v.numel())
+    return [picked[starts[i]:starts[i + 1]].nonzero().flatten() for i in range(len(values))], limit - left
 
 
 def _checked_config(model: nn.Module, adapter_name: str, budget: float) -> SelectiveConfig:
