@@ -331,16 +331,25 @@ class PeftModel(SaveLoadMixin, nn.Module):
                     layer.merge([name])
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: Optional[int] = None,
+                             combination_type: Optional[str] = None, svd_rank: Optional[int] = None,
                              svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
                              density: Optional[float] = None, majority_sign_method: str = "total",
                              generator: Optional[torch.Generator] = None) -> None:
-        """Add LoRA adapter ``adapter_name``: ``adapters`` combined with ``weights`` (PEFT's types; methods/lora_arith)."""
-        from .methods import lora_arith  # LoRA-only, imported here so the core does not load a method at import
+        """Add adapter ``adapter_name``: ``adapters`` combined with ``weights``. LoRA adapters combine by PEFT's
+        ``combination_type`` ("svd" when unset; methods/lora_arith); IA3 adapters linearly, as in PEFT
+        (methods/ia3_arith)."""
+        from .methods import ia3_arith, lora_arith  # imported here so the core does not load a method at import
 
         self._check_new_name(adapter_name)
+        names = [] if isinstance(adapters, str) else list(adapters)
+        if names and {getattr(self.peft_config.get(n), "peft_type", None) for n in names} == {"IA3"}:
+            if combination_type not in (None, "linear"):
+                raise ValueError(f"IA3 adapters combine linearly (PEFT's rule); leave combination_type out or pass "
+                                 f"'linear', not {combination_type!r}")
+            ia3_arith.add_weighted_ia3(self, adapters, weights, adapter_name)
+            return
         lora_arith.add_weighted_adapter(self, adapters, weights, adapter_name, lora_arith.Options(
-            combination_type, svd_rank, svd_clamp, svd_full_matrices, density, majority_sign_method, generator))
+            combination_type or "svd", svd_rank, svd_clamp, svd_full_matrices, density, majority_sign_method, generator))
 
     def hotswap_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str = "default") -> None:
         """Load a saved LoRA adapter into ``adapter_name``'s tensors in place (see peftkit.hotswap)."""

@@ -7,7 +7,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from peftkit import IA3Config, LoraConfig, get_peft_model
+from peftkit import IA3Config, LoraConfig, PeftModel, get_peft_model
 from peftkit.methods.ia3 import IA3Layer
 from conftest import tiny_llama
 
@@ -266,3 +266,36 @@ def test_unsupported_layers_are_refused():
     with pytest.raises(ValueError, match="already holds a LORA adapter"):
         model.add_adapter("ia3", IA3Config())
     assert list(model.peft_config) == ["default"]
+
+
+def test_add_weighted_adapter_combines_ia3_vectors_as_peft_does(tmp_path):
+    """PEFT's IA3 add_weighted_adapter: sum_i w_i l_i per module over the sources that scale it, targets and
+    feed-forward modules united. Loaded from PEFT's files, peftkit's combination gives PEFT's logits."""
+    import peft as hf_peft
+
+    theirs = hf_peft.get_peft_model(tiny_llama(), hf_peft.IA3Config(target_modules=["k_proj", "down_proj"],
+                                                                    feedforward_modules=["down_proj"]), adapter_name="a")
+    theirs.add_adapter("b", hf_peft.IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    gen = torch.Generator().manual_seed(0)
+    for name, tensor in theirs.named_parameters():
+        if "ia3_l" in name:
+            tensor.data = 1 + 0.3 * torch.randn(tensor.shape, generator=gen)
+    theirs.save_pretrained(str(tmp_path))
+    theirs.add_weighted_adapter(["a", "b"], [0.7, -0.3], "c")
+    theirs.set_adapter("c")
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    ours = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"), adapter_name="a")
+    ours.load_adapter(str(tmp_path / "b"), "b")
+    ours.add_weighted_adapter(["a", "b"], [0.7, -0.3], "c")
+    ours.set_adapter("c")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    assert ours.peft_config["c"].target_modules == ["down_proj", "k_proj", "v_proj"]
+    assert ours.peft_config["c"].feedforward_modules == ["down_proj"]
+    with pytest.raises(ValueError, match="IA3 adapters combine linearly"):
+        ours.add_weighted_adapter(["a", "b"], [1.0, 1.0], "d", combination_type="svd")
+    ours.add_adapter("ff_q", IA3Config(target_modules=["q_proj"], feedforward_modules=["q_proj"]))
+    ours.add_adapter("out_q", IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    with pytest.raises(ValueError, match="scale 'model.layers.0.self_attn.q_proj' on different sides"):
+        ours.add_weighted_adapter(["ff_q", "out_q"], [1.0, 1.0], "d")
+    assert "d" not in ours.peft_config
