@@ -342,7 +342,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
 
         self._check_new_name(adapter_name)
         names = [] if isinstance(adapters, str) else list(adapters)
-        if names and {getattr(self.peft_config.get(n), "peft_type", None) for n in names} == {"IA3"}:
+        if "IA3" in {getattr(self.peft_config.get(n), "peft_type", None) for n in names}:  # it names what is wrong
             if combination_type not in (None, "linear"):
                 raise ValueError(f"IA3 adapters combine linearly (PEFT's rule); leave combination_type out or pass "
                                  f"'linear', not {combination_type!r}")

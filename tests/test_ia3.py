@@ -299,3 +299,19 @@ def test_add_weighted_adapter_combines_ia3_vectors_as_peft_does(tmp_path):
     with pytest.raises(ValueError, match="scale 'model.layers.0.self_attn.q_proj' on different sides"):
         ours.add_weighted_adapter(["ff_q", "out_q"], [1.0, 1.0], "d")
     assert "d" not in ours.peft_config
+
+
+def test_ia3_arithmetic_refuses_sources_narrowed_differently_and_names_what_is_wrong():
+    """Sources with different layers_to_transform: the combined adapter would scale a module no source scales (its
+    vector 0: the module's output zeroed) or drop one; refused. A missing name or a LoRA source among IA3 ones is
+    named (it fell through to LoRA's 'combines LoRA adapters only')."""
+    model = get_peft_model(tiny_llama(), IA3Config(target_modules=["k_proj"], feedforward_modules=[],
+                                                   layers_to_transform=[0, 1]), adapter_name="a")
+    model.add_adapter("b", IA3Config(target_modules=["v_proj"], feedforward_modules=[], layers_to_transform=[1]))
+    model.add_adapter("l", LoraConfig(r=2, target_modules=["q_proj"]))
+    for names, needle in ((["a", "b"], r"layers_to_transform differ \(\[\[0, 1\], \[1\]\]\)"),
+                          (["a", "zz"], "no adapter named 'zz'"),
+                          (["a", "l"], "adapter 'l' is a LORA adapter; IA3 adapters combine only with IA3")):
+        with pytest.raises(ValueError, match=needle):
+            model.add_weighted_adapter(names, [1.0, 1.0], "c")
+    assert sorted(model.peft_config) == ["a", "b", "l"]

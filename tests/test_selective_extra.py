@@ -585,3 +585,12 @@ def test_refine_regrow_with_rows_ranked_globally_counts_the_budget_in_parameters
     kept = after & held
     assert kept and after - held  # some held rows stay, some new ones grow
     assert sum(widths[p] for p, _ in kept) <= round(0.5 * budget)
+
+
+def test_refine_regrow_under_the_narrowest_row_takes_the_best_unit_as_select_does():
+    from peftkit.methods.selective_refine import _drop_and_grow
+
+    units = [torch.tensor([0.1, 0.9]), torch.tensor([0.5, 0.2, 0.3])]
+    held = [torch.tensor([1.0, float("-inf")]), torch.tensor([float("-inf")] * 3)]
+    chosen = _drop_and_grow(units, held, 0.01, 0.5, "global", widths=[9, 7])  # 0.01 of 39 parameters: under 7
+    assert [c.tolist() for c in chosen] == [[1], []]  # the best-scoring unit, not an error

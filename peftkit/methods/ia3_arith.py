@@ -64,6 +64,11 @@ def _check(model, adapters: list[str], weights: list[float]) -> None:
         if config.modules_to_save:
             raise ValueError(f"adapter {name!r} trains whole modules {config.modules_to_save} (modules_to_save), "
                              "which cannot be combined; combine adapters without modules_to_save")
+    for field in ("layers_to_transform", "layers_pattern", "exclude_modules"):
+        values = [getattr(model.peft_config[name], field) for name in adapters]
+        if any(v != values[0] for v in values):  # the union of targets is narrowed by one filter: it must be theirs
+            raise ValueError(f"the adapters' {field} differ ({values}); combine adapters that narrow their targets "
+                             "alike (the combined adapter would scale modules no source scales, or drop some)")
     for field in ("target_modules", "feedforward_modules"):
         kinds = {type(getattr(model.peft_config[name], field)) for name in adapters}
         if str in kinds and len(kinds) > 1:  # a regex and a list cannot be united into one spec (PEFT's rule too)

@@ -136,8 +136,9 @@ def _drop_and_grow_by_size(units: list[torch.Tensor], held: list[torch.Tensor], 
     fresh = [torch.where(torch.isfinite(h), float("-inf"), u.float().cpu()) for h, u in zip(held, units)]
     grown, _ = _fill(fresh, widths, k - used)
     chosen = [torch.cat([a, b]).sort().values for a, b in zip(kept, grown)]
-    if not any(c.numel() for c in chosen):
-        raise ValueError(f"budget {budget} selects nothing; raise the budget (or use a finer granularity)")
+    if not any(c.numel() for c in chosen):  # a budget under the narrowest unit: the best one, as select takes
+        best = max(range(len(units)), key=lambda i: (float(units[i].max()), -i))
+        chosen[best] = units[best].float().argmax().reshape(1).cpu()
     return chosen
 
 
