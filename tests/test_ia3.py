@@ -311,7 +311,7 @@ def test_ia3_arithmetic_refuses_sources_narrowed_differently_and_names_what_is_w
     model.add_adapter("l", LoraConfig(r=2, target_modules=["q_proj"]))
     for names, needle in ((["a", "b"], r"layers_to_transform differ \(\[\[0, 1\], \[1\]\]\)"),
                           (["a", "zz"], "no adapter named 'zz'"),
-                          (["a", "l"], "adapter 'l' is a LORA adapter; IA3 adapters combine only with IA3")):
+                          (["a", "l"], r"adapter 'l' is a LORA adapter; add_weighted_adapter combines adapters of one kind \(LoRA with LoRA, IA3")):
         with pytest.raises(ValueError, match=needle):
             model.add_weighted_adapter(names, [1.0, 1.0], "c")
     assert sorted(model.peft_config) == ["a", "b", "l"]

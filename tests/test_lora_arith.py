@@ -242,7 +242,7 @@ def test_refusals_are_clear():
         with pytest.raises(ValueError, match=message):
             model.add_weighted_adapter(**kw)
     model.add_adapter("ia3", IA3Config(target_modules=["o_proj", "down_proj"], feedforward_modules=["down_proj"]))
-    with pytest.raises(ValueError, match="IA3 adapter; add_weighted_adapter combines LoRA"):
+    with pytest.raises(ValueError, match=r"is a LORA adapter; add_weighted_adapter combines adapters of one kind \(LoRA"):
         model.add_weighted_adapter(["a", "ia3"], [1.0, 1.0], "new")
     model.add_adapter("dora", LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="uses DoRA"):

@@ -59,8 +59,8 @@ def _check(model, adapters: list[str], weights: list[float]) -> None:
         if config is None:
             raise ValueError(f"no adapter named {name!r}; this model has {sorted(model.peft_config)}")
         if not isinstance(config, IA3Config):
-            raise ValueError(f"adapter {name!r} is a {config.peft_type} adapter; IA3 adapters combine only with IA3 "
-                             "adapters")
+            raise ValueError(f"adapter {name!r} is a {config.peft_type} adapter; add_weighted_adapter combines adapters "
+                             "of one kind (LoRA with LoRA, IA3 with IA3)")
         if config.modules_to_save:
             raise ValueError(f"adapter {name!r} trains whole modules {config.modules_to_save} (modules_to_save), "
                              "which cannot be combined; combine adapters without modules_to_save")
