@@ -1,8 +1,8 @@
 """``peftkit compare``: full fine-tuning vs PEFT methods on the same model and data, measured.
 
 Each variant trains in its own ``python -m peftkit train`` subprocess (so its peak memory is its own, as the
-run records it from Linux's VmHWM); its summary.json gives the rest. Forgetting is measured here, on the bundled general
-text: the change of the LM loss (causal LMs), or representation drift (other models).
+run records it from Linux's VmHWM); its summary.json gives the rest. Forgetting is measured here, on the bundled
+general text: the change of the LM loss (causal LMs), or representation drift (other models).
 """
 from __future__ import annotations
 

@@ -31,12 +31,7 @@ def check_types(obj: Any) -> None:
         return
     for field in dataclasses.fields(obj):
         hint, value = hints.get(field.name, Any), getattr(obj, field.name)
-        fitted = _fit(value, hint)
-        infinity_ok = field.name in getattr(type(obj), INFINITY_OK, ())
-        if fitted is not _NO and isinstance(fitted, float) and math.isinf(fitted) and not infinity_ok:
-            fitted = _NO
-        if fitted is _NO and infinity_ok and isinstance(value, str) and value.strip().lower() in ("inf", "+inf"):
-            fitted = math.inf  # YAML 1.1 reads "inf" (not ".inf") as text
+        fitted = _fit(value, hint, infinity_ok=field.name in getattr(type(obj), INFINITY_OK, ()))
         if fitted is _NO:
             raise FieldTypeError(f"{type(obj).__name__}.{field.name} = {value!r} ({type(value).__name__}) does not fit: "
                              f"it takes {_describe(hint)}{_hint_for(value, hint)}")
@@ -44,23 +39,27 @@ def check_types(obj: Any) -> None:
             object.__setattr__(obj, field.name, fitted)
 
 
-def _fit(value: Any, hint: Any) -> Any:
-    """``value`` (or its number, for text where a number is wanted) if it fits ``hint``, else _NO."""
-    exact = _fits_exactly(value, hint)
-    if exact:
-        return _plain(value) if not (isinstance(value, numbers.Real) and math.isnan(value)) else _NO
-    if isinstance(value, str) and _wants(hint, float):  # YAML 1.1 reads 1e-3 (no dot) as text
-        number = _parse_number(value, ints=_wants(hint, int, exact_type=True),
-                               floats=_wants(hint, float, exact_type=True))
-        if number is not None:
-            return number
-    return _NO
+def _fit(value: Any, hint: Any, infinity_ok: bool) -> Any:
+    """``value`` (as plain Python, or its number for text where a number is wanted: YAML 1.1 reads 1e-3 and inf as
+    text) if it fits ``hint``, else _NO. A float must be finite, or infinite where ``infinity_ok``; never NaN."""
+    if _fits_exactly(value, hint):
+        value = _plain(value)
+    elif isinstance(value, str) and _wants(hint, float):
+        value = _parse_number(value, ints=_wants(hint, int, exact_type=True),
+                              floats=_wants(hint, float, exact_type=True))
+        if value is None:
+            return _NO
+    else:
+        return _NO
+    if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and not infinity_ok)):
+        return _NO
+    return value
 
 
 def _plain(value: Any) -> Any:
     """``value`` with numpy numbers as Python's, ranges as lists and other mappings as dicts (what JSON writes);
     ``value`` itself where nothing changes."""
-    if isinstance(value, bool) or value is None or isinstance(value, (str, int, float)) and type(value) in (str, int, float):
+    if value is None or type(value) in (bool, str, int, float):
         return value
     if isinstance(value, numbers.Integral):
         return int(value)
@@ -124,17 +123,16 @@ def _wants(hint: Any, kind: type, exact_type: bool = False) -> bool:
 
 def _parse_number(text: str, ints: bool, floats: bool) -> Union[int, float, None]:
     """The number ``text`` spells: an int where an int is taken and it is a whole-number literal ("3": a count, not
-    3.0), else a finite float where floats are taken; None where it spells none of those."""
+    3.0), else a float where floats are taken; None where it spells none of those."""
     text = text.strip()
     if ints and re.fullmatch(r"[+-]?[0-9]+", text):
         return int(text)  # exactly: not through a float, which rounds past 2**53
     if not floats:
         return None
     try:
-        number = float(text)
+        return float(text)
     except ValueError:
         return None
-    return number if math.isfinite(number) else None
 
 
 def _describe(hint: Any) -> str:

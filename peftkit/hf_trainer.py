@@ -128,10 +128,13 @@ def load_adapter_weights(model: PeftModel, directory: str, resume: bool = False)
     kept = {name: {k: v.detach().clone() for k, v in model.adapter_parameters(name).items()} for name in found}
     # filling an encoder's adapter replaces its module's encoder by the saved output: those modules come back whole
     modules = {name: copy.deepcopy(m) for name, m in model.prompt_modules.items() if m.holds_encoder()}
+    overwritten: dict[str, dict[str, torch.Tensor]] = {name: {} for name in found}  # base embeddings replaced
     try:
         for name, (where, tensors) in found.items():
-            model._fill(name, tensors, where)
+            model._fill(name, tensors, where, overwritten[name])
     except Exception:
+        for name in reversed(list(found)):
+            model._put_back(name, overwritten[name])
         for name, module in modules.items():
             model.prompt_modules[name] = module
         with torch.no_grad():

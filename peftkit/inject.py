@@ -102,16 +102,21 @@ def plain_name(name: str, blocks: set[str]) -> str:
     return ".".join(out)
 
 
-def real_names(model: nn.Module) -> dict[str, str]:
+def is_block_base(name: str, blocks: set[str]) -> bool:
+    """Whether ``name`` is the block a wrapper in ``blocks`` wraps (``<wrapper>.base_layer``): the wrapper, under
+    the block's plain name, stands for it."""
+    return name.endswith(".base_layer") and name[:-len(".base_layer")] in blocks
+
+
+def real_names(model: nn.Module, blocks: set[str]) -> dict[str, str]:
     """Plain name (see plain_name) -> module path in ``model``, for the modules whose path differs from it (those
-    inside a bottleneck adapter's block); look a name up with ``.get(name, name)``."""
-    blocks = block_wrappers(model)
+    inside a bottleneck adapter's block, ``blocks``); look a name up with ``.get(name, name)``."""
     if not blocks:
         return {}
     table = {}
     for real, _ in model.named_modules():
         plain = plain_name(real, blocks)
-        if plain != real and not (real.endswith(".base_layer") and real[:-len(".base_layer")] in blocks):
+        if plain != real and not is_block_base(real, blocks):
             table[plain] = real
     return table
 
@@ -210,8 +215,7 @@ def find_targets(model: nn.Module, config) -> list[str]:
             continue
         # a layer inside a bottleneck adapter's block answers to its plain name too; the block itself (the wrapper's
         # base_layer) does not: under that name the wrapper is the target
-        is_block = name.endswith(".base_layer") and name[:-len(".base_layer")] in blocks
-        plain = name if is_block else plain_name(name, blocks)
+        plain = name if is_block_base(name, blocks) else plain_name(name, blocks)
         if not (name_matches(name, config.target_modules) or name_matches(plain, config.target_modules)):
             continue
         if name_matches(name, config.exclude_modules) or name_matches(plain, config.exclude_modules):
@@ -248,14 +252,13 @@ def _trained_in_full(config) -> list[str]:
 def _unwrapped_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of the model as it was before any adapter: a wrapper stands for its base layer, under
     the wrapper's name; what lives inside wrappers is left out."""
-    inside = _wrapper_prefixes(model)
+    inside, blocks = _wrapper_prefixes(model), block_wrappers(model)
     out = []
-    wrappers = {n for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
     for name, module in model.named_modules():
         if inside and name.startswith(inside):
             continue
-        if name.endswith(".base_layer") and name[:-len(".base_layer")] in wrappers:
-            continue  # a block wrapper's base layer: the wrapper stands for it already
+        if is_block_base(name, blocks):
+            continue  # the wrapper stands for it already
         out.append((name, module.base_layer if isinstance(module, AdapterLayer) else module))
     return out
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import warnings
 from typing import Callable, Iterable, Iterator, Optional, Union
@@ -341,8 +342,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
         from .methods import ia3_arith, lora_arith  # imported here so the core does not load a method at import
 
         self._check_new_name(adapter_name)
-        names = [] if isinstance(adapters, str) else list(adapters)
-        if "IA3" in {getattr(self.peft_config.get(n), "peft_type", None) for n in names}:  # it names what is wrong
+        if self._weighted_sources(adapters, weights) == "IA3":
             if combination_type not in (None, "linear"):
                 raise ValueError(f"IA3 adapters combine linearly (PEFT's rule); leave combination_type out or pass "
                                  f"'linear', not {combination_type!r}")
@@ -350,6 +350,28 @@ class PeftModel(SaveLoadMixin, nn.Module):
             return
         lora_arith.add_weighted_adapter(self, adapters, weights, adapter_name, lora_arith.Options(
             combination_type or "svd", svd_rank, svd_clamp, svd_full_matrices, density, majority_sign_method, generator))
+
+    def _weighted_sources(self, adapters: list[str], weights: list[float]) -> str:
+        """The method (LORA or IA3) of add_weighted_adapter's sources, refusing what no method can combine."""
+        if isinstance(adapters, str) or not adapters:
+            raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
+        if len(weights) != len(adapters) or not all(math.isfinite(float(w)) for w in weights):
+            raise ValueError(f"weights must be {len(adapters)} finite numbers, one per adapter; got {weights!r}")
+        kinds = {}
+        for name in adapters:
+            config = self.peft_config.get(name)
+            if config is None:
+                raise ValueError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}")
+            if getattr(config, "modules_to_save", None):
+                raise ValueError(f"adapter {name!r} trains whole modules {config.modules_to_save} (modules_to_save), "
+                                 "which cannot be combined; combine adapters without modules_to_save")
+            kinds[name] = config.peft_type
+        kind = "IA3" if "IA3" in kinds.values() else "LORA"  # with IA3 among them, the others are the odd ones
+        odd = next((n for n in adapters if kinds[n] != kind), None)
+        if odd is not None:
+            raise ValueError(f"adapter {odd!r} is a {kinds[odd]} adapter; add_weighted_adapter combines adapters of "
+                             "one kind (LoRA with LoRA, IA3 with IA3)")
+        return kind
 
     def hotswap_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str = "default") -> None:
         """Load a saved LoRA adapter into ``adapter_name``'s tensors in place (see peftkit.hotswap)."""

@@ -194,12 +194,18 @@ def test_seq_cls_needs_labels_and_local_classifier_loads(tmp_path):
     assert tok.pad_token_id is not None
 
 
-def test_resume_with_another_job_is_refused(model_dir, data_dir, tmp_path, monkeypatch):
+def _interrupted_run(model_dir, data_dir, tmp_path, monkeypatch) -> str:
+    """The output directory of a run stopped at step 2 (as Ctrl-C stops it: a checkpoint and job.json left)."""
     out = str(tmp_path / "run")
     with monkeypatch.context() as patch:
         _interrupt_at(patch, 2)
         with pytest.raises(TrainingInterrupted):
             run_job(job(model_dir, data_dir), out, progress=False, log=quiet)
+    return out
+
+
+def test_resume_with_another_job_is_refused(model_dir, data_dir, tmp_path, monkeypatch):
+    out = _interrupted_run(model_dir, data_dir, tmp_path, monkeypatch)
     other = job(model_dir, data_dir)
     other.peft = {"r": 2}
     with pytest.raises(ValueError, match=r"cannot resume: \['peft'\] differ"):
@@ -213,11 +219,7 @@ def test_resume_with_another_job_is_refused(model_dir, data_dir, tmp_path, monke
 def test_resume_takes_settings_that_restate_the_defaults(model_dir, data_dir, tmp_path, monkeypatch):
     """job.json records the settings that were given; a resume that spells out a default (or the method in another
     case) is the same job, and one that changes a resolved setting is not."""
-    out = str(tmp_path / "run")
-    with monkeypatch.context() as patch:
-        _interrupt_at(patch, 2)
-        with pytest.raises(TrainingInterrupted):
-            run_job(job(model_dir, data_dir), out, progress=False, log=quiet)
+    out = _interrupted_run(model_dir, data_dir, tmp_path, monkeypatch)
     same = job(model_dir, data_dir)
     same.method = "LoRA"
     same.peft = {**same.peft, "lora_alpha": METHOD_DEFAULTS["LORA"]["lora_alpha"], "lora_dropout": 0.05}

@@ -735,8 +735,7 @@ def test_batches_are_split_to_stay_within_the_context():
 
     from peftkit.serve.engine import Engine
 
-    engine = SimpleNamespace(base=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=32)),
-                             virtual_tokens=lambda adapter: 6 if adapter == "prompt" else 0)
+    engine = SimpleNamespace(context=lambda: 32, virtual_tokens=lambda adapter: 6 if adapter == "prompt" else 0)
     jobs = [SimpleNamespace(input_ids=[1] * n, max_tokens=m, adapter="a")
             for n, m in ((24, 4), (2, 20), (3, 4), (20, 8), (6, 2))]
     parts = Engine._within_context(engine, jobs)
@@ -747,5 +746,9 @@ def test_batches_are_split_to_stay_within_the_context():
     jobs[2].input_ids = [1] * 7  # 7 + 6 = 13 wide: beside job 1 (20 new tokens) 33 > 32, so a part of its own,
     # which job 3 (20 + 8) and job 4 (12 + 2) join
     assert [[jobs.index(j) for j in part] for part in Engine._within_context(engine, jobs)] == [[0], [1], [2, 3, 4]]
-    engine.base.config = SimpleNamespace()  # no known context: one batch
+    engine.context = lambda: None  # no known context: one batch
     assert Engine._within_context(engine, jobs) == [jobs]
+
+
+def test_the_engines_context_is_the_models_learned_positions(env):
+    assert env["engine"].context() == tiny_llama().config.max_position_embeddings

@@ -83,10 +83,10 @@ def resolve_job(args: argparse.Namespace, flags: list):
 def _check_method_settings(job) -> None:
     """The method's settings, from the config file as from flags, built into its config now, so that
     --print-config shows only a job that would run."""
-    from ..train.models import method_config
+    from ..train.job import checked_method_config
 
     try:
-        method_config(job.method, dict(job.peft or {}), job.data.task)
+        checked_method_config(job)
     except (ValueError, TypeError) as err:
         raise CliError(f"invalid job settings: {err}") from None
 

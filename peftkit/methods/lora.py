@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TargetedConfig, register
-from ..inject import (DEFAULT_TARGETS, every_bias, find_targets, is_linear_like, refuse_held,
-                      replace_modules,
+from ..inject import (DEFAULT_TARGETS, every_bias, find_targets, is_linear_like, refuse_held, replace_modules,
                       resolve_target_modules)
 from ..layers import (AdapterLayer, MixedRows, adapter_dtype, param_device, plain_frozen_linear, shared_dropout,
                       sole_active_adapter)

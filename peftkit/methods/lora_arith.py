@@ -149,7 +149,8 @@ def _task_kind(combination: str) -> str:
 # --- the whole model ---------------------------------------------------------------------------------
 def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapter_name: str,
                          opts: Options) -> None:
-    """Add ``adapter_name`` to the PeftModel ``model``: ``adapters`` combined with ``weights`` as ``opts`` says."""
+    """Add ``adapter_name`` to the PeftModel ``model``: ``adapters`` combined with ``weights`` as ``opts`` says.
+    The sources are LoRA adapters of ``model``, checked as such by PeftModel.add_weighted_adapter."""
     _check(model, adapters, weights, opts)
     if len(adapters) == 1:  # PEFT's rule; linear is exact for a single adapter
         opts = dataclasses.replace(opts, combination="linear")
@@ -168,24 +169,11 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
 
 
 def _check(model, adapters: list[str], weights: list[float], opts: Options) -> None:
-    # every refusal before any work
-    if isinstance(adapters, str) or not adapters:
-        raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
-    if len(weights) != len(adapters) or not all(math.isfinite(float(w)) for w in weights):
-        raise ValueError(f"weights must be {len(adapters)} finite numbers, one per adapter; got {weights!r}")
+    # LoRA's own refusals, before any work (PeftModel.add_weighted_adapter checked what every method shares)
     for name in adapters:
-        config = model.peft_config.get(name)
-        if config is None:
-            raise ValueError(f"no adapter named {name!r}; this model has {sorted(model.peft_config)}")
-        if not isinstance(config, LoraConfig):
-            raise ValueError(f"adapter {name!r} is a {config.peft_type} adapter; add_weighted_adapter combines LoRA "
-                             "adapters only")
-        if config.use_dora:
+        if model.peft_config[name].use_dora:
             raise ValueError(f"adapter {name!r} uses DoRA, whose magnitude vector does not combine linearly; "
                              "add_weighted_adapter supports plain LoRA adapters")
-        if config.modules_to_save:
-            raise ValueError(f"adapter {name!r} trains whole modules {config.modules_to_save} (modules_to_save), "
-                             "which cannot be combined; combine adapters without modules_to_save")
     _check_options(opts)
 
 

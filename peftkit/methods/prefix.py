@@ -25,8 +25,8 @@ from torch import nn
 from ..config import register
 from ..inject import Method
 from ..layers import checkpointing
-from .prompt import (_FROM_MODEL, PromptEmbedding, PromptLearningConfig, fill_from_model, input_embeddings, map_sequences,
-                     position_limit, prepend_columns)
+from .prompt import (PromptEmbedding, PromptLearningConfig, fill_from_model, input_embeddings, map_sequences,
+                     model_setting, position_limit, prepend_columns)
 
 
 @dataclass
@@ -219,9 +219,7 @@ def _check_decoder_layers(model: nn.Module, config: PrefixTuningConfig) -> None:
     if is_encoder_decoder(model) and decoder is not None and decoder != config.num_layers:
         raise ValueError(f"prefix tuning has num_layers={config.num_layers} but the decoder has {decoder} layers; "
                          f"set num_layers={decoder} in the PrefixTuningConfig")
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    layers = next((getattr(text_config, n) for n in _FROM_MODEL["num_layers"]
-                   if getattr(text_config, n, None) is not None), None)
+    layers = model_setting(model, "num_layers")
     if not is_encoder_decoder(model) and layers is not None and layers != config.num_layers:
         raise ValueError(f"prefix tuning has num_layers={config.num_layers} but the model has {layers} layers, each "
                          f"of which takes a prefix; set num_layers={layers} or leave it unset to take it from the model")

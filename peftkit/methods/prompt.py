@@ -160,13 +160,20 @@ class PromptEncoder(PromptEmbedding):
         return self.mlp_head is not None or self.lstm_head is not None
 
 
-def fill_from_model(model: nn.Module, config: PromptLearningConfig, check_dim: bool = True) -> None:
-    """Fill unset sizes from ``model.config`` as PEFT does; check the config fits the model."""
+def model_setting(model: nn.Module, field: str):
+    """The model config's value for a prompt config ``field`` (num_layers, token_dim, num_attention_heads) under
+    any of its names (_FROM_MODEL), or None."""
     model_config = getattr(model, "config", None)
     model_config = getattr(model_config, "text_config", None) or model_config
-    for field, names in _FROM_MODEL.items():
+    return next((getattr(model_config, n) for n in _FROM_MODEL[field] if getattr(model_config, n, None) is not None),
+                None)
+
+
+def fill_from_model(model: nn.Module, config: PromptLearningConfig, check_dim: bool = True) -> None:
+    """Fill unset sizes from ``model.config`` as PEFT does; check the config fits the model."""
+    for field in _FROM_MODEL:
         if getattr(config, field) is None:
-            found = next((getattr(model_config, n) for n in names if getattr(model_config, n, None) is not None), None)
+            found = model_setting(model, field)
             if found is None:
                 raise ValueError(f"cannot read {field} from the model's config; set {field} in the prompt config")
             setattr(config, field, found)
@@ -203,8 +210,8 @@ def position_limit(model: nn.Module) -> Optional[int]:
 
 def initial_embeddings(model: nn.Module, config: PromptLearningConfig) -> torch.Tensor:
     """(total_virtual_tokens, token_dim) float32 start values, as PEFT's PromptEmbedding makes them."""
-    total = config.total_virtual_tokens
-    words = getattr(input_embeddings(model), "base_layer", input_embeddings(model))  # the base table, as PEFT reads
+    total, table = config.total_virtual_tokens, input_embeddings(model)
+    words = getattr(table, "base_layer", table)  # the base table (not another adapter's wrapper), as PEFT reads
     init = getattr(config, "prompt_tuning_init", "RANDOM")
     if init == "RANDOM":
         return nn.Embedding(total, config.token_dim).weight.detach()  # N(0, 1), nn.Embedding's default

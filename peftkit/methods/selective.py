@@ -304,7 +304,6 @@ def _refuse_shared(model: nn.Module, weights: dict[str, nn.Parameter]) -> None:
     in one module's forward but merge into both."""
     shared = shared_parameters(model)
     for name, weight in weights.items():
-        _refuse_noncontiguous(name, weight)
         others = [n for n in shared.get(id(weight), []) if n != name and not n.startswith(name + ".")]
         if others:
             raise ValueError(f"target module {name!r} shares its weight with {others[0]!r} (tied weights): a selective "
@@ -373,6 +372,8 @@ class SelectiveMethod(Method):
             if isinstance(module, AdapterLayer):
                 refuse_held(module, name, config.peft_type)
         weights = {name: _scored_weight(model, name) for name in targets}
+        for name, weight in weights.items():
+            _refuse_noncontiguous(name, weight)
         _refuse_shared(model, weights)
         scores = score_weights(model, weights, config.criterion, batches, loss_fn, config.num_batches)
         names = list(scores)
@@ -388,7 +389,8 @@ class SelectiveMethod(Method):
     def inject(self, model: nn.Module, config: SelectiveConfig, adapter_name: str) -> list[str]:
         """Wrap the modules with a selection (``selected_counts``) for ``adapter_name``."""
         # recorded by plain name (by the real path in adapters saved before that: re-keyed, so both load)
-        real, blocks = real_names(model), block_wrappers(model)
+        blocks = block_wrappers(model)
+        real = real_names(model, blocks)
         targets = [_module_path(model, real.get(name, name)) for name in config.selected_counts]
         config.selected_counts = {plain_name(t, blocks): c for t, c in zip(targets, config.selected_counts.values())}
         for name in targets:

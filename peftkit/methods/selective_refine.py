@@ -30,7 +30,7 @@ from torch import nn
 from ..inject import adapter_layers, block_wrappers, find_targets, plain_name, replace_modules, unwrap
 from ..layers import AdapterLayer
 from .selective import SelectiveConfig, SelectiveLayer, _counts, _make_layer, _scored_weight, _widths
-from .selective_scoring import LossFn, check_finite, score_weights, select, top_k, unit_scores
+from .selective_scoring import LossFn, check_finite, score_weights, select, take_by_size, top_k, unit_scores
 
 
 def refine(model: nn.Module, batches: Optional[Iterable[dict]], budget: float, adapter_name: str = "default",
@@ -59,10 +59,10 @@ def refine(model: nn.Module, batches: Optional[Iterable[dict]], budget: float, a
         widths = _widths(weights, names, config.granularity)
         chosen = dict(zip(names, _drop_and_grow(units, held, budget, regrow, config.ranking, widths)))
     _check_wrappable(base, names, chosen, adapter_name)
+    blocks = block_wrappers(base)  # selections are recorded by plain name (inject.plain_name)
     for name in names:
-        _reselect(model, name, chosen[name], config, adapter_name, optimizer)
+        _reselect(model, name, plain_name(name, blocks), chosen[name], config, adapter_name, optimizer)
     config.budget, config.threshold = budget, None
-    blocks = block_wrappers(base)  # recorded by plain name, as selection records them
     config.selected_counts = {plain_name(n, blocks): _counts(c, weights[n], config.granularity)
                               for n, c in chosen.items() if c.numel()}
     # new layers learn which adapters are active; their values, created trainable, train only if this one does
@@ -132,35 +132,13 @@ def _drop_and_grow_by_size(units: list[torch.Tensor], held: list[torch.Tensor], 
     now = sum(int(torch.isfinite(h).sum()) * w for h, w in zip(held, widths))
     k = round(budget * total)
     keep = min(now, max(round((1.0 - regrow) * k), k - (total - now)))
-    kept, used = _fill(held, widths, keep)
+    kept, used = take_by_size(held, widths, keep)
     fresh = [torch.where(torch.isfinite(h), float("-inf"), u.float().cpu()) for h, u in zip(held, units)]
-    grown, _ = _fill(fresh, widths, k - used)
+    grown, _ = take_by_size(fresh, widths, k - used)
     chosen = [torch.cat([a, b]).sort().values for a, b in zip(kept, grown)]
     if not any(c.numel() for c in chosen):  # a budget under the narrowest unit: the best one, as select takes
-        best = max(range(len(units)), key=lambda i: (float(units[i].max()), -i))
-        chosen[best] = units[best].float().argmax().reshape(1).cpu()
+        chosen = take_by_size(units, widths, 0, at_least_one=True)[0]
     return chosen
-
-
-def _fill(values: list[torch.Tensor], widths: list[int], limit: int) -> tuple[list[torch.Tensor], int]:
-    """Per tensor, the units taken best first (ties: earlier tensor, then lower index) while they fit in ``limit``
-    parameters, a unit too wide for what is left passed over for narrower ones; -inf units are never taken. Also
-    the parameters taken."""
-    flat = torch.cat([v.flatten().float().cpu() for v in values])
-    owner = torch.cat([torch.full((v.numel(),), i, dtype=torch.long) for i, v in enumerate(values)])
-    size = torch.tensor(widths, dtype=torch.long)[owner]
-    picked = torch.zeros(flat.numel(), dtype=torch.bool)
-    left, narrowest = limit, min(widths)
-    for unit in torch.sort(flat, descending=True, stable=True).indices.tolist():
-        if left < narrowest or flat[unit] == float("-inf"):
-            break
-        if int(size[unit]) <= left:
-            picked[unit] = True
-            left -= int(size[unit])
-    starts = [0]
-    for v in values:
-        starts.append(starts[-1] + v.numel())
-    return [picked[starts[i]:starts[i + 1]].nonzero().flatten() for i in range(len(values))], limit - left
 
 
 def _checked_config(model: nn.Module, adapter_name: str, budget: float) -> SelectiveConfig:
@@ -190,14 +168,13 @@ def _score_adapted(base: nn.Module, weights: dict, config: SelectiveConfig, adap
             layer.unmerge([adapter_name])
 
 
-def _reselect(model: nn.Module, name: str, new: torch.Tensor, config: SelectiveConfig, adapter_name: str,
+def _reselect(model: nn.Module, name: str, plain: str, new: torch.Tensor, config: SelectiveConfig, adapter_name: str,
               optimizer: Optional[torch.optim.Optimizer]) -> None:
     # one module: keep values of surviving units, zero for new ones; add / drop the module's adapter as needed
     base = model.base_model
     layer = base.get_submodule(name)
     held = isinstance(layer, SelectiveLayer) and adapter_name in layer.adapter_names
     if not held and new.numel():
-        plain = plain_name(name, block_wrappers(base))
         config._selection = {plain: new}
         config.selected_counts = {**(config.selected_counts or {}), plain: _counts(new, _scored_weight(base, name),
                                                                                    config.granularity)}

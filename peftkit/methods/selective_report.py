@@ -47,14 +47,14 @@ def split_name(path: str, stacks: int = 1) -> tuple[str, str]:
 def _grid(counts: dict[str, tuple[int, int]]) -> tuple[list[str], list[str], dict[tuple[str, str], tuple[int, int]]]:
     # layers (by stack in first-seen order, then numerically; "-" last), module types (first-seen order),
     # (layer, type) -> (selected, entries)
-    stacks = list(dict.fromkeys(m.group(1) for m in map(_BLOCK.match, counts) if m is not None))
+    found = {path: _BLOCK.match(path) for path in counts}
+    stacks = list(dict.fromkeys(m.group(1) for m in found.values() if m is not None))
     cells: dict[tuple[str, str], tuple[int, int]] = {}
     order: dict[str, tuple] = {NO_LAYER: (len(stacks), 0)}
     for path, (chosen, total) in counts.items():
         key = split_name(path, len(stacks))
-        found = _BLOCK.match(path)
-        if found is not None:
-            order[key[0]] = (stacks.index(found.group(1)), int(found.group(2)))
+        if found[path] is not None:
+            order[key[0]] = (stacks.index(found[path].group(1)), int(found[path].group(2)))
         old = cells.get(key, (0, 0))
         cells[key] = (old[0] + chosen, old[1] + total)
     layers = sorted({k[0] for k in cells}, key=lambda layer: order[layer])

@@ -214,30 +214,41 @@ def select(scores: list[torch.Tensor], budget: Optional[float], threshold: Optio
 
 
 def _top_by_size(scores: list[torch.Tensor], widths: list[int], budget: float) -> list[torch.Tensor]:
-    """Indices per tensor of the units taken in score order (ties: earlier tensor, then lower index), each one
-    that still fits in ``budget`` of all the parameters; a unit too wide for what is left is passed over for
-    narrower ones after it. At least the best unit."""
-    flat = torch.cat([s.flatten().float().cpu() for s in scores])
-    owner = torch.cat([torch.full((s.numel(),), i, dtype=torch.long) for i, s in enumerate(scores)])
+    """Indices per tensor of the units taken in score order while they fit in ``budget`` of all the parameters
+    (take_by_size); at least the best unit."""
+    total = sum(s.numel() * w for s, w in zip(scores, widths))
+    return take_by_size(scores, widths, round(budget * total), at_least_one=True)[0]
+
+
+def take_by_size(values: list[torch.Tensor], widths: list[int], limit: int,
+                 at_least_one: bool = False) -> tuple[list[torch.Tensor], int]:
+    """Per tensor, the indices of the units taken best first (ties: earlier tensor, then lower index), each one that
+    still fits in ``limit`` parameters (a unit of tensor i holds widths[i]); a unit too wide for what is left is
+    passed over for narrower ones after it; -inf units are never taken. With ``at_least_one``, the best unit where
+    none fits. Also the parameters taken."""
+    flat = torch.cat([v.flatten().float().cpu() for v in values])
+    owner = torch.cat([torch.full((v.numel(),), i, dtype=torch.long) for i, v in enumerate(values)])
     size = torch.tensor(widths, dtype=torch.long)[owner]
     order = torch.sort(flat, descending=True, stable=True).indices
-    left = round(budget * int(size.sum()))
+    order = order[flat[order] > float("-inf")]
     spent = size[order].cumsum(0)
-    take = max(1, int((spent <= left).sum()))  # the best units that fit one after another
+    take = int((spent <= limit).sum())  # the best units that fit one after another
+    if at_least_one and take == 0 and order.numel():
+        take = 1
     picked = torch.zeros(flat.numel(), dtype=torch.bool)
     picked[order[:take]] = True
-    left -= int(spent[take - 1])
+    used = int(spent[take - 1]) if take else 0
     narrowest = min(widths)
     for unit in order[take:].tolist():  # then whatever still fits, best first
-        if left < narrowest:
+        if limit - used < narrowest:
             break
-        if int(size[unit]) <= left:
+        if used + int(size[unit]) <= limit:
             picked[unit] = True
-            left -= int(size[unit])
+            used += int(size[unit])
     starts = [0]
-    for s in scores:
-        starts.append(starts[-1] + s.numel())
-    return [picked[starts[i]:starts[i + 1]].nonzero().flatten() for i in range(len(scores))]
+    for v in values:
+        starts.append(starts[-1] + v.numel())
+    return [picked[starts[i]:starts[i + 1]].nonzero().flatten() for i in range(len(values))], used
 
 
 def _top_in(score: torch.Tensor, k: int) -> torch.Tensor:

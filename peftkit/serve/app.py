@@ -182,7 +182,7 @@ def _checked_max_tokens(engine: Engine, prompt_ids: list[int], asked: Optional[i
     if len(prompt_ids) > limits.max_prompt_tokens:
         raise ServeError(400, f"the prompt has {len(prompt_ids)} tokens, over this server's limit of "
                               f"{limits.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
-    context = getattr(getattr(engine.base, "config", None), "max_position_embeddings", None)
+    context = engine.context()
     virtual = engine.virtual_tokens(adapter)
     if context is not None and len(prompt_ids) + virtual + max_tokens > context:
         extra = f" + the adapter's {virtual} virtual tokens" if virtual else ""

@@ -47,8 +47,7 @@ def limits_from_args(args: argparse.Namespace) -> ServeLimits:
     except ValueError as err:
         message = str(err)
         for name in sorted(names, key=len, reverse=True):  # longest first: max_tokens_limit before max_tokens
-            message = message.replace(f"ServeLimits.{name}", f"--{name.replace('_', '-')}")
-            message = re.sub(rf"\b{name}\b", f"--{name.replace('_', '-')}", message)
+            message = re.sub(rf"(ServeLimits\.)?\b{name}\b", f"--{name.replace('_', '-')}", message)
         raise ValueError(message) from None
 
 

@@ -327,20 +327,24 @@ class Engine:
         batch pads every row to its longest prompt and runs for its largest max_tokens, so two requests that each
         fit could overrun it together (an index error on learned positions; on CUDA, an assert that breaks the
         context)."""
-        context = getattr(getattr(self.base, "config", None), "max_position_embeddings", None)
+        context = self.context()
         if context is None:
             return [jobs]
         parts: list[list[Job]] = []
         width = new = 0
         for job in jobs:
-            w, n = max(width, len(job.input_ids) + self.virtual_tokens(job.adapter)), max(new, job.max_tokens)
-            if parts and w + n <= context:
+            own = len(job.input_ids) + self.virtual_tokens(job.adapter)
+            if parts and max(width, own) + max(new, job.max_tokens) <= context:
                 parts[-1].append(job)
-                width, new = w, n
+                width, new = max(width, own), max(new, job.max_tokens)
             else:
                 parts.append([job])
-                width, new = len(job.input_ids) + self.virtual_tokens(job.adapter), job.max_tokens
+                width, new = own, job.max_tokens
         return parts
+
+    def context(self) -> Optional[int]:
+        """The model's context in tokens (learned positions), or None where its config names none."""
+        return getattr(getattr(self.base, "config", None), "max_position_embeddings", None)
 
     def virtual_tokens(self, adapter: str) -> int:
         """Positions a prompt-learning adapter puts before the prompt (prompt / P-tuning, prefix tuning); 0 else."""

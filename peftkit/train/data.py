@@ -108,7 +108,7 @@ def read_file(path: str) -> list[dict]:
         with open(path, newline="" if kind in ("csv", "tsv") else None, encoding="utf-8-sig") as fh:
             text = fh.read()
     except UnicodeDecodeError as err:
-        line = text_line(path, err.start)
+        line = _text_line(path, err.start)
         raise ValueError(f"{path} is not UTF-8 text (line {line}, byte {err.start}: {err.reason}); "
                          "save it as UTF-8") from None
     if kind in ("csv", "tsv"):
@@ -126,7 +126,7 @@ def read_file(path: str) -> list[dict]:
     return rows
 
 
-def text_line(path: str, offset: int) -> int:
+def _text_line(path: str, offset: int) -> int:
     """The 1-based line of byte ``offset`` in the file at ``path``."""
     with open(path, "rb") as fh:
         return fh.read(offset).count(b"\n") + 1

@@ -45,7 +45,8 @@ class JobConfig:
             self.data = DataConfig.from_dict(self.data)
         if isinstance(self.train, dict):
             self.train = TrainConfig.from_dict(self.train)
-        self.peft = dict(self.peft or {}) if isinstance(self.peft, dict) or self.peft is None else self.peft
+        if self.peft is None or isinstance(self.peft, dict):  # anything else: check_types names it
+            self.peft = dict(self.peft or {})
         check_types(self)  # e.g. a YAML "data:" that holds a list
         method_type(self.method)  # refuses an unknown method now, not after the model has loaded
 
