@@ -216,3 +216,28 @@ def test_p_tuning_with_load_best_model_at_end_ends_on_the_best_checkpoints_embed
     prompts = model.prompt_modules["default"]
     assert getattr(prompts, "mlp_head", None) is None
     torch.testing.assert_close(prompts.prompt_embeddings().detach(), saved["prompt_embeddings"])
+
+
+def test_a_failed_load_puts_back_the_base_embedding_an_adapter_carried():
+    """An adapter on embed_tokens carries the full embedding (as PEFT saves it): a later adapter that does not fit
+    undoes that write too, as from_pretrained's failed load does."""
+    import tempfile
+
+    from conftest import randomize_adapters, tiny_llama
+
+    def build(r: int):
+        model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+        model.add_adapter("other", LoraConfig(r=r, target_modules=["v_proj"]))
+        return model
+
+    saved = build(2)
+    randomize_adapters(saved, seed=3)
+    with torch.no_grad():
+        saved.base_model.model.embed_tokens.base_layer.weight.add_(1.0)  # the saved embedding differs from the base's
+    with tempfile.TemporaryDirectory() as tmp:
+        saved.save_pretrained(tmp)
+        wrong = build(3)
+        before = wrong.base_model.model.embed_tokens.base_layer.weight.detach().clone()
+        with pytest.raises(ValueError, match="shape"):
+            load_adapter_weights(wrong, tmp)
+    assert torch.equal(wrong.base_model.model.embed_tokens.base_layer.weight, before)
