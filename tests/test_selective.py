@@ -71,6 +71,19 @@ def test_top_k_exact_and_ties_by_position():
     assert [c.tolist() for c in select(scores, 0.5, None, "per_module")] == [[1, 2], [0]]
 
 
+def test_per_module_ranking_keeps_every_module():
+    # 10% of a 4-row module rounds to no row: it used to drop out of the selection silently, though named as a target
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    config = SelectiveConfig(criterion="magnitude", budget=0.1, granularity="row", ranking="per_module",
+                             target_modules=["0", "2"])
+    peft_model = get_peft_model(model, config)
+    assert peft_model.peft_config["default"].selected_counts == {"0": 6 * 64, "2": 1 * 64}
+    layer = model[2]  # wrapped in place
+    assert layer.selective_indices["default"].tolist() == [int(layer.base_layer.weight.abs().mean(1).argmax())]
+    assert [c.tolist() for c in select([torch.tensor([1.0, 5.0, 2.0])], 0.1, None, "per_module")] == [[1]]
+
+
 def _llama_batches(n=2):
     gen = torch.Generator().manual_seed(5)
     return [{"input_ids": (ids := torch.randint(0, 64, (2, 8), generator=gen)), "labels": ids} for _ in range(n)]

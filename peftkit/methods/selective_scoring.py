@@ -199,8 +199,8 @@ def select(scores: list[torch.Tensor], budget: Optional[float], threshold: Optio
             best = max(float(s.max()) for s in scores)
             raise ValueError(f"threshold {threshold} selects nothing (the highest score is {best:.6g}); lower it")
         return chosen
-    if ranking == "per_module":
-        chosen = [_top_in(s, round(budget * s.numel())) for s in scores]
+    if ranking == "per_module":  # every named module trains: at least its best unit (as global ranking keeps one)
+        chosen = [_top_in(s, max(1, round(budget * s.numel()))) for s in scores]
     elif widths is not None and len(set(widths)) > 1:
         chosen = _top_by_size(scores, widths, budget)
     else:
