@@ -1,4 +1,5 @@
 """Prompt tuning and P-tuning: training, generation with left padding, seq2seq / classification, bad input."""
+import json
 import pytest
 import torch
 from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification,
@@ -138,6 +139,37 @@ def test_text_init_from_local_tokenizer(tmp_path):
     model = get_peft_model(tiny_llama(), config)
     expected = model.base_model.get_input_embeddings().weight[[1, 2, 3, 1, 2]]  # the text repeated to 5 tokens
     torch.testing.assert_close(model.prompt_modules["default"](), expected)
+
+
+def test_text_init_never_downloads_and_loads_without_its_tokenizer(tmp_path, monkeypatch):
+    # a PEFT adapter trained with TEXT init names a tokenizer by hub id (or a directory of the training machine):
+    # loading it used to build the init again, which went to the hub; the saved values replace the init anyway
+    import transformers
+
+    model = get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=3))
+    randomize_adapters(model)
+    ids = torch.randint(0, 64, (2, 5))
+    expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    saved.update(prompt_tuning_init="TEXT", prompt_tuning_init_text="Classify this:",
+                 tokenizer_name_or_path="some-org/not-a-local-tokenizer")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    calls = []
+
+    def no_tokenizer(*args, **kwargs):
+        calls.append(kwargs)
+        raise OSError("not here")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_tokenizer)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert calls == []
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
+    config = PromptTuningConfig(num_virtual_tokens=3, prompt_tuning_init="TEXT", prompt_tuning_init_text="hi",
+                    tokenizer_name_or_path="some-org/not-a-local-tokenizer")
+    with pytest.raises(ValueError, match="not a local tokenizer directory"):
+        get_peft_model(tiny_llama(), config)
+    assert calls[-1]["local_files_only"] is True
 
 
 def test_loaded_ptuning_is_embeddings_and_trains(tmp_path):

@@ -213,6 +213,8 @@ def initial_embeddings(model: nn.Module, config: PromptLearningConfig) -> torch.
     total, table = config.total_virtual_tokens, input_embeddings(model)
     words = getattr(table, "base_layer", table)  # the base table (not another adapter's wrapper), as PEFT reads
     init = getattr(config, "prompt_tuning_init", "RANDOM")
+    if init != "RANDOM" and getattr(config, "_from_saved", False):  # the saved values replace these: no tokenizer
+        return torch.zeros(total, config.token_dim)  # (which may exist only where the adapter was trained)
     if init == "RANDOM":
         return nn.Embedding(total, config.token_dim).weight.detach()  # N(0, 1), nn.Embedding's default
     if init == "SAMPLE_VOCAB":
@@ -226,7 +228,14 @@ def _text_ids(config: PromptTuningConfig, total: int) -> list[int]:
     # the init text's tokens repeated / cut to fill every virtual token (PEFT's rule)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **(config.tokenizer_kwargs or {}))
+    kwargs = {**(config.tokenizer_kwargs or {}), "local_files_only": True}  # never a download
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
+    except OSError as err:
+        raise ValueError(f"prompt_tuning_init='TEXT' reads the tokenizer from tokenizer_name_or_path="
+                         f"{config.tokenizer_name_or_path!r}, which is not a local tokenizer directory (peftkit does not "
+                         "download): save the tokenizer there (tokenizer.save_pretrained(dir)) and pass that "
+                         "directory") from err
     ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
     if not ids:
         raise ValueError("prompt_tuning_init_text tokenises to nothing; give a non-empty text")
