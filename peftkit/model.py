@@ -317,7 +317,8 @@ class PeftModel(SaveLoadMixin, nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """Run exactly the base model inside the block (merged adapters are unmerged, then merged back)."""
         layers = [layer for _, layer in adapter_layers(self.base_model)]
-        merged = [(layer, list(layer.merged_adapters)) for layer in layers]
+        merged = [(layer, layer.disabled, list(layer.merged_adapters)) for layer in layers]
+        inputs_off = self._inputs_off  # True inside an outer disable_adapter block, which this one must not end
         for layer in layers:
             layer.unmerge()
             layer.disabled = True
@@ -325,9 +326,9 @@ class PeftModel(SaveLoadMixin, nn.Module):
         try:
             yield
         finally:
-            self._inputs_off = False
-            for layer, names in merged:
-                layer.disabled = False
+            self._inputs_off = inputs_off
+            for layer, disabled, names in merged:
+                layer.disabled = disabled
                 for name in names:  # one per call, in the recorded order: DoRA merges do not commute
                     layer.merge([name])
 

@@ -165,10 +165,16 @@ def test_disabled_equals_base(case, ids):
     assert not torch.allclose(model(ids).logits[:, -ids.shape[1]:], base_out, atol=1e-4)  # past any virtual tokens
     with model.disable_adapter():
         torch.testing.assert_close(model(ids).logits, base_out, atol=1e-6, rtol=0)
+        with model.disable_adapter():  # nested (a library's reference pass inside the user's block)
+            pass
+        torch.testing.assert_close(model(ids).logits, base_out, atol=1e-6, rtol=0)  # the outer block still holds
+    assert not torch.allclose(model(ids).logits[:, -ids.shape[1]:], base_out, atol=1e-4)
     if not _mergeable(case):
         return  # test_merged_equals_unmerged checks that merging refuses
     model.merge_adapter()
     with model.disable_adapter():
+        with model.disable_adapter():
+            pass
         torch.testing.assert_close(model(ids).logits, base_out, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(model(ids).logits, base_out, atol=1e-4), "merge must come back after the block"
 
