@@ -2,6 +2,8 @@
 from . import methods  # noqa: F401  (registers every method)
 from .auto import (
     AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
     AutoPeftModelForSeq2SeqLM,
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
@@ -17,8 +19,8 @@ from .model import PeftModel, get_peft_model
 
 __version__ = "0.1.0"
 __all__ = [
-    "AdapterConfig", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
-    "AutoPeftModelForTokenClassification", "IA3Config", "LoraConfig", "PeftConfig", "PeftModel", "PrefixTuningConfig",
+    "AdapterConfig", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction", "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification", "IA3Config", "LoraConfig", "PeftConfig", "PeftModel", "PrefixTuningConfig",
     "PromptEncoderConfig", "PromptTuningConfig", "SelectiveConfig", "get_peft_model", "registered_types",
     "PeftTrainer",  # provided on first use by __getattr__ below
 ]

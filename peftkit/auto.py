@@ -79,3 +79,17 @@ class AutoPeftModelForTokenClassification(_AutoPeftModel):
 
     auto_class_name = "AutoModelForTokenClassification"
     task_type = "TOKEN_CLS"
+
+
+class AutoPeftModelForQuestionAnswering(_AutoPeftModel):
+    """Extractive question-answering base + adapter (the saved qa_outputs head replaces the fresh one)."""
+
+    auto_class_name = "AutoModelForQuestionAnswering"
+    task_type = "QUESTION_ANS"
+
+
+class AutoPeftModelForFeatureExtraction(_AutoPeftModel):
+    """Encoder base (AutoModel, no head) + adapter."""
+
+    auto_class_name = "AutoModel"
+    task_type = "FEATURE_EXTRACTION"

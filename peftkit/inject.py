@@ -20,7 +20,8 @@ DEFAULT_TARGETS = {
     "whisper": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"],
 }
-HEAD_NAMES = ("classifier", "score")  # heads a SEQ_CLS / TOKEN_CLS task trains in full
+# the heads a task trains in full, PEFT's lists (PeftModelForSequenceClassification / ...ForQuestionAnswering)
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 
 
 class Method:
@@ -160,7 +161,7 @@ def _head_names(model: nn.Module, task_type: Optional[str]) -> set[str]:
     get_out = getattr(model, "get_output_embeddings", None)
     out_emb = get_out() if callable(get_out) else None
     for name, module in model.named_modules():
-        if module is out_emb or (task_type in ("SEQ_CLS", "TOKEN_CLS") and name in HEAD_NAMES):
+        if module is out_emb or name in TASK_HEADS.get(task_type, ()):
             heads.add(name)
     return heads
 
@@ -244,8 +245,7 @@ def _trained_in_full(config) -> list[str]:
     if not hasattr(config, "modules_to_save"):
         return []
     names = list(config.modules_to_save or [])
-    if getattr(config, "task_type", None) in ("SEQ_CLS", "TOKEN_CLS"):
-        names += [h for h in HEAD_NAMES if h not in names]
+    names += [h for h in TASK_HEADS.get(getattr(config, "task_type", None), ()) if h not in names]
     return names
 
 
@@ -308,10 +308,13 @@ def replace_modules(model: nn.Module, config, adapter_name: str,
 
 
 def wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str, required: bool) -> list[str]:
-    """Wrap modules whose names end with any of ``names`` so each adapter trains its own copy."""
+    """Wrap modules whose names end with any of ``names`` so each adapter trains its own copy.
+
+    "End with" as plain text, PEFT's rule for modules_to_save (not target_modules' dotted suffix): "classifier" also
+    takes DistilBERT's "pre_classifier", and an adapter moves between the two libraries only if both wrap the same."""
     hits, inside = [], _wrapper_prefixes(model)
     for name, module in list(model.named_modules()):
-        if not name or name.startswith(inside) or not name_matches(name, names):
+        if not name or name.startswith(inside) or not name.endswith(tuple(names)):
             continue
         if isinstance(module, ModulesToSaveWrapper):
             module.create_adapter(adapter_name)

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import checkpoint
 from .config import PeftConfig, lookup
-from .inject import HEAD_NAMES, adapter_layers, shared_parameters, unwrap, wrap_modules_to_save
+from .inject import TASK_HEADS, adapter_layers, shared_parameters, unwrap, wrap_modules_to_save
 from .layers import AdapterLayer, checkpointing, mixed_rows, new_forward_pass
 from .persist import SaveLoadMixin
 
@@ -201,8 +201,8 @@ class PeftModel(SaveLoadMixin, nn.Module):
         user = list(getattr(config, "modules_to_save", None) or [])
         if user:
             wrap_modules_to_save(self.base_model, user, adapter_name, required=True)
-        if config.task_type in ("SEQ_CLS", "TOKEN_CLS") and hasattr(config, "modules_to_save"):
-            heads = [h for h in HEAD_NAMES if h not in user]
+        if config.task_type in TASK_HEADS and hasattr(config, "modules_to_save"):
+            heads = [h for h in TASK_HEADS[config.task_type] if h not in user]
             wrap_modules_to_save(self.base_model, heads, adapter_name, required=False)
             config.modules_to_save = user + heads  # as PEFT records it
 

@@ -18,6 +18,8 @@ from torch import nn
 
 from peftkit import (
     AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
     AutoPeftModelForSeq2SeqLM,
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
@@ -68,6 +70,18 @@ def tiny_bert_seq_cls(seed: int = 0) -> nn.Module:
 def tiny_bert_token_cls(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return transformers.BertForTokenClassification(_bert_config()).eval()
+
+
+def tiny_bert_qa(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = _bert_config()
+    config.num_labels = 2  # start and end logits
+    return transformers.BertForQuestionAnswering(config).eval()
+
+
+def tiny_bert_encoder(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return transformers.BertModel(_bert_config()).eval()
 
 
 def tiny_gpt2(seed: int = 0) -> nn.Module:
@@ -152,6 +166,15 @@ def run_lm(model: nn.Module) -> torch.Tensor:
     return model(input_ids=IDS).logits
 
 
+def run_qa(model: nn.Module) -> torch.Tensor:
+    out = model(input_ids=IDS)
+    return torch.stack([out.start_logits, out.end_logits])
+
+
+def run_encoder(model: nn.Module) -> torch.Tensor:
+    return model(input_ids=IDS).last_hidden_state
+
+
 @torch.no_grad()
 def run_seq2seq(model: nn.Module) -> torch.Tensor:
     return model(input_ids=IDS, decoder_input_ids=DEC_IDS).logits
@@ -202,6 +225,10 @@ def seq_cls_loss(model: nn.Module) -> torch.Tensor:
 def token_cls_loss(model: nn.Module) -> torch.Tensor:
     labels = torch.arange(IDS.numel()).view_as(IDS) % 3
     return model(input_ids=IDS, labels=labels).loss
+
+
+def qa_loss(model: nn.Module) -> torch.Tensor:
+    return model(input_ids=IDS, start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([3, 4])).loss
 
 
 def vit_loss(model: nn.Module) -> torch.Tensor:
@@ -400,7 +427,8 @@ def test_whisper_conditional_generation(tmp_path):
 
 # --- AutoPeftModelFor* ----------------------------------------------------------------------------
 _TASKS = {AutoPeftModelForCausalLM: "CAUSAL_LM", AutoPeftModelForSeq2SeqLM: "SEQ_2_SEQ_LM",
-          AutoPeftModelForSequenceClassification: "SEQ_CLS", AutoPeftModelForTokenClassification: "TOKEN_CLS"}
+          AutoPeftModelForSequenceClassification: "SEQ_CLS", AutoPeftModelForTokenClassification: "TOKEN_CLS",
+          AutoPeftModelForQuestionAnswering: "QUESTION_ANS", AutoPeftModelForFeatureExtraction: "FEATURE_EXTRACTION"}
 
 
 @pytest.mark.parametrize("auto_cls, make_base, run, loss", [
@@ -408,7 +436,9 @@ _TASKS = {AutoPeftModelForCausalLM: "CAUSAL_LM", AutoPeftModelForSeq2SeqLM: "SEQ
     (AutoPeftModelForSeq2SeqLM, tiny_t5, run_seq2seq, None),
     (AutoPeftModelForSequenceClassification, tiny_bert_seq_cls, run_lm, seq_cls_loss),
     (AutoPeftModelForTokenClassification, tiny_bert_token_cls, run_lm, token_cls_loss),
-], ids=["causal_lm", "seq2seq_lm", "seq_cls", "token_cls"])
+    (AutoPeftModelForQuestionAnswering, tiny_bert_qa, run_qa, qa_loss),  # PEFT trains and saves qa_outputs
+    (AutoPeftModelForFeatureExtraction, tiny_bert_encoder, run_encoder, None),
+], ids=["causal_lm", "seq2seq_lm", "seq_cls", "token_cls", "question_ans", "feature_extraction"])
 def test_auto_peft_model_loads_base_and_adapter(tmp_path, auto_cls, make_base, run, loss):
     base_dir = str(tmp_path / "base")
     make_base().save_pretrained(base_dir)
@@ -429,9 +459,10 @@ def test_auto_peft_model_loads_base_and_adapter(tmp_path, auto_cls, make_base, r
     with loaded.disable_adapter():
         assert (run(loaded) - out).abs().max() > 1e-3
     if loss is not None:  # the trained head came from the adapter, the base checkpoint's head is kept aside
-        head = loaded.base_model.classifier
+        head_name = "qa_outputs" if auto_cls is AutoPeftModelForQuestionAnswering else "classifier"
+        head = getattr(loaded.base_model, head_name)
         assert isinstance(head, ModulesToSaveWrapper)
-        trained = model.base_model.classifier.modules_to_save["default"].weight
+        trained = getattr(model.base_model, head_name).modules_to_save["default"].weight
         assert torch.equal(head.modules_to_save["default"].weight, trained)
         assert not torch.equal(head.base_layer.weight, trained)
 

@@ -51,6 +51,13 @@ def _roberta() -> torch.nn.Module:
     return transformers.RobertaForSequenceClassification(config)
 
 
+def _distilbert() -> torch.nn.Module:
+    # its head is pre_classifier + classifier: PEFT's "classifier" (a plain name suffix) takes both
+    config = transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=48,
+                                           max_position_embeddings=32, num_labels=3)
+    return transformers.DistilBertForSequenceClassification(config)
+
+
 def _gpt2() -> torch.nn.Module:
     config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32,
                                      bos_token_id=0, eos_token_id=0)
@@ -64,7 +71,8 @@ def base_model(kind: str) -> torch.nn.Module:
     """A fresh copy of one fixed random base per kind (same state dict every call), in eval mode."""
     if kind not in _BASES:
         torch.manual_seed(0)
-        _BASES[kind] = {"llama": _llama, "t5": _t5, "bert": _bert, "gpt2": _gpt2, "roberta": _roberta}[kind]().eval()
+        _BASES[kind] = {"llama": _llama, "t5": _t5, "bert": _bert, "gpt2": _gpt2, "roberta": _roberta,
+                         "distilbert": _distilbert}[kind]().eval()
     return copy.deepcopy(_BASES[kind])
 
 
@@ -613,3 +621,22 @@ def test_bias_all_trains_the_original_head_while_no_copy_of_it_is_active():
     assert head.base_layer.bias.grad is not None and head.base_layer.bias.grad.abs().sum() > 0
     model.set_adapter("a")
     assert not head.base_layer.bias.requires_grad and head.modules_to_save["a"].bias.requires_grad
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_distilbert_classifier_head_moves_between_libraries(direction, tmp_path):
+    # PEFT wraps modules_to_save by a plain name suffix, so SEQ_CLS's "classifier" also takes "pre_classifier"; peftkit
+    # took only "classifier", and adapters failed to load both ways (and pre_classifier stayed frozen here)
+    source_lib, target_lib = DIRECTIONS[direction]
+    config = source_lib.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_lin", "v_lin"])
+    source = source_lib.get_peft_model(base_model("distilbert"), config)
+    trainable = {n for n, p in source.named_parameters() if p.requires_grad}
+    assert any("pre_classifier.modules_to_save" in n for n in trainable)
+    _check_transfer(source, "distilbert", target_lib, tmp_path)
+    ours = peftkit.get_peft_model(base_model("distilbert"), peftkit.LoraConfig(task_type="SEQ_CLS", r=4,
+                                                                              target_modules=["q_lin", "v_lin"]))
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.get_peft_model(base_model("distilbert"), peft.LoraConfig(task_type="SEQ_CLS", r=4,
+                                                                          target_modules=["q_lin", "v_lin"]))
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert saved_keys(tmp_path / "ours") == saved_keys(tmp_path / "theirs")
