@@ -161,7 +161,7 @@ def _head_names(model: nn.Module, task_type: Optional[str]) -> set[str]:
     get_out = getattr(model, "get_output_embeddings", None)
     out_emb = get_out() if callable(get_out) else None
     for name, module in model.named_modules():
-        if module is out_emb or name in TASK_HEADS.get(task_type, ()):
+        if module is out_emb or (name and name.endswith(TASK_HEADS.get(task_type, ()))):  # as modules_to_save wraps
             heads.add(name)
     return heads
 
@@ -222,7 +222,7 @@ def find_targets(model: nn.Module, config) -> list[str]:
         if name_matches(name, config.exclude_modules) or name_matches(plain, config.exclude_modules):
             dropped.setdefault("exclude_modules", name)
             continue
-        if in_full and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in in_full):
+        if in_full and within_saved(name, in_full):
             dropped.setdefault("modules_to_save (trained in full)", name)
             continue
         listed = not isinstance(config.target_modules, str) and (name in config.target_modules
@@ -238,6 +238,13 @@ def find_targets(model: nn.Module, config) -> list[str]:
     if not found:
         raise _nearest_error(config.target_modules, model)
     return found
+
+
+def within_saved(name: str, saved: list[str]) -> bool:
+    """Whether module ``name`` is, or lives inside, a module that ``modules_to_save`` names ``saved`` wrap (a name
+    ending with one of them, wrap_modules_to_save's rule)."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]).endswith(tuple(saved)) for i in range(1, len(parts) + 1))
 
 
 def _trained_in_full(config) -> list[str]:

@@ -640,3 +640,14 @@ def test_distilbert_classifier_head_moves_between_libraries(direction, tmp_path)
                                                                           target_modules=["q_lin", "v_lin"]))
     theirs.save_pretrained(tmp_path / "theirs")
     assert saved_keys(tmp_path / "ours") == saved_keys(tmp_path / "theirs")
+
+
+def test_all_linear_leaves_out_what_the_task_head_wraps():
+    # all-linear named pre_classifier, which the SEQ_CLS head also wraps: "both an adapter target and in
+    # modules_to_save" (PEFT fails here too)
+    model = peftkit.get_peft_model(base_model("distilbert"), peftkit.LoraConfig(task_type="SEQ_CLS", r=4,
+                                                                                target_modules="all-linear"))
+    assert sorted(model.peft_config["default"].target_modules) == ["k_lin", "lin1", "lin2", "out_lin", "q_lin", "v_lin"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad and "classifier" in n} == {
+        f"base_model.{head}.modules_to_save.default.{p}" for head in ("pre_classifier", "classifier")
+        for p in ("weight", "bias")}
