@@ -14,7 +14,7 @@ from torch import nn
 from . import checkpoint
 from .config import PeftConfig, lookup
 from .inject import TASK_HEADS, adapter_layers, shared_parameters, unwrap, wrap_modules_to_save
-from .layers import AdapterLayer, checkpointing, mixed_rows, new_forward_pass
+from .layers import AdapterLayer, ModulesToSaveWrapper, checkpointing, mixed_rows, new_forward_pass
 from .persist import SaveLoadMixin
 
 BASE_ADAPTER = "__base__"  # reserved: "no adapter" in mixed batches
@@ -40,7 +40,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
         self._head_hook = None
         self._input_grads_hooked = False  # whether we made the embeddings' output require grad (undone by unload)
         self.add_adapter(adapter_name, config, calibration_batches, loss_fn)
-        self.set_adapter(adapter_name)
+        self.set_adapter(adapter_name, inference_mode=self.peft_config[adapter_name].inference_mode)
         # last, so a constructor that raises leaves no hook behind on the caller's model
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if isinstance(head, nn.Linear):
@@ -206,17 +206,37 @@ class PeftModel(SaveLoadMixin, nn.Module):
             wrap_modules_to_save(self.base_model, heads, adapter_name, required=False)
             config.modules_to_save = user + heads  # as PEFT records it
 
-    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
-        """Make one adapter (or several, applied together) active; only active ones train."""
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+        """Make one adapter (or several, applied together) active; only active ones train. As in PEFT, the adapters
+        become trainable (also one loaded with is_trainable=False), or frozen with ``inference_mode=True``."""
         names = self._adapter_name_list(adapter_name, "set_adapter")
         if len(names) > 1 and any(name in self.prompt_modules for name in names):
             raise ValueError(f"adapters {names} include a prompt adapter, which runs alone; activate one at a time")
+        self._refuse_two_heads(names)
+        for name in names:
+            self.peft_config[name].inference_mode = bool(inference_mode)
         merged = sorted({n for _, layer in adapter_layers(self.base_model) for n in layer.merged_adapters})
         if merged and set(merged) != set(names):  # the merged deltas would stay in the weights under the new choice
             warnings.warn(f"adapter(s) {merged} are merged into the base weights; unmerging them before activating "
                           f"{names}", stacklevel=2)
             self.unmerge_adapter()
         self._activate(names)
+
+    def _refuse_two_heads(self, names: list[str]) -> None:
+        """Refuse adapters that each hold their own copy of one head (modules_to_save): only one copy can run, and the
+        other would be saved untrained (PEFT refuses the same)."""
+        for path, layer in adapter_layers(self.base_model):
+            owners = [n for n in names if isinstance(layer, ModulesToSaveWrapper) and n in layer.modules_to_save]
+            if len(owners) > 1:
+                raise ValueError(f"adapters {owners} each train their own copy of {path!r} (modules_to_save), and only "
+                                 "one copy can run; activate them one at a time, or give only one of them that module")
+
+    def set_requires_grad(self, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
+        """Let the adapters train (or freeze them), as PEFT's method: they train while active."""
+        names = self._adapter_name_list(adapter_names, "set_requires_grad")
+        for name in names:
+            self.peft_config[name].inference_mode = not requires_grad
+        self._update_trainable()
 
     def _adapter_name_list(self, names: Union[str, Iterable[str]], what: str) -> list[str]:
         """``names`` (one name, or several) as a list of this model's adapters; a clear error for a missing name
@@ -308,8 +328,6 @@ class PeftModel(SaveLoadMixin, nn.Module):
         # bias="all" saves every bias, the original of a head an adapter trains a copy of included (as PEFT), but
         # that original does not run while an active adapter's copy does: it stays frozen, as in PEFT. (With no
         # active copy the original runs, and its bias trains.)
-        from .layers import ModulesToSaveWrapper
-
         return {id(p) for _, layer in adapter_layers(self.base_model) if isinstance(layer, ModulesToSaveWrapper)
                 and any(name in layer.modules_to_save for name in self._active) for p in layer.base_layer.parameters()}
 
@@ -401,11 +419,12 @@ class PeftModel(SaveLoadMixin, nn.Module):
             before = set(layer.merged_adapters)
             try:
                 layer.merge(names, safe=safe_merge)
-            except Exception as err:  # a safe merge refused here: undo this call's merges in the layers before
+            except Exception as err:  # a safe merge refused here: undo this call's merges, here and in the layers before
+                done.append((layer, [n for n in layer.merged_adapters if n not in before]))
                 for merged_layer, merged in reversed(done):
                     merged_layer.unmerge(merged)
                 if isinstance(err, ValueError):
-                    raise ValueError(f"{err} (at {path!r}); the layers merged before it were unmerged again") from None
+                    raise ValueError(f"{err} (at {path!r}); nothing of this call stays merged") from None
                 raise
             done.append((layer, [n for n in layer.merged_adapters if n not in before]))
 

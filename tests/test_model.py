@@ -459,3 +459,46 @@ def test_wrapping_reads_checkpointing_without_transformers_deprecation_warning()
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
     model.train()(input_ids=ids, labels=ids).loss.backward()  # reentrant checkpointing still reaches the adapters
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+def _trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_set_adapter_makes_the_adapter_trainable_unless_inference_mode(tmp_path):
+    # PEFT's set_adapter(name, inference_mode=False): an adapter loaded for inference becomes trainable when set;
+    # peftkit kept it frozen (code that loads, sets and trains had nothing to train) and refused the keyword
+    get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    model = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert _trainable(model) == set()
+    model.set_adapter("default", inference_mode=True)
+    assert _trainable(model) == set()
+    model.set_adapter("default")
+    names = _trainable(model)
+    assert len(names) == 4 and all(".lora_" in n and n.endswith(".default") for n in names)
+    model.set_requires_grad("default", requires_grad=False)
+    assert _trainable(model) == set()
+    model.set_requires_grad(["default"])
+    assert _trainable(model) == names
+    with pytest.raises(ValueError, match="no adapter named 'nope'"):
+        model.set_requires_grad("nope")
+    frozen = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], inference_mode=True))
+    assert _trainable(frozen) == set()  # get_peft_model keeps the config's inference_mode
+
+
+def test_two_adapters_with_their_own_head_copy_cannot_run_together():
+    # only one copy of a head can run: the other adapter's copy got no gradient and was saved untrained
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    base = LlamaForSequenceClassification(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                      num_hidden_layers=1, num_attention_heads=2, num_labels=2,
+                                                      pad_token_id=0))
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match=r"adapters \['default', 'b'\] each train their own copy of 'score'"):
+        model.set_adapter(["default", "b"])
+    assert model.active_adapters == ["default"]
+    model.add_adapter("c", LoraConfig(r=2, target_modules=["v_proj"]))  # no head of its own: fine beside one
+    model.set_adapter(["default", "c"])
+    assert model.active_adapters == ["default", "c"]

@@ -293,19 +293,28 @@ def test_atomic_dir_renames_a_finished_directory_and_leaves_nothing_on_a_crash(t
 
 
 @pytest.mark.parametrize("method", ["lora", "selective"])
-def test_a_refused_safe_merge_leaves_no_layer_merged(method):
+@pytest.mark.parametrize("two", [False, True], ids=["one", "two"])
+def test_a_refused_safe_merge_leaves_no_layer_merged(method, two):
+    # two: the bad adapter comes second in the call, so the failing layer has already merged the first one (which
+    # stayed merged there, though the error said the call was undone)
     from peftkit import SelectiveConfig
 
     config = (LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if method == "lora"
               else SelectiveConfig(criterion="magnitude", budget=0.05, target_modules=["q_proj", "v_proj"]))
     model = get_peft_model(tiny_llama(), config)
+    bad = "default"
+    if two:
+        model.add_adapter("b", config)
+        model.set_adapter(["default", "b"])
+        bad = "b"
     randomize_adapters(model)
     before = {n: p.detach().clone() for n, p in model.base_model.named_parameters() if "base_layer" in n}
     last = [m for _, m in model.named_modules() if hasattr(m, "merged_adapters")][-1]
     with torch.no_grad():  # one non-finite entry in the last layer's adapter
-        next(p for n, p in last.named_parameters() if "lora_B" in n or "selective_values" in n).view(-1)[0] = float("nan")
-    with pytest.raises(ValueError, match="NaN/inf.*unmerged again"):
-        model.merge_adapter(safe_merge=True)
+        next(p for n, p in last.named_parameters()
+             if ("lora_B" in n or "selective_values" in n) and n.endswith("." + bad)).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf.*nothing of this call stays merged"):
+        model.merge_adapter(["default", "b"] if two else None, safe_merge=True)
     assert not any(m.merged_adapters for _, m in model.named_modules() if hasattr(m, "merged_adapters"))
     for n, p in model.base_model.named_parameters():
         if n in before:  # selective unmerges bit-exactly; LoRA subtracts its delta again
