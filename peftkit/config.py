@@ -27,7 +27,7 @@ _INFORMATIONAL_KEYS = {"peft_version", "auto_mapping", "revision", "megatron_cor
 _UNSUPPORTED_FEATURES = {
     "lora_bias": False, "use_qalora": False, "layer_replication": None, "target_parameters": None,
     "trainable_token_indices": None, "alora_invocation_tokens": None, "megatron_config": None,
-    "use_bdlora": None, "arrow_config": None,
+    "use_bdlora": None, "arrow_config": None, "ensure_weight_tying": False,
     # LoRA variants PEFT switches on with a config object (even an empty one, {}: its defaults)
     "kasa_config": None, "velora_config": None, "monteclora_config": None,
 }
@@ -184,6 +184,8 @@ class TargetedConfig(PeftConfig):
                 raise TypeError(f"{name} must be a list of names or a regex string, got {type(value).__name__}")
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_pattern == "":  # PEFT reads an empty pattern as none given: any "<name>.<n>." block
+            self.layers_pattern = None
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("layers_pattern only takes effect with layers_to_transform; set both or neither")
         if self.modules_to_save is not None:

@@ -116,9 +116,22 @@ def test_unsupported_feature_in_foreign_config_is_refused(tmp_path):
         (tmp_path / "adapter_config.json").write_text(json.dumps(dict(cfg, use_qalora=False, **{variant: {}})))
         with pytest.raises(ValueError, match=f"sets {variant}=.*does not support"):
             PeftConfig.from_pretrained(tmp_path)
+    # PEFT ties the adapters of tied embeddings with it; peftkit does not, and failed later with a misleading message
+    (tmp_path / "adapter_config.json").write_text(json.dumps(dict(cfg, use_qalora=False, ensure_weight_tying=True)))
+    with pytest.raises(ValueError, match="sets ensure_weight_tying=True, a feature peftkit does not support"):
+        PeftConfig.from_pretrained(tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps(dict(cfg, use_qalora=False, kasa_config=None,
-                                                                  megatron_config=None, eva_config=None)))
+                                                                  megatron_config=None, eva_config=None,
+                                                                  ensure_weight_tying=False)))
     assert PeftConfig.from_pretrained(tmp_path).r == 4  # switched off (as PEFT writes them), they load
+
+
+def test_an_empty_layers_pattern_means_any_layer_list():
+    # PEFT reads layers_pattern="" as none given; peftkit took it literally and matched no layer
+    one = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[1],
+                                                  layers_pattern=""))
+    assert [n for n, m in one.named_modules() if hasattr(m, "base_layer")] == ["base_model.model.layers.1.self_attn.q_proj"]
+    assert one.peft_config["default"].layers_pattern is None
 
 
 def test_pickle_needs_opt_in(tmp_path, ids):
