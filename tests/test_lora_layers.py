@@ -440,43 +440,78 @@ def _dora_and_plain():
     return model.eval(), layer
 
 
-def test_dora_norm_follows_a_plain_merge_into_the_same_weight():
+def test_dora_beside_a_merged_plain_adapter_keeps_its_norm_over_the_base_alone():
     """Merging a plain adapter writes the base weight in place (through .data, which leaves its version counter
-    alone); DoRA's cached ||W||^2 must see it (a stale cache mixed the old ||W||^2 with the new W: wrong norms, zero
-    rows, inf outputs)."""
+    alone). An active DoRA adapter left unmerged still normalises over the base weight alone, as with both unmerged:
+    its cached ||W||^2 must be recomputed (a stale one mixed the old ||W||^2 with the new W: zero rows, inf outputs),
+    and from W0, not from W0 + the plain delta (which moved the output by ~1e-2)."""
     model, layer = _dora_and_plain()
     x = torch.randn(4, 12)
+    w0 = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        unmerged = model(x)
     model.merge_adapter(["plain"])
-    w = layer.base_layer.weight
-    expected = torch.linalg.norm(w + layer.scaling["dora"] * layer.lora_B["dora"] @ layer.lora_A["dora"], dim=1)
+    assert not torch.equal(layer.base_layer.weight, w0)
+    expected = torch.linalg.norm(w0 + layer.scaling["dora"] * layer.lora_B["dora"] @ layer.lora_A["dora"], dim=1)
     torch.testing.assert_close(layer.dora_norm("dora"), expected)
+    torch.testing.assert_close(layer.pure_weight(), w0)
     with torch.no_grad():
         out = model(x)
-        v = w + layer.scaling["dora"] * layer.lora_B["dora"] @ layer.lora_A["dora"]
+        v = w0 + layer.scaling["dora"] * layer.lora_B["dora"] @ layer.lora_A["dora"]
         by_hand = x @ ((layer.lora_magnitude_vector["dora"] / torch.linalg.norm(v, dim=1))[:, None] * v).t()
-    torch.testing.assert_close(out, by_hand + layer.base_layer.bias)
+    torch.testing.assert_close(out, by_hand + x @ layer.delta_weight("plain").t() + layer.base_layer.bias)
+    torch.testing.assert_close(out, unmerged)
 
 
 @pytest.mark.parametrize("order", [["dora", "plain"], ["plain", "dora"]])
-def test_merging_dora_and_plain_together_equals_the_unmerged_forward(order):
-    """The forward normalises DoRA's W + sBA over the base weight alone, so a merge of both merges DoRA first,
-    whatever order the names come in; merge_and_unload then gives the same outputs."""
+@pytest.mark.parametrize("calls", ["one", "two"])
+def test_merging_dora_and_plain_together_equals_the_unmerged_forward(order, calls):
+    """The forward normalises DoRA's W + sBA over the base weight alone; each merge adds its delta relative to that
+    base, so merges in either order, in one call or two, equal the unmerged forward (in two calls, plain first,
+    the DoRA merge used to normalise over W + the plain delta); merge_and_unload then gives the same outputs."""
     model, layer = _dora_and_plain()
+    w0 = layer.base_layer.weight.detach().clone()
     x = torch.randn(4, 12)
     with torch.no_grad():
         expected = model(x)
-        layer.merge(order)
-        assert layer.merged_adapters == ["dora", "plain"]
+        for names in ([order] if calls == "one" else [[n] for n in order]):
+            layer.merge(names)
+        assert layer.merged_adapters == order
+        torch.testing.assert_close(model(x), expected)
+        layer.unmerge([order[0]])  # the older merge first, under the newer one
         torch.testing.assert_close(model(x), expected)
         layer.unmerge()
+        torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=0)
+        torch.testing.assert_close(model(x), expected)
+        torch.testing.assert_close(model.merge_and_unload()(x), expected)
+
+
+def test_two_dora_adapters_on_one_layer_merge_exactly():
+    """Two active DoRA adapters: each rescales over the base alone in the forward; merged one after the other the
+    second used to normalise over the first's rescaled weight (~1e-2 off)."""
+    torch.manual_seed(0)
+    model = get_peft_model(Net(bias=True), LoraConfig(r=2, target_modules=["proj"], use_dora=True,
+                                                      init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=3, target_modules=["proj"], use_dora=True, init_lora_weights=False))
+    layer = model.base_model.proj
+    with torch.no_grad():
+        layer.lora_magnitude_vector["a"].mul_(torch.linspace(0.5, 2.0, 10))
+        layer.lora_magnitude_vector["b"].mul_(torch.linspace(1.5, 0.7, 10))
+    model.set_adapter(["a", "b"])
+    model.eval()
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        expected = model(x)
+        model.merge_adapter(["a"])
+        torch.testing.assert_close(model(x), expected)  # b unmerged beside a merged
+        model.merge_adapter(["b"])
         torch.testing.assert_close(model(x), expected)
         torch.testing.assert_close(model.merge_and_unload()(x), expected)
 
 
 def test_disable_block_and_deleting_a_merged_dora_adapter_keep_the_other_merge():
     """Merges made one at a time (plain, then DoRA over it) come back in that order after disable_adapter; deleting
-    the DoRA adapter under a later plain merge leaves exactly W + the plain delta (DoRA's unmerge is not additive:
-    the later merge comes off first and goes back on after)."""
+    the DoRA adapter under a later plain merge leaves exactly W + the plain delta."""
     model, layer = _dora_and_plain()
     w0 = layer.base_layer.weight.detach().clone()
     model.merge_adapter(["plain"])

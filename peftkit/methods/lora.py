@@ -179,11 +179,33 @@ class LoraLinear(LoraLayer):
         out_f, in_f = self.base_weight().shape
         self.in_features, self.out_features = in_f, out_f
         self._weight_sq: Optional[tuple] = None
+        self._dora_merged_norm: dict[str, torch.Tensor] = {}  # a merged DoRA adapter's row norms over W0 + sBA
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in), a view of the live tensor."""
         w = self.base_layer.weight
         return w.t() if self.transposed else w
+
+    def pure_weight(self) -> torch.Tensor:
+        """The base weight W0 without merged adapters, (out, in): the live weight's view when nothing is merged.
+
+        Every merge adds a delta relative to W0, as the forward applies adapters: a plain one s B A, a DoRA one
+        (g - 1) W0 + g s B A with g = m / ||W0 + s B A|| (the norms kept at merge). So the live W = c W0 + D row-wise,
+        c = 1 + sum of the merged DoRA (g - 1), D the rest, and W0 = (W - D) / c."""
+        w = self.base_weight()
+        if not self.merged_adapters:
+            return w
+        with torch.no_grad():
+            c = torch.ones(self.out_features, dtype=torch.float32, device=w.device)
+            rest = w.float()  # a new tensor (or a copy, for float32: sub below is out of place)
+            for name in self.merged_adapters:
+                ba = self.scaling[name] * (self.lora_B[name] @ self.lora_A[name]).float()  # (out, in)
+                if name in self._dora_merged_norm:
+                    g = self.lora_magnitude_vector[name].float() / self._dora_merged_norm[name]
+                    c += g - 1
+                    ba = g[:, None] * ba
+                rest = rest - ba
+            return (rest / c[:, None]).to(w.dtype)
 
     def lora_shapes(self, r: int) -> tuple[tuple, tuple]:
         return (r, self.in_features), (self.out_features, r)
@@ -244,7 +266,7 @@ class LoraLinear(LoraLayer):
             a = self.lora_A[name].float()
             b = self.lora_B[name].float()
             s = self.scaling[name]
-            w = self.base_weight()
+            w = self.pure_weight()  # over the base alone, also beside merged adapters, as the forward applies them
             wa = linear(w, a.to(w.dtype), fast=fast, out_dtype=torch.float32)  # (out, r)
             # ||W_o + s B_o A||^2 = ||W_o||^2 + b_o . (2s W_o A^T + s^2 B_o A A^T): few kernels, as on a GPU
             # each of these small products costs a launch
@@ -258,62 +280,56 @@ class LoraLinear(LoraLayer):
         w = self.base_layer.weight
         key = (w.data_ptr(), w._version, self.weight_writes)
         if self._weight_sq is None or self._weight_sq[0] != key:
-            self._weight_sq = (key, self.base_weight().float().pow(2).sum(1))
+            self._weight_sq = (key, self.pure_weight().float().pow(2).sum(1))
         return self._weight_sq[1]
 
     def _dora_forward(self, name, x, xd, h, b, result, base_out):
         # out = result - W xd + m/||W + sBA|| * (W xd + s B A xd)   (PEFT's form, also with dropout)
         mag = (self.lora_magnitude_vector[name] / self.dora_norm(name)).to(h.dtype)
         bias = self.base_layer.bias
-        if xd is x and result is base_out:
+        alone = xd is x and result is base_out and not self.merged_adapters  # base_out is then W0 x + bias
+        if alone:
             wx = base_out - bias if bias is not None else base_out
         else:
-            wx = F.linear(xd.to(base_out.dtype), self.base_weight())
+            wx = F.linear(xd.to(base_out.dtype), self.pure_weight())
         t = torch.addmm(wx.reshape(-1, self.out_features).to(h.dtype), h.reshape(-1, h.shape[-1]),
                         b.t(), alpha=self.scaling[name]).view(wx.shape)
-        if xd is x and result is base_out:
+        if alone:
             out = t * mag
             return (out + bias if bias is not None else out).to(result.dtype)
         return result + (t * mag - wx).to(result.dtype)
 
     def merge(self, names: list[str], safe: bool = False) -> None:
-        """Merge ``names`` as the forward runs them together: DoRA adapters first, then plain ones. A DoRA merge
-        rescales the whole weight, and the forward normalises W + sBA over the base weight alone, so a plain delta
-        merged before it would enter its norm and be rescaled. (Two DoRA adapters on one layer cannot both merge
-        exactly.) To repeat earlier merges in their recorded order, merge one name per call."""
-        for name in sorted(names, key=lambda n: n not in self.lora_magnitude_vector):  # stable: DoRA first
+        """Add each adapter's delta relative to the base weight alone (pure_weight), as the forward applies them
+        together: in any order, over any earlier merges, two DoRA adapters included."""
+        for name in names:
             if name not in self.lora_magnitude_vector:
                 super().merge([name], safe)
             elif name not in self.merged_adapters:
                 self._dora_merge(name, safe)
 
+    def _dora_delta(self, name: str, norm: torch.Tensor) -> torch.Tensor:
+        """DoRA's merged delta (g - 1) W0 + g s B A, g = m / norm, (out, in) in float32."""
+        g = (self.lora_magnitude_vector[name].float() / norm)[:, None]
+        ba = self.scaling[name] * (self.lora_B[name] @ self.lora_A[name]).float()
+        return (g - 1) * self.pure_weight().float() + g * ba
+
     def _dora_merge(self, name: str, safe: bool) -> None:
         with torch.no_grad():
             norm = self.dora_norm(name)
             w = self.base_weight()
-            new = (self.lora_magnitude_vector[name].float() / norm)[:, None] * (
-                w.float() + self.scaling[name] * (self.lora_B[name] @ self.lora_A[name]).float())
+            new = w.float() + self._dora_delta(name, norm)
             if safe and not torch.isfinite(new).all():
                 raise ValueError(f"merging adapter {name!r} would put NaN/inf into the base weights; not merged")
-            self._dora_merged_norm = getattr(self, "_dora_merged_norm", {})
             self._dora_merged_norm[name] = norm
             w.data.copy_(new.to(w.dtype))  # .data: see AdapterLayer.weight_writes
         self._record_merge(name)
 
     def unmerge(self, names: Optional[list[str]] = None) -> None:
-        """Undo merges newest first. A DoRA merge is not additive: to undo one under a newer merge, the newer
-        ones come off first and go back on after (a plain delta under DoRA's row rescaling would be rescaled)."""
-        merged = list(self.merged_adapters)
-        undo = [n for n in merged if names is None or n in names]
-        if not undo:
-            return
-        since = merged[merged.index(undo[0]):]  # everything merged after the oldest one undone
-        redo = [n for n in since if n not in undo] if any(n in self.lora_magnitude_vector for n in since) else []
-        for name in reversed(since):
-            if name in undo or name in redo:
+        """Subtract merged deltas again, newest first (each relative to the base alone, so in any order)."""
+        for name in reversed(list(self.merged_adapters)):
+            if names is None or name in names:
                 self._unmerge_one(name)
-        for name in redo:  # one per call: in the order they were merged
-            self.merge([name])
 
     def _unmerge_one(self, name: str) -> None:
         if name not in self.lora_magnitude_vector:
@@ -321,10 +337,9 @@ class LoraLinear(LoraLayer):
             return
         with torch.no_grad():
             w = self.base_weight()
-            norm = self._dora_merged_norm.pop(name)
-            old = w.float() * (norm / self.lora_magnitude_vector[name].float())[:, None] - self.scaling[name] * (
-                self.lora_B[name] @ self.lora_A[name]).float()
+            old = w.float() - self._dora_delta(name, self._dora_merged_norm[name])  # W0 while name is still merged
             w.data.copy_(old.to(w.dtype))
+        del self._dora_merged_norm[name]
         self._record_unmerge(name)
 
 
