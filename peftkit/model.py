@@ -164,7 +164,8 @@ class PeftModel(SaveLoadMixin, nn.Module):
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig,
                     calibration_batches: Optional[Iterable[dict]] = None, loss_fn: Optional[Callable] = None) -> None:
-        """Inject a new adapter (not activated); the model is left unchanged if this fails.
+        """Inject a new adapter (not activated, unless none is: after the last one was deleted); the model is left
+        unchanged if this fails.
 
         ``calibration_batches`` (dicts of model inputs with labels) and ``loss_fn`` ((outputs, batch) -> loss)
         feed methods that select by importance (SelectiveConfig); other methods refuse them.
@@ -186,6 +187,8 @@ class PeftModel(SaveLoadMixin, nn.Module):
             raise
         self.peft_config[adapter_name] = config
         self._update_trainable(adapter_name)
+        if not self._active:  # the last adapter was deleted: the new one runs and trains, as the first one did
+            self._activate([adapter_name])
 
     def _check_new_name(self, name: str) -> None:
         # no dots (module paths), no path separators (save_pretrained writes a non-default adapter to a subfolder

@@ -502,3 +502,15 @@ def test_two_adapters_with_their_own_head_copy_cannot_run_together():
     model.add_adapter("c", LoraConfig(r=2, target_modules=["v_proj"]))  # no head of its own: fine beside one
     model.set_adapter(["default", "c"])
     assert model.active_adapters == ["default", "c"]
+
+
+def test_an_adapter_added_after_the_last_was_deleted_is_active():
+    # it was left inactive and frozen: a model with one adapter that neither ran nor trained
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    model.delete_adapter("default")
+    assert model.active_adapters == [] and _trainable(model)  # the base trains again, as before get_peft_model
+    model.add_adapter("next", LoraConfig(r=4, target_modules=["v_proj"]))
+    assert model.active_adapters == ["next"]
+    assert len(_trainable(model)) == 4 and all("v_proj.lora_" in n for n in _trainable(model))  # base frozen again
+    model.add_adapter("later", LoraConfig(r=4, target_modules=["q_proj"]))  # one is active: the new one waits
+    assert model.active_adapters == ["next"]
