@@ -302,16 +302,35 @@ def test_add_weighted_adapter_combines_ia3_vectors_as_peft_does(tmp_path):
 
 
 def test_ia3_arithmetic_refuses_sources_narrowed_differently_and_names_what_is_wrong():
-    """Sources with different layers_to_transform: the combined adapter would scale a module no source scales (its
-    vector 0: the module's output zeroed) or drop one; refused. A missing name or a LoRA source among IA3 ones is
-    named (it fell through to LoRA's 'combines LoRA adapters only')."""
+    """Sources with different exclude_modules: the combined adapter would scale a module no source scales (its
+    vector 0: the module's output zeroed) or drop one; refused. (layers_to_transform is saved as the chosen full
+    names, so sources narrowed by it combine exactly.) A missing name or a LoRA source among IA3 ones is named (it
+    fell through to LoRA's 'combines LoRA adapters only')."""
     model = get_peft_model(tiny_llama(), IA3Config(target_modules=["k_proj"], feedforward_modules=[],
-                                                   layers_to_transform=[0, 1]), adapter_name="a")
-    model.add_adapter("b", IA3Config(target_modules=["v_proj"], feedforward_modules=[], layers_to_transform=[1]))
+                                                   exclude_modules=["model.layers.0.self_attn.k_proj"]),
+                           adapter_name="a")
+    model.add_adapter("b", IA3Config(target_modules=["v_proj"], feedforward_modules=[]))
     model.add_adapter("l", LoraConfig(r=2, target_modules=["q_proj"]))
-    for names, needle in ((["a", "b"], r"layers_to_transform differ \(\[\[0, 1\], \[1\]\]\)"),
+    for names, needle in ((["a", "b"], r"exclude_modules differ \(\[\['model.layers.0.self_attn.k_proj'\], None\]\)"),
                           (["a", "zz"], "no adapter named 'zz'"),
                           (["a", "l"], r"adapter 'l' is a LORA adapter; add_weighted_adapter combines adapters of one kind \(LoRA with LoRA, IA3")):
         with pytest.raises(ValueError, match=needle):
             model.add_weighted_adapter(names, [1.0, 1.0], "c")
     assert sorted(model.peft_config) == ["a", "b", "l"]
+
+
+def test_ia3_sources_narrowed_by_layers_to_transform_combine_exactly():
+    model = get_peft_model(tiny_llama(), IA3Config(target_modules=["k_proj"], feedforward_modules=[],
+                                                   layers_to_transform=[0, 1], init_ia3_weights=False), adapter_name="a")
+    model.add_adapter("b", IA3Config(target_modules=["v_proj"], feedforward_modules=[], layers_to_transform=[1],
+                                     init_ia3_weights=False))
+    model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "c")
+    assert sorted(model.peft_config["c"].target_modules) == ["model.layers.0.self_attn.k_proj",
+                                                            "model.layers.1.self_attn.k_proj",
+                                                            "model.layers.1.self_attn.v_proj"]
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        model.set_adapter(["a", "b"])
+        both = model(ids).logits
+        model.set_adapter("c")
+        torch.testing.assert_close(model(ids).logits, both)  # each module scaled by its one source

@@ -651,3 +651,25 @@ def test_all_linear_leaves_out_what_the_task_head_wraps():
     assert {n for n, p in model.named_parameters() if p.requires_grad and "classifier" in n} == {
         f"base_model.{head}.modules_to_save.default.{p}" for head in ("pre_classifier", "classifier")
         for p in ("weight", "bias")}
+
+
+def test_ia3_with_layers_to_transform_loads_in_peft_as_the_same_layers(tmp_path):
+    # PEFT's IA3Config has no layers_to_transform: it adapted every layer and gave the ones not in the file its init
+    # (random with init_ia3_weights=False). The saved config now names the chosen modules in full instead.
+    config = peftkit.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                               layers_to_transform=[1], init_ia3_weights=False)
+    source = peftkit.get_peft_model(base_model("llama"), config)
+    assert randomise(source) == 3
+    expected = logits(source, "llama")
+    source.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert "layers_to_transform" not in saved and saved["feedforward_modules"] == ["model.layers.1.mlp.down_proj"]
+    assert sorted(saved["target_modules"]) == [f"model.layers.1.{m}" for m in
+                                               ("mlp.down_proj", "self_attn.k_proj", "self_attn.v_proj")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = peft.PeftModel.from_pretrained(base_model("llama"), tmp_path)
+    assert not [w for w in caught if "missing" in str(w.message) or "Unexpected" in str(w.message)]
+    torch.testing.assert_close(logits(theirs, "llama"), expected, atol=ATOL, rtol=RTOL)
+    ours = peftkit.PeftModel.from_pretrained(base_model("llama"), tmp_path)
+    torch.testing.assert_close(logits(ours, "llama"), expected, atol=ATOL, rtol=RTOL)

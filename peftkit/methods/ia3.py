@@ -332,7 +332,19 @@ class IA3Method(AutoTargetMethod):
             logger.warning("feedforward_modules %s match %s only as the end of a longer name; those get their "
                            "input scaled, as in PEFT. Use dotted names to be exact.",
                            config.feedforward_modules, partial[:3])
-        return replace_modules(model, config, adapter_name, _make_layer, targets, plain=True)
+        wrapped = replace_modules(model, config, adapter_name, _make_layer, targets, plain=True)
+        if config.layers_to_transform is not None:
+            _record_layers(config, [plain_name(n, blocks) for n in targets])
+        return wrapped
+
+
+def _record_layers(config: IA3Config, names: list[str]) -> None:
+    """Save the modules layers_to_transform chose as full names, with no layer filter: PEFT's IA3 has none (it
+    adapted every layer of a saved adapter and filled the layers not in the file with its init)."""
+    spec = config.feedforward_modules
+    config.feedforward_modules = [n for n in names if spec is not None and is_feedforward(n, spec)]
+    config.target_modules = names
+    config.layers_to_transform = config.layers_pattern = None
 
 
 def _make_layer(module: nn.Module, name: str) -> IA3Layer:
