@@ -242,6 +242,20 @@ def load_tensors(directory: str, allow_pickle: bool = False) -> dict[str, torch.
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}; is this an adapter directory written by save_pretrained?")
 
 
+def with_named_copies(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``found`` with a head copy's tensor that PEFT saved with the adapter's name left in its key (bias="all" with
+    a non-leaf modules_to_save: '...pooler.modules_to_save.default.dense.bias') renamed to the key it loads by."""
+    renamed = {}
+    for key in expected:
+        if key not in found and ".modules_to_save." in key:
+            head, rest = key.split(".modules_to_save.", 1)
+            named = [k for k in found if k.startswith(head + ".modules_to_save.") and k.endswith("." + rest)
+                     and k.count(".") == key.count(".") + 1]
+            if len(named) == 1:
+                renamed[named[0]] = key
+    return {renamed.get(k, k): v for k, v in found.items()} if renamed else found
+
+
 def check_fit(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], directory: str) -> None:
     """Refuse a checkpoint whose keys or shapes do not fit, naming the first offending key."""
     for key, tensor in expected.items():

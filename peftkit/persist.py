@@ -112,6 +112,7 @@ class SaveLoadMixin:
         expected.update(embeddings)
         if method.acts_on_inputs:  # saved by an older peftkit: a trained head under base_model.model.*
             tensors = {k if k in expected else checkpoint.prompt_method_key(k): v for k, v in tensors.items()}
+        tensors = checkpoint.with_named_copies(expected, tensors)
         checkpoint.check_fit(expected, tensors, directory)
         if overwritten is not None:
             overwritten.update({k: v.detach().clone() for k, v in embeddings.items()})

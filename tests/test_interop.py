@@ -673,3 +673,14 @@ def test_ia3_with_layers_to_transform_loads_in_peft_as_the_same_layers(tmp_path)
     torch.testing.assert_close(logits(theirs, "llama"), expected, atol=ATOL, rtol=RTOL)
     ours = peftkit.PeftModel.from_pretrained(base_model("llama"), tmp_path)
     torch.testing.assert_close(logits(ours, "llama"), expected, atol=ATOL, rtol=RTOL)
+
+
+def test_peft_bias_all_with_a_non_leaf_head_copy_loads(tmp_path):
+    # PEFT saves the head copy's bias of bias="all" + modules_to_save=["pooler"] as
+    # '...pooler.modules_to_save.default.dense.bias' (the adapter's name left in): peftkit said it lacked the tensor
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["query"], task_type="SEQ_CLS", bias="all", modules_to_save=["pooler"])
+    source = peft.get_peft_model(base_model("bert"), peft.LoraConfig(**kwargs))
+    loaded = _check_transfer(source, "bert", peftkit, tmp_path)
+    assert "base_model.model.bert.pooler.modules_to_save.default.dense.bias" in saved_keys(tmp_path)
+    copy_bias = loaded.base_model.bert.pooler.modules_to_save["default"].dense.bias
+    torch.testing.assert_close(copy_bias, source.base_model.model.bert.pooler.modules_to_save["default"].dense.bias)
