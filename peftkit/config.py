@@ -21,13 +21,15 @@ TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS
 
 # Keys other PEFT versions write that carry no meaning for us: dropped on read. PEFT writes
 # megatron_core and qalora_group_size always; they only matter with megatron_config / use_qalora.
-_INFORMATIONAL_KEYS = {"peft_version", "auto_mapping", "revision", "megatron_core", "qalora_group_size"}
+# ensure_weight_tying only matters for adapters on tied embeddings, which then fail to load with an error naming it
+_INFORMATIONAL_KEYS = {"peft_version", "auto_mapping", "revision", "megatron_core", "qalora_group_size",
+                       "ensure_weight_tying"}
 # Keys of features we do not implement, with the value that means "feature off". An adapter that
 # turns one on is refused rather than silently loaded wrong.
 _UNSUPPORTED_FEATURES = {
     "lora_bias": False, "use_qalora": False, "layer_replication": None, "target_parameters": None,
     "trainable_token_indices": None, "alora_invocation_tokens": None, "megatron_config": None,
-    "use_bdlora": None, "arrow_config": None, "ensure_weight_tying": False,
+    "use_bdlora": None, "arrow_config": None,
     # LoRA variants PEFT switches on with a config object (even an empty one, {}: its defaults)
     "kasa_config": None, "velora_config": None, "monteclora_config": None,
 }

@@ -235,7 +235,8 @@ class PeftModel(SaveLoadMixin, nn.Module):
                                  "one copy can run; activate them one at a time, or give only one of them that module")
 
     def set_requires_grad(self, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
-        """Let the adapters train (or freeze them), as PEFT's method: they train while active."""
+        """Let the adapters train (or freeze them). Unlike PEFT's method, an inactive adapter's tensors turn
+        trainable only once it is activated: in peftkit only active adapters train."""
         names = self._adapter_name_list(adapter_names, "set_requires_grad")
         for name in names:
             self.peft_config[name].inference_mode = not requires_grad
@@ -426,6 +427,8 @@ class PeftModel(SaveLoadMixin, nn.Module):
                 done.append((layer, [n for n in layer.merged_adapters if n not in before]))
                 for merged_layer, merged in reversed(done):
                     merged_layer.unmerge(merged)
+                for _, untied in adapter_layers(self.base_model):  # _untie_for_merge's copies go too
+                    _tie_back(untied)
                 if isinstance(err, ValueError):
                     raise ValueError(f"{err} (at {path!r}); nothing of this call stays merged") from None
                 raise

@@ -6,14 +6,17 @@ A mixin so model.py stays about holding and switching adapters; every method her
 from __future__ import annotations
 
 import copy
+import json
 import os
+import warnings
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from . import checkpoint
-from .config import PeftConfig, lookup
+from .config import CONFIG_NAME, PeftConfig, lookup
+from .layers import ModulesToSaveWrapper
 
 
 _PLANNED = ("auto", "balanced", "balanced_low_0", "sequential")  # device_map strings accelerate plans from
@@ -113,11 +116,39 @@ class SaveLoadMixin:
         if method.acts_on_inputs:  # saved by an older peftkit: a trained head under base_model.model.*
             tensors = {k if k in expected else checkpoint.prompt_method_key(k): v for k, v in tensors.items()}
         tensors = checkpoint.with_named_copies(expected, tensors)
-        checkpoint.check_fit(expected, tensors, directory)
+        for key in self._copies_saved_before_suffix_rule(adapter_name, expected, tensors):
+            del expected[key]  # the fresh copy keeps the base's values: the module runs as it did when saved
+        try:
+            checkpoint.check_fit(expected, tensors, directory)
+        except ValueError as err:
+            if getattr(self.peft_config[adapter_name], "_ensure_weight_tying", False):
+                raise ValueError(f"{err} This adapter was saved with ensure_weight_tying=True (PEFT ties the adapters of "
+                                 "tied embeddings), which peftkit does not support; load it with PEFT") from None
+            raise
         if overwritten is not None:
             overwritten.update({k: v.detach().clone() for k, v in embeddings.items()})
         checkpoint.copy_into(expected, tensors)
         method.check_loaded(self.base_model, adapter_name, directory)
+
+    def _copies_saved_before_suffix_rule(self, adapter_name: str, expected: dict, found: dict) -> list[str]:
+        """Expected keys of modules_to_save copies absent from the file as a whole, of modules their names match
+        only as plain suffixes (DistilBERT's pre_classifier for "classifier", Llama's input_layernorm for "norm"):
+        peftkit before 0.1.0's suffix rule (and PEFT by mistake) saved no copy of them. Warned, as PEFT does."""
+        names = list(getattr(self.peft_config[adapter_name], "modules_to_save", None) or [])
+        skipped = []
+        for path, layer in self.base_model.named_modules():
+            if not isinstance(layer, ModulesToSaveWrapper) or adapter_name not in layer.modules_to_save:
+                continue
+            if any(path == n or path.endswith("." + n) for n in names):
+                continue  # named as a dotted suffix too: the copy must be in the file
+            copy_ = {id(t) for t in layer.adapter_tensors(adapter_name).values()}
+            keys = [k for k, v in expected.items() if id(v) in copy_]
+            if keys and not any(k in found for k in keys):
+                skipped += keys
+                warnings.warn(f"the adapter has no saved copy of {path!r}, which its modules_to_save "
+                              f"{names} match as a name suffix (an adapter saved before peftkit matched names as PEFT "
+                              "does); that module keeps the base model's values", stacklevel=3)
+        return skipped
 
     def _embedding_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         return checkpoint.embedding_tensors(self.base_model, getattr(self.peft_config[adapter_name], "target_modules", None))
@@ -213,4 +244,14 @@ def _read_saved(model_id, subfolder: Optional[str], allow_pickle: bool, is_train
     tensors = checkpoint.load_tensors(directory, allow_pickle)
     config.inference_mode = not is_trainable
     config._from_saved = True
+    config._ensure_weight_tying = _saved_field(directory, "ensure_weight_tying")  # for a clearer error, see _fill
     return directory, config, tensors
+
+
+def _saved_field(directory: str, field: str):
+    """One raw field of a saved adapter_config.json (one the config class drops), or None."""
+    try:
+        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as fh:
+            return json.load(fh).get(field)
+    except (OSError, ValueError, AttributeError):
+        return None

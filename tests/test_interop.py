@@ -684,3 +684,48 @@ def test_peft_bias_all_with_a_non_leaf_head_copy_loads(tmp_path):
     assert "base_model.model.bert.pooler.modules_to_save.default.dense.bias" in saved_keys(tmp_path)
     copy_bias = loaded.base_model.bert.pooler.modules_to_save["default"].dense.bias
     torch.testing.assert_close(copy_bias, source.base_model.model.bert.pooler.modules_to_save["default"].dense.bias)
+
+
+def test_ensure_weight_tying_adapters_that_need_it_are_named_in_the_error(tmp_path):
+    # PEFT ties the LoRA of a tied embedding and lm_head with it and saves them so; peftkit does not tie them and
+    # failed with "saved for another model?" alone
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    state = transformers.LlamaForCausalLM(config).state_dict()
+
+    def tied():
+        model = transformers.LlamaForCausalLM(config)
+        model.load_state_dict(state)
+        return model.eval()
+
+    source = peft.get_peft_model(tied(), peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"],
+                                                         ensure_weight_tying=True))
+    source.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="saved with ensure_weight_tying=True .* load it with PEFT"):
+        peftkit.PeftModel.from_pretrained(tied(), tmp_path)
+
+
+def test_an_adapter_saved_before_the_suffix_rule_loads_with_a_warning(tmp_path):
+    # peftkit used to wrap modules_to_save by dotted suffix only, so a DistilBERT classifier adapter saved then has no
+    # copy of pre_classifier; it loads with that module at the base's values (as it ran), and a warning
+    from safetensors.torch import save_file
+
+    source = peftkit.get_peft_model(base_model("distilbert"), peftkit.LoraConfig(task_type="SEQ_CLS", r=4,
+                                                                                 target_modules=["q_lin"]))
+    randomise(source)
+    with torch.no_grad():  # as the old code ran: pre_classifier unwrapped, the base's own
+        source.base_model.pre_classifier.modules_to_save["default"].load_state_dict(
+            source.base_model.pre_classifier.base_layer.state_dict())
+    expected = logits(source, "distilbert")
+    source.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "pre_classifier" not in k}, tmp_path / "adapter_model.safetensors")
+    with pytest.warns(UserWarning, match="no saved copy of 'pre_classifier'.*keeps the base model's values"):
+        loaded = peftkit.PeftModel.from_pretrained(base_model("distilbert"), tmp_path)
+    torch.testing.assert_close(logits(loaded, "distilbert"), expected, atol=ATOL, rtol=RTOL)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("base_model.model.classifier.")}
+    save_file(tensors, tmp_path / "adapter_model.safetensors")  # the head a name matches exactly: still refused
+    with pytest.raises(ValueError, match="lacks tensor 'base_model.model.classifier.weight'"):
+        peftkit.PeftModel.from_pretrained(base_model("distilbert"), tmp_path)

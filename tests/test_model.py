@@ -393,6 +393,22 @@ def test_loading_or_deleting_another_adapter_keeps_the_users_merge(tmp_path, ids
         torch.testing.assert_close(model(ids).logits, merged)
 
 
+def test_a_refused_merge_ties_the_head_back():
+    # _untie_for_merge gave lm_head its own copy before any layer merged; a merge refused at an earlier layer left it
+    # untied (a second copy of the embedding held for nothing)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["lm_head", "q_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        base.model.layers[1].self_attn.q_proj.lora_B["default"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        model.merge_adapter(safe_merge=True)
+    assert base.lm_head.base_layer.weight is base.model.embed_tokens.weight
+
+
 def test_deleting_an_adapter_merged_into_a_tied_head_ties_it_back(ids):
     from transformers import LlamaConfig, LlamaForCausalLM
 

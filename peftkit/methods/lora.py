@@ -200,8 +200,8 @@ class LoraLinear(LoraLayer):
             rest = w.float()  # a new tensor (or a copy, for float32: sub below is out of place)
             for name in self.merged_adapters:
                 ba = self.scaling[name] * (self.lora_B[name] @ self.lora_A[name]).float()  # (out, in)
-                if name in self._dora_merged_norm:
-                    g = self.lora_magnitude_vector[name].float() / self._dora_merged_norm[name]
+                if name in self._dora_merged_norm:  # (a plain dict: model.to() leaves it where the merge ran)
+                    g = self.lora_magnitude_vector[name].float() / self._dora_merged_norm[name].to(w.device)
                     c += g - 1
                     ba = g[:, None] * ba
                 rest = rest - ba
@@ -310,7 +310,7 @@ class LoraLinear(LoraLayer):
 
     def _dora_delta(self, name: str, norm: torch.Tensor) -> torch.Tensor:
         """DoRA's merged delta (g - 1) W0 + g s B A, g = m / norm, (out, in) in float32."""
-        g = (self.lora_magnitude_vector[name].float() / norm)[:, None]
+        g = (self.lora_magnitude_vector[name].float() / norm.to(self.lora_magnitude_vector[name].device))[:, None]
         ba = self.scaling[name] * (self.lora_B[name] @ self.lora_A[name]).float()
         return (g - 1) * self.pure_weight().float() + g * ba
 
