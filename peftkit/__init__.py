@@ -20,7 +20,8 @@ from .model import PeftModel, get_peft_model
 __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction", "AutoPeftModelForQuestionAnswering",
-    "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification", "IA3Config", "LoraConfig", "PeftConfig", "PeftModel", "PrefixTuningConfig",
+    "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
+    "IA3Config", "LoraConfig", "PeftConfig", "PeftModel", "PrefixTuningConfig",
     "PromptEncoderConfig", "PromptTuningConfig", "SelectiveConfig", "get_peft_model", "registered_types",
     "PeftTrainer",  # provided on first use by __getattr__ below
 ]

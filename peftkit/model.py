@@ -351,7 +351,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
             self._inputs_off = inputs_off
             for layer, disabled, names in merged:
                 layer.disabled = disabled
-                for name in names:  # one per call, in the recorded order: DoRA merges do not commute
+                for name in names:  # in the recorded order
                     layer.merge([name])
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,

@@ -133,7 +133,7 @@ class SaveLoadMixin:
     def _copies_saved_before_suffix_rule(self, adapter_name: str, expected: dict, found: dict) -> list[str]:
         """Expected keys of modules_to_save copies absent from the file as a whole, of modules their names match
         only as plain suffixes (DistilBERT's pre_classifier for "classifier", Llama's input_layernorm for "norm"):
-        peftkit before 0.1.0's suffix rule (and PEFT by mistake) saved no copy of them. Warned, as PEFT does."""
+        peftkit saved no copy of them before it matched names as PEFT does. Warned (PEFT warns of missing keys)."""
         names = list(getattr(self.peft_config[adapter_name], "modules_to_save", None) or [])
         skipped = []
         for path, layer in self.base_model.named_modules():

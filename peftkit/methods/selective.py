@@ -47,7 +47,7 @@ class SelectiveConfig(TargetedConfig):
     criterion: str = "fisher"  # one of CRITERIA
     budget: Optional[float] = None  # fraction of scored units selected, in (0, 1]; 0.01 when threshold is unset
     threshold: Optional[float] = None  # instead of budget: select exactly the units scoring above it
-    ranking: str = "global"  # "global": one ranking over all targets; "per_module": budget applies per module, at least one unit each
+    ranking: str = "global"  # "global": one ranking over all targets; "per_module": per module, at least one unit
     granularity: str = "element"  # unit selected: "element", "row" (output neuron) or "module"
     num_batches: Optional[int] = None  # calibration batches used for scoring; None: all given
     selected_counts: Optional[dict[str, int]] = None  # trainable values per module path, set at selection
