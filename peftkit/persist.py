@@ -16,6 +16,7 @@ from torch import nn
 
 from . import checkpoint
 from .config import CONFIG_NAME, PeftConfig, lookup
+from .inject import TASK_HEADS, shared_parameters
 from .layers import ModulesToSaveWrapper
 
 
@@ -121,7 +122,7 @@ class SaveLoadMixin:
         try:
             checkpoint.check_fit(expected, tensors, directory)
         except ValueError as err:
-            if getattr(self.peft_config[adapter_name], "_ensure_weight_tying", False):
+            if getattr(self.peft_config[adapter_name], "_ensure_weight_tying", False) and shared_parameters(self.base_model):
                 raise ValueError(f"{err} This adapter was saved with ensure_weight_tying=True (PEFT ties the adapters of "
                                  "tied embeddings), which peftkit does not support; load it with PEFT") from None
             raise
@@ -131,24 +132,32 @@ class SaveLoadMixin:
         method.check_loaded(self.base_model, adapter_name, directory)
 
     def _copies_saved_before_suffix_rule(self, adapter_name: str, expected: dict, found: dict) -> list[str]:
-        """Expected keys of modules_to_save copies absent from the file as a whole, of modules their names match
-        only as plain suffixes (DistilBERT's pre_classifier for "classifier", Llama's input_layernorm for "norm"):
-        peftkit saved no copy of them before it matched names as PEFT does. Warned (PEFT warns of missing keys)."""
-        names = list(getattr(self.peft_config[adapter_name], "modules_to_save", None) or [])
-        skipped = []
+        """Expected keys of the modules_to_save copies an earlier peftkit made no copy of, when the file lacks all of
+        them: modules an entry matches only as a plain suffix while it also names another module as a dotted one
+        (DistilBERT's pre_classifier beside "classifier", Llama's input_layernorm beside "norm" for model.norm), or
+        that only a task's own head entry matches (not required then). Warned, as PEFT warns of missing keys."""
+        config = self.peft_config[adapter_name]
+        names = list(getattr(config, "modules_to_save", None) or [])
+        heads = TASK_HEADS.get(getattr(config, "task_type", None), ())
+        paths = [p for p, _ in self.base_model.named_modules()]
+        old_hits = {n for n in names if any(p == n or p.endswith("." + n) for p in paths)}
+        copies = {}
         for path, layer in self.base_model.named_modules():
             if not isinstance(layer, ModulesToSaveWrapper) or adapter_name not in layer.modules_to_save:
                 continue
-            if any(path == n or path.endswith("." + n) for n in names):
-                continue  # named as a dotted suffix too: the copy must be in the file
-            copy_ = {id(t) for t in layer.adapter_tensors(adapter_name).values()}
-            keys = [k for k, v in expected.items() if id(v) in copy_]
-            if keys and not any(k in found for k in keys):
-                skipped += keys
-                warnings.warn(f"the adapter has no saved copy of {path!r}, which its modules_to_save "
-                              f"{names} match as a name suffix (an adapter saved before peftkit matched names as PEFT "
-                              "does); that module keeps the base model's values", stacklevel=3)
-        return skipped
+            matching = [n for n in names if path.endswith(n)]
+            if any(path == n or path.endswith("." + n) for n in matching):
+                continue  # wrapped by the old rule too: its copy must be in the file
+            if all(n in old_hits or n in heads for n in matching):
+                ids = {id(t) for t in layer.adapter_tensors(adapter_name).values()}
+                copies[path] = [k for k, v in expected.items() if id(v) in ids]
+        keys = [k for ks in copies.values() for k in ks]
+        if not keys or any(k in found for k in keys):  # some saved: a file that lacks the others is damaged
+            return []
+        warnings.warn(f"the adapter has no saved copy of {sorted(copies)}, which its modules_to_save {names} match as "
+                      "a name suffix (an adapter saved before peftkit matched names as PEFT does); they keep the base "
+                      "model's values", stacklevel=4)
+        return keys
 
     def _embedding_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         return checkpoint.embedding_tensors(self.base_model, getattr(self.peft_config[adapter_name], "target_modules", None))

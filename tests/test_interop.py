@@ -722,10 +722,27 @@ def test_an_adapter_saved_before_the_suffix_rule_loads_with_a_warning(tmp_path):
     source.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     save_file({k: v for k, v in tensors.items() if "pre_classifier" not in k}, tmp_path / "adapter_model.safetensors")
-    with pytest.warns(UserWarning, match="no saved copy of 'pre_classifier'.*keeps the base model's values"):
+    with pytest.warns(UserWarning, match=r"no saved copy of \['pre_classifier'\].*keep the base model's values"):
         loaded = peftkit.PeftModel.from_pretrained(base_model("distilbert"), tmp_path)
     torch.testing.assert_close(logits(loaded, "distilbert"), expected, atol=ATOL, rtol=RTOL)
     tensors = {k: v for k, v in tensors.items() if not k.startswith("base_model.model.classifier.")}
     save_file(tensors, tmp_path / "adapter_model.safetensors")  # the head a name matches exactly: still refused
     with pytest.raises(ValueError, match="lacks tensor 'base_model.model.classifier.weight'"):
         peftkit.PeftModel.from_pretrained(base_model("distilbert"), tmp_path)
+
+
+@pytest.mark.parametrize("case", ["only-match", "partly-missing"])
+def test_a_needed_copy_missing_from_the_file_is_still_refused(case, tmp_path):
+    # only-match: "head" matches lm_head alone, so no earlier peftkit saved that adapter without it (it refused the
+    # name); partly-missing: "norm" copies of one layer missing, the others saved: a damaged file, not an old one
+    from safetensors.torch import save_file
+
+    names = ["head"] if case == "only-match" else ["norm"]
+    source = peftkit.get_peft_model(base_model("llama"), peftkit.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                            modules_to_save=names))
+    source.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    gone = "lm_head" if case == "only-match" else "layers.0.input_layernorm"
+    save_file({k: v for k, v in tensors.items() if gone not in k}, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=f"lacks tensor '[^']*{gone}"):
+        peftkit.PeftModel.from_pretrained(base_model("llama"), tmp_path)

@@ -122,6 +122,14 @@ def test_unsupported_feature_in_foreign_config_is_refused(tmp_path):
     # ensure_weight_tying matters only on tied embeddings (test_interop: the error then names it); here it does nothing
     (tmp_path / "adapter_config.json").write_text(json.dumps(dict(cfg, use_qalora=False, ensure_weight_tying=True)))
     assert PeftModel.from_pretrained(tiny_llama(), tmp_path).peft_config["default"].r == 4
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 16)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="matches no module") as refused:  # nothing tied: not the field's fault
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert "ensure_weight_tying" not in str(refused.value)
 
 
 def test_an_empty_layers_pattern_means_any_layer_list():
