@@ -292,3 +292,29 @@ def test_an_interrupted_set_aside_puts_the_old_run_back_whole(tmp_path, monkeypa
     monkeypatch.undo()
     assert sorted(os.listdir(out)) == ["job.json", "metrics.jsonl", "summary.json"]
     assert not [p for p in os.listdir(tmp_path) if ".replaced-" in p]
+
+
+def test_a_seq_cls_run_starts_from_the_same_head_for_the_same_seed(tmp_path):
+    # the new head was drawn before the run seeded torch: every run of one seed started from a different head
+    from peftkit.train.job import build
+
+    path = str(tmp_path / "bert")
+    train_tiny.bert_cls(["a", "b"]).save_pretrained(path)
+    train_tiny.tokenizer().save_pretrained(path)
+    rows = [{"text": w, "text_label": w} for w in ("good", "bad", "fine")]  # 3 labels: a new head, not the saved one
+    job = JobConfig(model=path, method="lora", data=DataConfig(task="seq-cls"), train=TrainConfig(seed=3))
+    heads = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # whatever state the process is in
+        model, _, _ = build(job, {"train": rows})
+        heads.append(model.base_model.classifier.modules_to_save["default"].weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])
+
+
+def test_inference_mode_in_a_jobs_peft_settings_is_refused():
+    # copied from a saved adapter_config.json, it froze the adapter: "no trainable parameters; wrap it with a method"
+    from peftkit.train.models import method_config
+
+    with pytest.raises(ValueError, match="inference_mode=true freezes the adapter.*remove it"):
+        method_config("lora", {"r": 4, "inference_mode": True}, "causal-label")
+    assert method_config("lora", {"r": 4, "inference_mode": False}, "causal-label").r == 4

@@ -185,6 +185,7 @@ def _plan(job: JobConfig, model, splits: dict, log: Callable[[str], None]) -> di
 def build(job: JobConfig, splits: dict):
     """(model wrapped for training, tokenizer, labels) for ``job`` on ``splits``."""
     labels = label_set(splits["train"], job.data) if job.data.task in LABEL_TASKS + ("token-cls",) else None
+    seed_everything(job.train.seed)  # a new head (seq-cls, token-cls) is initialised as the model loads
     model, tokenizer = load_model(job.model, job.data.task, labels=labels)
     seed_everything(job.train.seed)  # adapter initialisation is part of the seeded run
     config = method_config(job.method, job.peft, job.data.task)

@@ -148,6 +148,9 @@ def method_config(method: str, overrides: dict, task: str):
     if unknown:
         internal = {"task_type", "peft_type", "base_model_name_or_path", "inference_mode", "revision"}
         raise ValueError(f"{peft_type} has no setting(s) {unknown}; valid: {sorted(fields - internal)}")
+    if overrides.get("inference_mode"):  # a saved adapter_config.json says true: copied into a job, nothing trains
+        raise ValueError("peft setting inference_mode=true freezes the adapter, so the run would train nothing; "
+                         "remove it from the job's peft settings (saved adapter configs carry it)")
     values = {**METHOD_DEFAULTS.get(peft_type, {}), **overrides}
     values.setdefault("task_type", TASK_TYPES[task])
     return config_cls(**values)
