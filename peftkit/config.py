@@ -77,6 +77,17 @@ def _drop_unknown(cls: type, data: dict) -> dict:
     return kept
 
 
+def saved_module_names(names) -> Optional[list[str]]:
+    """modules_to_save as a list, refusing an empty name: names match as plain suffixes, so "" would take every module."""
+    if names is None:
+        return None
+    names = [names] if isinstance(names, str) else list(names)
+    if any(not isinstance(n, str) or not n for n in names):
+        raise ValueError(f"modules_to_save {names!r} holds an empty name (or one that is not text); name modules like "
+                         "'classifier' or 'model.norm'")
+    return names
+
+
 @dataclass
 class PeftConfig:
     """Fields every method shares."""
@@ -190,8 +201,7 @@ class TargetedConfig(PeftConfig):
             self.layers_pattern = None
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("layers_pattern only takes effect with layers_to_transform; set both or neither")
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
+        self.modules_to_save = saved_module_names(self.modules_to_save)
 
     def _check_auto(self) -> None:
         if self.target_modules == "auto":

@@ -438,3 +438,14 @@ def test_a_named_adapters_subfolder_is_pointed_to_and_a_clashing_file_stops_the_
     assert {f: (both / f).read_bytes() for f in os.listdir(both)} == before  # "default" was not written either
     with pytest.raises(ValueError, match="save_directory is empty"):
         model.save_pretrained("")
+
+
+@pytest.mark.parametrize("names", [[""], ["classifier", ""]])
+def test_an_empty_modules_to_save_name_is_refused(names):
+    # names match as plain suffixes (PEFT's rule), so "" took every module: 32 nested wrappers with prompt tuning
+    from peftkit import PromptTuningConfig
+
+    with pytest.raises(ValueError, match="modules_to_save .* holds an empty name"):
+        LoraConfig(target_modules=["q_proj"], modules_to_save=names)
+    with pytest.raises(ValueError, match="modules_to_save .* holds an empty name"):
+        PromptTuningConfig(num_virtual_tokens=2, modules_to_save=names)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import PeftConfig, register
+from ..config import PeftConfig, register, saved_module_names
 from ..inject import Method
 
 INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
@@ -47,8 +47,7 @@ class PromptLearningConfig(PeftConfig):
         super().__post_init__()
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
             raise ValueError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
+        self.modules_to_save = saved_module_names(self.modules_to_save)
 
     @property
     def total_virtual_tokens(self) -> int:
