@@ -57,6 +57,7 @@ def _plan(model, name: str, new_config: PeftConfig, found: dict, directory: str)
     expected = model.adapter_parameters(name)  # disk key -> live tensor
     embeddings = checkpoint.embedding_tensors(model.base_model, model.peft_config[name].target_modules)
     expected.update({k: v for k, v in embeddings.items() if k in found})
+    found = checkpoint.with_named_copies(expected, found)  # PEFT's head-copy bias keys, as from_pretrained reads them
     missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or extra:
         key = (missing or extra)[0]

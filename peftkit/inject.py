@@ -161,7 +161,7 @@ def _head_names(model: nn.Module, task_type: Optional[str]) -> set[str]:
     get_out = getattr(model, "get_output_embeddings", None)
     out_emb = get_out() if callable(get_out) else None
     for name, module in model.named_modules():
-        if module is out_emb or (name and name.endswith(TASK_HEADS.get(task_type, ()))):  # as modules_to_save wraps
+        if module is out_emb or (name and saved_name_matches(name, TASK_HEADS.get(task_type, ()))):
             heads.add(name)
     return heads
 
@@ -240,11 +240,16 @@ def find_targets(model: nn.Module, config) -> list[str]:
     return found
 
 
+def saved_name_matches(name: str, saved) -> bool:
+    """modules_to_save's rule, PEFT's: the module name ends with one of ``saved`` as plain text (not target_modules'
+    dotted suffix), so "classifier" also takes DistilBERT's "pre_classifier"."""
+    return name.endswith(tuple(saved))
+
+
 def within_saved(name: str, saved: list[str]) -> bool:
-    """Whether module ``name`` is, or lives inside, a module that ``modules_to_save`` names ``saved`` wrap (a name
-    ending with one of them, wrap_modules_to_save's rule)."""
+    """Whether module ``name`` is, or lives inside, a module that the modules_to_save names ``saved`` wrap."""
     parts = name.split(".")
-    return any(".".join(parts[:i]).endswith(tuple(saved)) for i in range(1, len(parts) + 1))
+    return any(saved_name_matches(".".join(parts[:i]), saved) for i in range(1, len(parts) + 1))
 
 
 def _trained_in_full(config) -> list[str]:
@@ -315,13 +320,11 @@ def replace_modules(model: nn.Module, config, adapter_name: str,
 
 
 def wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str, required: bool) -> list[str]:
-    """Wrap modules whose names end with any of ``names`` so each adapter trains its own copy.
-
-    "End with" as plain text, PEFT's rule for modules_to_save (not target_modules' dotted suffix): "classifier" also
-    takes DistilBERT's "pre_classifier", and an adapter moves between the two libraries only if both wrap the same."""
+    """Wrap modules whose names end with any of ``names`` (saved_name_matches: an adapter moves between peftkit and
+    PEFT only if both wrap the same) so each adapter trains its own copy."""
     hits, inside = [], _wrapper_prefixes(model)
     for name, module in list(model.named_modules()):
-        if not name or name.startswith(inside) or not name.endswith(tuple(names)):
+        if not name or name.startswith(inside) or not saved_name_matches(name, names):
             continue
         if isinstance(module, ModulesToSaveWrapper):
             module.create_adapter(adapter_name)

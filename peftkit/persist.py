@@ -6,7 +6,6 @@ A mixin so model.py stays about holding and switching adapters; every method her
 from __future__ import annotations
 
 import copy
-import json
 import os
 import warnings
 from typing import Optional, Union
@@ -15,8 +14,8 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .config import CONFIG_NAME, PeftConfig, lookup
-from .inject import TASK_HEADS, shared_parameters
+from .config import PeftConfig, lookup
+from .inject import TASK_HEADS, name_matches, saved_name_matches, shared_parameters
 from .layers import ModulesToSaveWrapper
 
 
@@ -139,15 +138,15 @@ class SaveLoadMixin:
         config = self.peft_config[adapter_name]
         names = list(getattr(config, "modules_to_save", None) or [])
         heads = TASK_HEADS.get(getattr(config, "task_type", None), ())
-        paths = [p for p, _ in self.base_model.named_modules()]
-        old_hits = {n for n in names if any(p == n or p.endswith("." + n) for p in paths)}
+        modules = list(self.base_model.named_modules())
+        old_hits = {n for n in names if any(name_matches(p, [n]) for p, _ in modules)}
         copies = {}
-        for path, layer in self.base_model.named_modules():
+        for path, layer in modules:
             if not isinstance(layer, ModulesToSaveWrapper) or adapter_name not in layer.modules_to_save:
                 continue
-            matching = [n for n in names if path.endswith(n)]
-            if any(path == n or path.endswith("." + n) for n in matching):
-                continue  # wrapped by the old rule too: its copy must be in the file
+            matching = [n for n in names if saved_name_matches(path, [n])]
+            if name_matches(path, matching):
+                continue  # wrapped by the old (target_modules') rule too: its copy must be in the file
             if all(n in old_hits or n in heads for n in matching):
                 ids = {id(t) for t in layer.adapter_tensors(adapter_name).values()}
                 copies[path] = [k for k, v in expected.items() if id(v) in ids]
@@ -253,14 +252,4 @@ def _read_saved(model_id, subfolder: Optional[str], allow_pickle: bool, is_train
     tensors = checkpoint.load_tensors(directory, allow_pickle)
     config.inference_mode = not is_trainable
     config._from_saved = True
-    config._ensure_weight_tying = _saved_field(directory, "ensure_weight_tying")  # for a clearer error, see _fill
     return directory, config, tensors
-
-
-def _saved_field(directory: str, field: str):
-    """One raw field of a saved adapter_config.json (one the config class drops), or None."""
-    try:
-        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as fh:
-            return json.load(fh).get(field)
-    except (OSError, ValueError, AttributeError):
-        return None

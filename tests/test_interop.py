@@ -746,3 +746,15 @@ def test_a_needed_copy_missing_from_the_file_is_still_refused(case, tmp_path):
     save_file({k: v for k, v in tensors.items() if gone not in k}, tmp_path / "adapter_model.safetensors")
     with pytest.raises(ValueError, match=f"lacks tensor '[^']*{gone}"):
         peftkit.PeftModel.from_pretrained(base_model("llama"), tmp_path)
+
+
+def test_peft_bias_all_with_a_non_leaf_head_copy_hotswaps(tmp_path):
+    # the same PEFT key (adapter name left in) as from_pretrained reads: hotswap refused it as "missing"
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["query"], task_type="SEQ_CLS", bias="all", modules_to_save=["pooler"])
+    source = peft.get_peft_model(base_model("bert"), peft.LoraConfig(**kwargs))
+    randomise(source)
+    expected = logits(source, "bert")
+    source.save_pretrained(tmp_path)
+    ours = peftkit.get_peft_model(base_model("bert"), peftkit.LoraConfig(**kwargs))
+    ours.hotswap_adapter(tmp_path, "default")
+    torch.testing.assert_close(logits(ours, "bert"), expected, atol=ATOL, rtol=RTOL)
