@@ -50,11 +50,11 @@ def _union(specs: list):
 
 def _check(model, adapters: list[str]) -> None:
     # IA3's own refusals, before any change (PeftModel.add_weighted_adapter checked what every method shares)
-    for field in ("layers_to_transform", "layers_pattern", "exclude_modules"):
-        values = [getattr(model.peft_config[name], field) for name in adapters]
-        if any(v != values[0] for v in values):  # the union of targets is narrowed by one filter: it must be theirs
-            raise ValueError(f"the adapters' {field} differ ({values}); combine adapters that narrow their targets "
-                             "alike (the combined adapter would scale modules no source scales, or drop some)")
+    # (layers_to_transform is resolved into full target names at injection: ia3._record_layers)
+    excluded = [model.peft_config[name].exclude_modules for name in adapters]
+    if any(v != excluded[0] for v in excluded):  # the union of targets is narrowed by one filter: it must be theirs
+        raise ValueError(f"the adapters' exclude_modules differ ({excluded}); combine adapters that narrow their "
+                         "targets alike (the combined adapter would scale modules no source scales, or drop some)")
     for field in ("target_modules", "feedforward_modules"):
         kinds = {type(getattr(model.peft_config[name], field)) for name in adapters}
         if str in kinds and len(kinds) > 1:  # a regex and a list cannot be united into one spec (PEFT's rule too)
