@@ -262,6 +262,79 @@ def selective(dtype) -> None:
           0.0 if same else 1.0, 0.0)
 
 
+def dora_merges(dtype, tol: float) -> None:
+    """Two DoRA adapters and a plain one active on the same layers: merging them in two calls and unmerging the
+    older merge first each leave the forward as it was unmerged; unmerge restores the base weight."""
+    model = get_peft_model(tiny(dtype), LoraConfig(r=8, lora_alpha=16, target_modules=ALL, use_dora=True),
+                           adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=4, lora_alpha=8, target_modules=ALL, use_dora=True))
+    model.add_adapter("p", LoraConfig(r=4, lora_alpha=8, target_modules=ALL))
+    model.set_adapter(["a", "b", "p"])
+    randomize(model, std=0.05)
+    model.eval()
+    x = ids()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer.weight" in n}
+    label = f"DoRA+DoRA+LoRA {str(dtype)[6:]}"
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+        model.merge_adapter(["a"])
+        check(f"{label}: one DoRA merged beside two unmerged", diff(model(input_ids=x).logits, expected), tol)
+        model.merge_adapter(["p", "b"])
+        check(f"{label}: all merged in two calls", diff(model(input_ids=x).logits, expected), tol)
+        for layer in (m for m in model.modules() if type(m).__name__ == "LoraLinear"):
+            layer.unmerge(["a"])  # the older merge first, under the newer ones
+        check(f"{label}: older merge taken off first", diff(model(input_ids=x).logits, expected), tol)
+        model.unmerge_adapter()
+    check(f"{label}: unmerge restores weights", max(diff(p, w0[n]) for n, p in model.named_parameters()
+                                                  if "base_layer.weight" in n), 1e-5 if dtype == torch.float32 else tol)
+
+
+def merged_on_cpu_then_moved() -> None:
+    """A DoRA adapter merged on the CPU, the model then moved to cuda: the forward of an unmerged adapter beside it
+    and the unmerge use the merge's saved norms on the new device."""
+    global DEV
+    dev, DEV = DEV, "cpu"
+    try:
+        model = get_peft_model(tiny(), LoraConfig(r=8, lora_alpha=16, target_modules=ALL, use_dora=True),
+                               adapter_name="a")
+        model.add_adapter("p", LoraConfig(r=4, target_modules=ALL, use_dora=True))
+        model.set_adapter(["a", "p"])
+        randomize(model, std=0.05)
+        model.eval()
+        x = ids()
+        w0 = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer.weight" in n}
+        with torch.no_grad():
+            expected = model(input_ids=x).logits
+            model.merge_adapter(["a"])
+    finally:
+        DEV = dev
+    model.to(DEV)
+    with torch.no_grad():
+        got = model(input_ids=x.to(DEV)).logits
+        check("DoRA merged on cpu, moved to cuda: forward beside an unmerged DoRA", diff(got.cpu(), expected), 1e-4)
+        model.unmerge_adapter()
+    check("DoRA merged on cpu, moved to cuda: unmerge restores weights",
+          max(diff(p.cpu(), w0[n]) for n, p in model.named_parameters() if "base_layer.weight" in n), 1e-5)
+
+
+def generate_vs_peft(dtype) -> None:
+    """Greedy generate with a LoRA adapter (left-padded batch of 2): the same tokens as peft's."""
+    import peft
+    base = tiny(dtype)
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=ALL))
+    randomize(ours, std=0.3)
+    x = ids(2, 7)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0  # left padding
+    with tempfile.TemporaryDirectory() as d:
+        ours.save_pretrained(d)
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), d).eval()
+    kw = dict(input_ids=x, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        a, b = ours.eval().generate(**kw), theirs.generate(**kw)
+    check(f"LoRA greedy generate vs peft {str(dtype)[6:]} (tokens differing)", float((a != b).sum()), 0.0)
+
+
 def device_map_load() -> None:
     """An adapter saved from cuda loads with device_map='cuda' and with the base on cpu."""
     model = get_peft_model(tiny(), LoraConfig(r=4, target_modules=ALL))
@@ -298,6 +371,10 @@ def main() -> int:
         lambda: merge_roundtrip(torch.float32, False, 1e-4),
         lambda: merge_roundtrip(torch.float32, True, 1e-4),
         lambda: merge_roundtrip(torch.bfloat16, False, 0.1),
+        lambda: dora_merges(torch.float32, 1e-4),
+        lambda: dora_merges(torch.bfloat16, 0.1),
+        merged_on_cpu_then_moved,
+        lambda: generate_vs_peft(torch.float32),
         lambda: mixed_batch(torch.float32, 1e-4),
         lambda: mixed_batch(torch.bfloat16, 0.1),
         lambda: other_methods(torch.float32, 1e-4),

@@ -238,9 +238,10 @@ def sole_active_adapter(layer: AdapterLayer) -> Optional[str]:
 
 def plain_frozen_linear(base: nn.Module, x: torch.Tensor) -> bool:
     """True for a frozen, hook-free nn.Linear of ``x``'s dtype outside autocast: what the fused kernels compute."""
-    return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
-            and "_hf_hook" not in base.__dict__ and not base.weight.requires_grad and x.dtype == base.weight.dtype
-            and not torch.is_autocast_enabled(x.device.type))
+    if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or "_hf_hook" in base.__dict__:
+        return False
+    weight = base._parameters["weight"]  # (not base.weight: nn.Module.__getattr__ is slow for a per-call check)
+    return not weight.requires_grad and x.dtype == weight.dtype and not torch.is_autocast_enabled(x.device.type)
 
 
 # --- dropout shared by layers that read the same input (q/k/v, gate/up) -------------------------

@@ -214,22 +214,27 @@ class LoraLinear(LoraLayer):
         name = None if args or kwargs else self._fusable(x)
         if name is None:
             return super().forward(x, *args, **kwargs)
-        base, a, b = self.base_layer, self.lora_A[name], self.lora_B[name]
+        # this runs once per layer and call, and a GPU step is launch-bound, so the submodules' dicts are read
+        # directly: nn.Module.__getattr__ and ParameterDict.__getitem__ cost about a microsecond each
+        modules, s = self._modules, self.scaling[name]
+        base = modules["base_layer"]._parameters
+        weight, bias = base["weight"], base["bias"]
+        a, b = modules["lora_A"]._parameters[name], modules["lora_B"]._parameters[name]
         fast = torch.is_grad_enabled()  # oneDNN GEMMs under grad mode (lora_kernels.linear); no_grad: torch's own
-        if name in self.lora_magnitude_vector:
-            return FusedDoraLinear.apply(x, base.weight, base.bias, a, b, self.lora_magnitude_vector[name],
-                                          self.dora_norm(name), self.scaling[name], fast)
-        xd = self.dropped(name, x)
-        return FusedLoraLinear.apply(x, None if xd is x else xd, base.weight, base.bias, a, b, self.scaling[name], fast)
+        m = modules["lora_magnitude_vector"]._parameters.get(name)
+        if m is not None:
+            return FusedDoraLinear.apply(x, weight, bias, a, b, m, self.dora_norm(name), s, fast)
+        p = self.dropout[name] if self.training else 0.0
+        return FusedLoraLinear.apply(x, shared_dropout(x, p) if p > 0 else None, weight, bias, a, b, s, fast)
 
     def _fusable(self, x: torch.Tensor) -> Optional[str]:
         # the fused kernel serves the common training case: one plain LoRA on a frozen, hook-free nn.Linear (autocast
         # casts per op, which the plain path's ops let it do)
-        name = sole_active_adapter(self)
-        if name is None or not plain_frozen_linear(self.base_layer, x):
+        name, modules = sole_active_adapter(self), self._modules
+        if name is None or not plain_frozen_linear(modules["base_layer"], x):
             return None
-        if (name in self.lora_magnitude_vector and self.dropout[name] > 0 and self.training
-                or self.lora_A[name].dtype not in (x.dtype, torch.float32)):
+        if (name in modules["lora_magnitude_vector"]._parameters and self.dropout[name] > 0 and self.training
+                or modules["lora_A"]._parameters[name].dtype not in (x.dtype, torch.float32)):
             return None
         return name
 
