@@ -267,7 +267,13 @@ def shared_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     go at the next dropout, the next pass (PeftModel's forward and generate), or when its backward runs, so a
     caller that feeds one long-lived tensor to the layers without PeftModel still gets a new mask per step.
     (Left: such a caller whose tensor needs no gradient, with no other dropout in between, reuses the mask;
-    call ``new_forward_pass()`` per step there.) The input is held weakly."""
+    call ``new_forward_pass()`` per step there.) The input is held weakly.
+
+    Not shared (each call draws its own mask) while torch.compile traces, whose guards cannot follow this cache
+    (a traced layer was handed another layer's dropped input), nor for an inference tensor (one made under
+    torch.inference_mode), which has no version counter to key the cache on."""
+    if torch.compiler.is_compiling() or x.is_inference():
+        return _Dropout.apply(x, p, None)
     step = getattr(_shared, "step", 0)
     last = getattr(_shared, "last", None)
     if last is not None and last[0]() is x and last[1] == (p, step, x._version):
@@ -294,8 +300,9 @@ def _scatters(x: torch.Tensor, p: float) -> bool:
 
 def _native_dropout(x: torch.Tensor) -> bool:
     """Whether dropout on ``x`` runs torch's own fused kernel (off the CPU: on a GPU it draws the mask and scales in
-    one pass, where _lane_mask's draw, compare and two multiplies are four launches and three times the traffic)."""
-    return x.device.type != "cpu"
+    one pass, where _lane_mask's draw, compare and two multiplies are four launches and three times the traffic),
+    and while torch.compile traces (drop_positions' count is data-dependent: a graph break)."""
+    return x.device.type != "cpu" or torch.compiler.is_compiling()  # traced: no data-dependent draw sizes
 
 
 def drop_positions(x: torch.Tensor, p: float) -> torch.Tensor:

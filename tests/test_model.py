@@ -3,6 +3,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.layers import new_forward_pass, shared_dropout
@@ -118,6 +119,48 @@ def test_dropout_mask_shared_within_a_pass_not_across():
     new_forward_pass()
     assert not torch.equal(shared_dropout(x, 0.5), first)
 
+
+
+def _gate_up_down(width: int) -> nn.Module:
+    """Llama's MLP shape: gate and up read one input, down reads their product (``width`` wide)."""
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate, self.up, self.down = nn.Linear(16, width), nn.Linear(16, width), nn.Linear(width, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+    torch.manual_seed(0)
+    return MLP()
+
+
+@pytest.mark.parametrize("width", [16, 32])
+def test_compiled_training_forward_with_dropout_equals_eager(width):
+    """Under torch.compile the dropout cache handed down_proj gate/up's dropped input: silently wrong outputs when
+    the widths match (2.2 off at p = 1e-7), a shape error when they differ. Each call now draws its own mask while
+    traced; at p = 1e-7 nothing is dropped, so compiled equals eager."""
+    model = get_peft_model(_gate_up_down(width), LoraConfig(r=4, target_modules=["gate", "up", "down"],
+                                                            lora_dropout=1e-7, init_lora_weights=False)).train()
+    x = torch.randn(8, 16)
+    compiled = torch.compile(model, backend="eager")  # dynamo's tracing is where the cache went wrong
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_dropout_in_training_takes_inference_tensors():
+    """A tensor made under torch.inference_mode has no version counter (the dropout cache's key): a train-mode
+    forward under inference_mode, or such a tensor fed in training, raised a RuntimeError; peft runs both."""
+    model = get_peft_model(_gate_up_down(16), LoraConfig(r=4, target_modules=["gate", "up", "down"],
+                                                         lora_dropout=0.5, init_lora_weights=False)).train()
+    with torch.inference_mode():
+        x = torch.randn(8, 16)
+        assert model(x).shape == (8, 16)
+    out = model(x)
+    out.sum().backward()
+    assert model.base_model.gate.lora_A["default"].grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x.clone()))  # eval: no dropout at all
 
 def test_dropout_drawn_once_per_shared_input_in_a_training_pass(ids, monkeypatch):
     """Llama's q/k/v read one hidden state and gate/up another: with all seven projections adapted, a layer
