@@ -270,6 +270,39 @@ def test_fused_kernels_keep_float16_in_range_with_a_large_scale():
     torch.testing.assert_close(out.float(), torch.full((2, 3), want), rtol=2e-3, atol=0)
 
 
+
+@pytest.mark.parametrize("path", ["fused", "plain", "dora"])
+def test_float16_base_takes_adapter_gradients_past_its_range(path):
+    """A float16 base with float32 adapters (the default), under a loss scale as a GradScaler's: A's and B's
+    gradients sum over every token, past float16's 65,504, where the activations' gradients stay in range. They
+    were inf (float16 GEMMs, then a cast; DoRA's magnitude gradient from float16 products); PEFT's are finite.
+    Against the same model in float64."""
+    import copy
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 8, bias=False))
+    nn.init.constant_(net[0].weight, 3.0 if path == "dora" else 0.01)
+    model = get_peft_model(net, LoraConfig(r=2, lora_alpha=32, target_modules=["0"], use_dora=path == "dora"))
+    layer = model.base_model[0]
+    with torch.no_grad():
+        layer.lora_A["default"].fill_(0.05)
+        layer.lora_B["default"].fill_(0.05)
+    if path == "plain":
+        layer.base_layer.register_forward_hook(lambda mod, inp, out: None)  # a hook forces the plain path
+    wide = copy.deepcopy(model).double()
+    model.base_model.half()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    x, g = torch.ones(64, 64), torch.full((64, 8), 500.0)
+    assert layer._fusable(x.half()) == (None if path == "plain" else "default")
+    model(x.half()).backward(g.half())
+    wide(x.double()).backward(g.double())
+    for (name, p), q in zip(model.named_parameters(), wide.parameters()):
+        if p.requires_grad:
+            assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().max() > 65504  # past float16's range: the case in question
+            torch.testing.assert_close(p.grad.double(), q.grad, rtol=2e-2, atol=0)
+
 def test_kernel_gemm_out_dtype_gating(monkeypatch):
     """The float32-output GEMM runs only where a check on the device found it (never on a CPU, whose mm has no
     out_dtype), and not in a backward that builds a graph (fast=False: that overload has no derivative); a bias

@@ -52,10 +52,17 @@ def linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, f
 
     Elsewhere alpha is the GEMM's own (addmm with beta = 0), and a float32 ``out_dtype`` for bf16/fp16 inputs
     is the GEMM's output type where torch has that on the device (CUDA): one kernel each, not a GEMM and a
-    scale or a cast, which on a GPU is what a rank-r product costs (launch-bound).
+    scale or a cast, which on a GPU is what a rank-r product costs (launch-bound). Where it lacks that, float16
+    inputs with a float32 ``out_dtype`` are multiplied in float32 (bfloat16 ones in bfloat16, then cast: its
+    range is float32's).
     """
     if bias is not None and alpha != 1:
         raise ValueError("linear: alpha scales a @ b^T only; add a bias after scaling")
+    if (out_dtype == torch.float32 and a.dtype == torch.float16
+            and not (fast and alpha == 1 and _has_out_dtype_mm(a.device, a.dtype, out_dtype))):
+        # a weight gradient sums over every token, past float16's range (65,504) well before the activations'
+        # gradients do (under a GradScaler's loss scale): float32 operands where no float32-output GEMM exists
+        a, b = a.float(), b.float()
     if uses_onednn(a, b, fast):
         out = _ONEDNN(a, b, bias, "none", [], "")
         out = out.mul_(alpha) if alpha != 1 else out
@@ -102,10 +109,12 @@ def _try_out_dtype_mm(device: torch.device, dtype: torch.dtype, out_dtype: torch
 
 
 def compute_dtype(activations: torch.dtype, adapter: torch.dtype) -> torch.dtype:
-    """The dtype the adapter's matmuls run in: the activations' for float32 adapters over bf16/fp16 activations
-    (as torch.autocast would; upcasting the (N, in) activations instead costs a float32 copy of them, saved for
-    backward, and float32 matmuls), else the adapter's own."""
-    if activations in (torch.bfloat16, torch.float16) and adapter == torch.float32:
+    """The dtype the adapter's matmuls run in on the plain (autograd) path: the activations' for float32 adapters
+    over bf16 activations (as torch.autocast would; upcasting the (N, in) activations instead costs a float32 copy
+    of them, saved for backward, and float32 matmuls), else the adapter's own. Not for float16 activations, as in
+    PEFT: autograd's A and B gradients would come out of float16 GEMMs, whose sum over every token overflows
+    (the fused kernels keep float16 GEMMs and take those two gradients in float32, lora_kernels.linear)."""
+    if activations == torch.bfloat16 and adapter == torch.float32:
         return activations
     return adapter
 
@@ -235,7 +244,11 @@ class FusedDoraLinear(torch.autograd.Function):
         ga = linear(gh.t(), x2.t(), fast=fast, out_dtype=a_in.dtype) if need_a else None  # (r, in)
         gb = _b_grad(gs, h, fast, b_in.dtype, 1.0 if ctx.pre else ctx.s) if need_b else None  # (out, r)
         gx = grad_plus(gs, weight, gh, a, fast).view(ctx.x_shape) if need_x else None
-        # dy/dm = t / n, (out,), summed in float32 at least
-        gm = torch.sum(g2 * t, 0, dtype=torch.promote_types(g2.dtype, torch.float32)) / norm if need_m else None
+        # dy/dm = t / n, (out,), summed in float32 at least; in float32 throughout for float16, whose range the
+        # products g t can pass under a GradScaler's loss scale
+        gm = None
+        if need_m:
+            gt = g2.float() * t if g2.dtype == torch.float16 else g2 * t
+            gm = torch.sum(gt, 0, dtype=torch.promote_types(g2.dtype, torch.float32)) / norm
         gbias = g2.sum(0) if need_bias else None
         return gx, None, gbias, ga, gb, gm, None, None, None
