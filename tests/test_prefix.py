@@ -174,6 +174,33 @@ def test_t5_generate_matches_manual_greedy_padded(name):
     assert not torch.equal(plain, out)
 
 
+
+def test_max_length_counts_the_callers_tokens_only(config):
+    """The prefixes' stand-in ids are not the caller's: max_length / min_length count the caller's prompt and the new
+    tokens, as in PEFT (a 6-token prompt with max_length=11 got 1 new token; max_length=9 raised)."""
+    model = _steered(config)
+    ids, mask = _left_padded()
+    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0)
+    greedy = model.generate(max_new_tokens=5, **kw)
+    assert torch.equal(model.generate(max_length=ids.shape[1] + 5, **kw), greedy)
+    assert model.generate(max_length=ids.shape[1] + 2, **kw).shape == (3, ids.shape[1] + 2)
+    model.generation_config.eos_token_id = int(greedy[0, ids.shape[1]])  # stops at once, unless min_length holds
+    held = model.generate(input_ids=ids[:1], min_length=ids.shape[1] + 3, max_new_tokens=5, do_sample=False)
+    assert held.shape[1] >= ids.shape[1] + 3
+
+
+def test_t5_max_length_counts_the_decoder_tokens_only():
+    """Encoder-decoder: the decoder's prefix stand-ins are not counted in max_length either (PEFT: 9 decoder tokens
+    for max_length=9; it gave 4 with 5 virtual tokens)."""
+    model = get_peft_model(tiny_t5(), PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=5)).eval()
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(2, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_length=9, do_sample=False)
+        by_new = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+    assert out.shape == (2, 9)
+    assert torch.equal(out, by_new)
+
 @pytest.mark.parametrize("projection", [False, True])
 def test_zero_init_weights_as_peft(projection):
     config = PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=2, init_weights="zero",

@@ -233,6 +233,38 @@ def test_generate_returns_the_prompt_once_per_returned_sequence():
     assert torch.equal(sampled, greedy.repeat_interleave(3, dim=0))
 
 
+
+@pytest.mark.parametrize("where", ["call", "generation_config", "model"])
+def test_max_and_min_length_count_the_callers_tokens_only(config, where):
+    """max_length / min_length are the caller's prompt + new tokens, as in PEFT and transformers: generate, given
+    the virtual tokens as input, counted them too (a 6-token prompt with max_length=11 got 1 new token, not 5).
+    Set in the call, in a GenerationConfig passed, or on the model's own generation_config."""
+    from transformers import GenerationConfig
+    model = get_peft_model(tiny_llama(), config).eval()
+    model.generation_config.eos_token_id = None
+    ids, mask = _left_padded()
+    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        greedy = model.generate(max_new_tokens=5, **kw)
+        if where == "call":
+            out = model.generate(max_length=ids.shape[1] + 5, **kw)
+        elif where == "generation_config":
+            out = model.generate(generation_config=GenerationConfig(max_length=ids.shape[1] + 5), **kw)
+        else:
+            model.generation_config.max_length = ids.shape[1] + 5
+            out = model.generate(**kw)
+    assert out.shape == (3, ids.shape[1] + 5)
+    assert torch.equal(out, greedy)
+    # min_length: with the first greedy token as eos, generation stops at once unless min_length holds it off
+    model.generation_config.max_length = None
+    model.generation_config.eos_token_id = int(greedy[0, ids.shape[1]])
+    with torch.no_grad():
+        short = model.generate(input_ids=ids[:1], max_new_tokens=5, do_sample=False, pad_token_id=0)
+        held = model.generate(input_ids=ids[:1], min_length=ids.shape[1] + 3, max_new_tokens=5, do_sample=False,
+                              pad_token_id=0)
+    assert short.shape[1] == ids.shape[1] + 1
+    assert held.shape[1] >= ids.shape[1] + 3
+
 def test_multi_label_targets_of_the_sequences_length_are_not_taken_for_token_labels():
     """A multi-label classifier whose num_labels equals the input length: its (batch, num_labels) float targets are
     per sequence, not per token, and get no -100 columns; the loss is the BCE of the logits."""

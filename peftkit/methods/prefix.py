@@ -25,8 +25,8 @@ from torch import nn
 from ..config import register
 from ..inject import Method
 from ..layers import checkpointing
-from .prompt import (PromptEmbedding, PromptLearningConfig, fill_from_model, input_embeddings, map_sequences,
-                     model_setting, position_limit, prepend_columns)
+from .prompt import (PromptEmbedding, PromptLearningConfig, fill_from_model, input_embeddings, lengths_past,
+                     map_sequences, model_setting, position_limit, prepend_columns)
 
 
 @dataclass
@@ -180,8 +180,8 @@ class PrefixMethod(Method):
         # generate skips the input positions the cache already covers: stand-in ids for the prefixes, cut after
         ids = inputs.pop("input_ids")
         stand_in = torch.zeros(ids.shape[0], count, dtype=ids.dtype, device=ids.device)
-        return map_sequences(model.generate(input_ids=torch.cat([stand_in, ids], dim=1), **inputs),
-                             lambda seq: seq[:, count:])
+        return map_sequences(model.generate(input_ids=torch.cat([stand_in, ids], dim=1),
+                                            **lengths_past(inputs, model, count)), lambda seq: seq[:, count:])
 
 
 def prefix_cache(model: nn.Module, prefixes: torch.Tensor, config: PrefixTuningConfig, batch: int):
@@ -258,8 +258,8 @@ def _run_seq2seq(model: nn.Module, inputs: dict, count: int, generate: bool):
         inputs["decoder_attention_mask"] = torch.ones_like(ids)
     prepend_columns(inputs, "decoder_attention_mask", 1, count)
     stand_in = torch.full((ids.shape[0], count), start, dtype=ids.dtype, device=ids.device)
-    return map_sequences(model.generate(decoder_input_ids=torch.cat([stand_in, ids], dim=1), **inputs),
-                         lambda seq: seq[:, count:])
+    return map_sequences(model.generate(decoder_input_ids=torch.cat([stand_in, ids], dim=1),
+                                        **lengths_past(inputs, model, count)), lambda seq: seq[:, count:])
 
 
 register("PREFIX_TUNING", PrefixTuningConfig, PrefixMethod())

@@ -269,12 +269,37 @@ class PromptMethod(Method):
         inputs = with_virtual_tokens(model, module(), config.num_virtual_tokens, inputs, config.task_type)
         if not generate:
             return model(**inputs)
-        out = model.generate(**inputs)
-        if ids is None or getattr(model.config, "is_encoder_decoder", False):
+        if getattr(model.config, "is_encoder_decoder", False):
+            return model.generate(**inputs)  # the virtual tokens are the encoder's: no generated length changes
+        out = model.generate(**lengths_past(inputs, model, config.num_virtual_tokens))
+        if ids is None:
             return out
         # from inputs_embeds, generate returns only new tokens; PEFT returns both (each prompt once per returned row)
         return map_sequences(out, lambda seq: torch.cat([ids.repeat_interleave(seq.shape[0] // ids.shape[0], dim=0),
                                                          seq], dim=1))
+
+
+def lengths_past(inputs: dict, model: nn.Module, count: int) -> dict:
+    """generate's ``inputs`` with a set max_length / min_length (in the call, in a generation_config passed, or in
+    the model's own) moved past ``count`` positions that generate is given ahead of the caller's tokens (virtual
+    tokens, prefix stand-ins): these lengths count the caller's tokens and the new ones, as in PEFT.
+    max_new_tokens / min_new_tokens, which take precedence, and transformers' defaults need nothing. (Before
+    transformers 5, whose GenerationConfig leaves lengths unset, a config's max_length of 20 was the default: there
+    only the call's own values count as set, as transformers took them.)"""
+    from transformers import GenerationConfig
+
+    configs = [inputs]
+    if GenerationConfig().max_length is None:
+        configs += [inputs.get("generation_config"), getattr(model, "generation_config", None)]
+    inputs = dict(inputs)
+    for key, new_key in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+        values = [c.get(key) if isinstance(c, dict) else getattr(c, key, None) for c in configs if c is not None]
+        new_values = [c.get(new_key) if isinstance(c, dict) else getattr(c, new_key, None) for c in configs
+                      if c is not None]
+        value = next((v for v in values if v is not None), None)
+        if value and next((v for v in new_values if v is not None), None) is None:
+            inputs[key] = value + count
+    return inputs
 
 
 def map_sequences(out, edit):
