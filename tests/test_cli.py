@@ -385,6 +385,51 @@ def test_method_flag_over_a_config_file_keeps_only_that_methods_settings(tmp_pat
     assert "drops the config file's ['r']" in err
 
 
+def test_method_flag_names_where_the_dropped_settings_came_from(assets, capsys):
+    """On a resumed run the settings --method drops come from the run's recorded job, not a config file."""
+    code, _, err = run_cli(capsys, "train", "--resume", "--output-dir", assets["run"], "--method", "ia3",
+                           "--print-config")
+    assert code == 0 and "drops the run's recorded job.json's ['r']" in err and "config file" not in err
+
+
+def test_count_flags_refuse_values_below_their_floor(assets, capsys):
+    """inspect --limit -1 was taken (and listed all but the last module); generate --max-new-tokens 0 failed in
+    transformers after the model loaded."""
+    for argv, needle in ((["inspect", "--adapter", assets["run"], "--limit", "-1"], "argument --limit: -1 is below 0"),
+                         (["generate", "--adapter", assets["run"], "--prompt", "x", "--max-new-tokens", "0"],
+                          "argument --max-new-tokens: 0 is below 1"),
+                         (["inspect", "--adapter", assets["run"], "--limit", "many"], "'many' is not a whole number")):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and needle in one_error_line(err)
+    code, out, _ = run_cli(capsys, "inspect", "--adapter", assets["run"], "--limit", "0")
+    assert code == 0 and "... and" in out
+
+
+def test_merge_with_an_empty_output_fails_before_loading(assets, capsys, monkeypatch):
+    """--output "" was taken for the working directory and refused as not empty, after loading and merging."""
+    from peftkit.cli import tools
+
+    monkeypatch.setattr(tools, "load_run_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    code, _, err = run_cli(capsys, "merge", "--adapter", assets["run"], "--output", "")
+    assert code == 2 and "--output is empty" in one_error_line(err)
+
+
+def test_predict_reads_the_text_as_training_does_and_refuses_an_empty_input(assets, tmp_path, capsys):
+    """A number in a JSON text column is its digits, as in training (it went to the tokenizer as an int); an input
+    without rows is an error (it wrote a file holding one newline)."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"text": 12345}) + "\n" + json.dumps({"text": "late order"}) + "\n")
+    code, _, _ = run_cli(capsys, "predict", "--adapter", assets["run"], "--input", source, "--output",
+                         tmp_path / "o.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert code == 0 and [r["text"] for r in rows] == ["12345", "late order"]
+    assert all(r["prediction"] in ("complaint", "no complaint") for r in rows)
+    (tmp_path / "empty.jsonl").write_text("")
+    code, _, err = run_cli(capsys, "predict", "--adapter", assets["run"], "--input", tmp_path / "empty.jsonl",
+                           "--output", tmp_path / "e.jsonl")
+    assert code == 1 and "has no rows" in one_error_line(err) and not (tmp_path / "e.jsonl").exists()
+
+
 def test_predict_and_adapter_input_errors(assets, tmp_path, capsys):
     source = tmp_path / "in.csv"
     source.write_text("message\nlate order\n")

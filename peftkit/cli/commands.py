@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import CliError
+from .errors import CliError, at_least
 from .flags import check_method_flags, given_values, method_classes_from_registry
 from .runs import check_output_path, data_labels, load_run_model, resolve_run, run_labels, write_rows
 from ..train.job import JOB_FILE, holds_run, run_exists_message  # JOB_FILE: the run's job, recorded by run_job: the one record --resume reads
@@ -56,16 +56,16 @@ def resolve_job(args: argparse.Namespace, flags: list):
 
     recorded = os.path.join(args.output_dir, JOB_FILE)
     if args.config is not None:
-        job = load_job_file(args.config)
+        job, source = load_job_file(args.config), "the config file's"
     elif args.resume and os.path.isfile(recorded):  # a resumed run continues the job it started with
-        job = load_job_file(recorded)
+        job, source = load_job_file(recorded), f"the run's recorded {JOB_FILE}'s"
     else:
-        job = JobConfig()
+        job, source = JobConfig(), "the default job's"
     data = job.to_dict()
     if args.model is not None:
         data["model"] = args.model
     if args.method is not None and args.method.lower() != str(data["method"]).lower():
-        data["method"], data["peft"] = args.method, _kept_settings(args.method, data.get("peft") or {})
+        data["method"], data["peft"] = args.method, _kept_settings(args.method, data.get("peft") or {}, source)
     check_method_name(data["method"])
     given = given_values(args, flags)
     check_method_flags(data["method"], given["peft"], flags, method_classes_from_registry())
@@ -91,15 +91,14 @@ def _check_method_settings(job) -> None:
         raise CliError(f"invalid job settings: {err}") from None
 
 
-def _kept_settings(method: str, peft: dict) -> dict:
-    # --method replaced the file's method: keep the file's method settings the new method also has
+def _kept_settings(method: str, peft: dict, source: str) -> dict:
+    # --method replaced the base job's method: keep its method settings the new method also has
     check_method_name(method)
     cls = method_classes_from_registry().get(method.upper())  # None for "full": it has no settings
     fields = {f.name for f in dataclasses.fields(cls)} if cls is not None else set()
     dropped = sorted(set(peft) - fields)
     if dropped:
-        print(f"peftkit: note: --method {method} drops the config file's {dropped} (not {method} settings)",
-              file=sys.stderr)
+        print(f"peftkit: note: --method {method} drops {source} {dropped} (not {method} settings)", file=sys.stderr)
     return {k: v for k, v in peft.items() if k in fields}
 
 
@@ -209,7 +208,7 @@ def _predict_parser(sub) -> argparse.ArgumentParser:
 def run_predict(args: argparse.Namespace, flags: list) -> int:
     """peftkit predict."""
     from ..train import predict
-    from ..train.data import read_file
+    from ..train.data import normalise_row, read_file
 
     if not os.path.isfile(args.input):
         what = "is a directory; pass a data file" if os.path.isdir(args.input) else "does not exist"
@@ -222,10 +221,13 @@ def run_predict(args: argparse.Namespace, flags: list) -> int:
     run = resolve_run(args.adapter)
     job, data = run_data(args, flags, run)
     rows = read_file(args.input)
+    if not rows:
+        raise CliError(f"--input {args.input!r} has no rows; there is nothing to predict", 1)
     missing = [i for i, r in enumerate(rows) if r.get(data.text_column) is None]
     if missing:
         raise CliError(f"--input row {missing[0]} has no {data.text_column!r} column; it has {sorted(rows[missing[0]])}. "
                        "Name the text column with --text-column", 1)
+    rows = [normalise_row(r, data) for r in rows]  # the text as training reads it (a number in JSON: its digits)
     labels = run_label_set(run, data)
     model, tokenizer = load_run_model(run, args.model or job.model, data.task, labels)
     out = predict(model, tokenizer, rows, data, labels=labels)
@@ -239,7 +241,7 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
                        description="Greedy generation with the adapter (causal LMs).")
     add_adapter_options(p)
     p.add_argument("--prompt", required=True, help="the prompt; '-' reads one prompt per line from stdin")
-    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="default: 32")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=32, metavar="N", help="default: 32")
     p.add_argument("--use-template", action="store_true",
                    help="wrap the prompt in the run's prompt template (as in training), e.g. for label answers")
     return p

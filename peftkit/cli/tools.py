@@ -6,7 +6,7 @@ import json
 import os
 
 from .commands import Command, add_adapter_options, check_method_name, run_data, run_label_set
-from .errors import CliError
+from .errors import CliError, at_least
 from .flags import check_method_flags, given_values, method_classes_from_registry
 from .runs import ADAPTER_CONFIG, load_run_model, resolve_run
 from ..checkpoint import atomic_dir
@@ -28,6 +28,8 @@ def run_merge(args: argparse.Namespace, flags: list) -> int:
     """peftkit merge."""
     from ..config import PeftConfig, lookup
 
+    if not args.output.strip():
+        raise CliError("--output is empty; pass the directory to save the merged model to")
     if os.path.isdir(args.output) and os.listdir(args.output):
         raise CliError(f"--output {args.output!r} is not empty; pass a new or empty directory")
     if os.path.isfile(args.output):
@@ -68,7 +70,7 @@ def _inspect_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--method", help="a PEFT method (with --model)")
     p.add_argument("--task", default="causal-label", help="the task the model is loaded for (default: causal-label)")
     p.add_argument("--labels", nargs="+", default=["0", "1"], help="class labels for seq-cls / token-cls heads")
-    p.add_argument("--limit", type=int, default=LISTED, metavar="N", help=f"list at most N modules (default: {LISTED})")
+    p.add_argument("--limit", type=at_least(0), default=LISTED, metavar="N", help=f"list at most N modules (default: {LISTED})")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
