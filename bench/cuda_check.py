@@ -335,6 +335,76 @@ def generate_vs_peft(dtype) -> None:
     check(f"LoRA greedy generate vs peft {str(dtype)[6:]} (tokens differing)", float((a != b).sum()), 0.0)
 
 
+def _stack(dtype, width: int = 64) -> torch.nn.Module:
+    """Three Linear layers on cuda: a model whose whole step is peftkit's (no loss code of transformers')."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(3)]).to(DEV, dtype)
+
+
+def no_sync_in_training_step(use_dora: bool, dropout: float) -> None:
+    """A training step of LoRA / DoRA / LoRA with dropout never waits on the GPU (a synchronising call in the
+    layers would serialise the CPU's launches with the GPU's work: the step is launch-bound)."""
+    model = get_peft_model(_stack(torch.bfloat16), LoraConfig(r=8, target_modules=["0", "1", "2"], use_dora=use_dora,
+                                                                lora_dropout=dropout)).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
+    x = torch.randn(4, 16, 64, device=DEV, dtype=torch.bfloat16)
+
+    def step() -> None:
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # the first step fills caches (the out_dtype GEMM check synchronises once)
+    torch.cuda.synchronize()
+    label = f"{'DoRA' if use_dora else 'LoRA'} dropout {dropout}: synchronising calls in a training step"
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        step()
+        found = 0.0
+    except RuntimeError as err:
+        print("  sync at:", "".join(traceback.format_exception(err)[-6:]), flush=True)
+        found = 1.0
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    check(label, found, 0.0)
+
+
+def float16_adapter_grads() -> None:
+    """A float16 base under a large loss scale: A's, B's and DoRA's magnitude gradients are finite and equal a
+    float64 copy's (they sum over every token, past float16's range)."""
+    for use_dora in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(64, 8, bias=False))
+        torch.nn.init.constant_(net[0].weight, 3.0 if use_dora else 0.01)
+        model = get_peft_model(net, LoraConfig(r=2, lora_alpha=32, target_modules=["0"], use_dora=use_dora))
+        layer = model.base_model[0]
+        with torch.no_grad():
+            layer.lora_A["default"].fill_(0.05)
+            layer.lora_B["default"].fill_(0.05)
+        wide = copy.deepcopy(model).double().to(DEV)
+        model.to(DEV)
+        model.base_model.half()
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        x, g = torch.ones(64, 64, device=DEV), torch.full((64, 8), 500.0, device=DEV)
+        model(x.half()).backward(g.half())
+        wide(x.double()).backward(g.double())
+        err = max(((p.grad.double() - q.grad).abs().max() / q.grad.abs().max()).item() if torch.isfinite(p.grad).all()
+                  else float("inf") for p, q in zip(model.parameters(), wide.parameters()) if p.requires_grad)
+        check(f"{'DoRA' if use_dora else 'LoRA'} float16 base, adapter grads past 65504 vs float64 (relative)", err, 2e-2)
+
+
+def compiled_dropout() -> None:
+    """torch.compile of a training forward with LoRA dropout (p tiny: nothing dropped) equals eager on cuda."""
+    model = get_peft_model(_stack(torch.float32), LoraConfig(r=4, target_modules=["0", "1", "2"], lora_dropout=1e-7,
+                                                               init_lora_weights=False)).train()
+    x = torch.randn(8, 64, device=DEV)
+    compiled = torch.compile(model, backend="eager")
+    check("LoRA dropout: torch.compile(backend='eager') vs eager, training forward", diff(compiled(x), model(x)), 1e-5)
+
+
 def device_map_load() -> None:
     """An adapter saved from cuda loads with device_map='cuda' and with the base on cpu."""
     model = get_peft_model(tiny(), LoraConfig(r=4, target_modules=ALL))
@@ -375,11 +445,16 @@ def main() -> int:
         lambda: dora_merges(torch.bfloat16, 0.1),
         merged_on_cpu_then_moved,
         lambda: generate_vs_peft(torch.float32),
+        float16_adapter_grads,
+        compiled_dropout,
         lambda: mixed_batch(torch.float32, 1e-4),
         lambda: mixed_batch(torch.bfloat16, 0.1),
         lambda: other_methods(torch.float32, 1e-4),
         lambda: other_methods(torch.bfloat16, 0.1),
         device_map_load,
+        lambda: no_sync_in_training_step(False, 0.0),
+        lambda: no_sync_in_training_step(False, 0.1),
+        lambda: no_sync_in_training_step(True, 0.0),
     ]
     for step in steps:
         try:

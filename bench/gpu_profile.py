@@ -20,6 +20,7 @@ import train_step  # noqa: E402
 p = argparse.ArgumentParser()
 p.add_argument("--variants", default="limit,peftkit-lora")
 p.add_argument("--rows", type=int, default=12)
+p.add_argument("--sort", choices=["device", "cpu"], default="device", help="order the table by self CUDA or self CPU time")
 cli = p.parse_args()
 for variant in cli.variants.split(","):
     args = train_step.parse_args(["--gpu-preset", "--variant", variant])
@@ -45,6 +46,7 @@ for variant in cli.variants.split(","):
     print(f"== {variant}: wall {statistics.median(walls) * 1e3:.1f} ms/step; under the profiler CPU {cpu:.1f} ms, "
           f"CUDA {cuda:.1f} ms, {launches:.0f} kernel launches per step", flush=True)
     key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    key = "self_cpu_time_total" if cli.sort == "cpu" else key
     print(events.table(sort_by=key, row_limit=cli.rows, max_name_column_width=60), flush=True)
     del model, step
     torch.cuda.empty_cache()
