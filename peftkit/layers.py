@@ -236,11 +236,21 @@ def sole_active_adapter(layer: AdapterLayer) -> Optional[str]:
     return layer.active_adapters[0]
 
 
+def param_of(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """``module.<name>``, None where it has none: read from ``_parameters`` first, as nn.Module.__getattr__ costs about
+    a microsecond, paid per layer and call on the forward's hot path (a GPU step is launch-bound). A tensor moved
+    out of ``_parameters`` (torch.nn.utils.parametrize, prune, a plain attribute) comes through getattr."""
+    params = module._parameters
+    if name in params:
+        return params[name]
+    return getattr(module, name, None)
+
+
 def plain_frozen_linear(base: nn.Module, x: torch.Tensor) -> bool:
     """True for a frozen, hook-free nn.Linear of ``x``'s dtype outside autocast: what the fused kernels compute."""
     if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or "_hf_hook" in base.__dict__:
         return False
-    weight = base._parameters["weight"]  # (not base.weight: nn.Module.__getattr__ is slow for a per-call check)
+    weight = param_of(base, "weight")
     return not weight.requires_grad and x.dtype == weight.dtype and not torch.is_autocast_enabled(x.device.type)
 
 

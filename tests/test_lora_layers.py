@@ -303,6 +303,51 @@ def test_float16_base_takes_adapter_gradients_past_its_range(path):
             assert p.grad.abs().max() > 65504  # past float16's range: the case in question
             torch.testing.assert_close(p.grad.double(), q.grad, rtol=2e-2, atol=0)
 
+
+@pytest.mark.parametrize("change", ["parametrized magnitude", "parametrized A", "pruned B", "bias set to None"])
+def test_forward_finds_tensors_moved_out_of_parameters(change):
+    """The forward reads the layers' tensors from ``_parameters`` for speed; torch.nn.utils.parametrize / prune (or
+    a bias deleted and set to None) move them out. A parametrized DoRA magnitude ran as plain LoRA (4.6 off, no
+    magnitude gradient); the others raised KeyError. An identity change must leave output and gradients alone."""
+    import torch.nn.utils.parametrize as parametrize
+    import torch.nn.utils.prune as prune
+
+    class Identity(nn.Module):
+        def forward(self, t):
+            return t
+
+    def build():
+        torch.manual_seed(0)
+        model = get_peft_model(Net(bias=True), LoraConfig(r=3, target_modules=["proj"], init_lora_weights=False,
+                                                          use_dora=change == "parametrized magnitude")).train()
+        with torch.no_grad():
+            for m in model.base_model.proj.lora_magnitude_vector.values():
+                m.mul_(torch.linspace(0.5, 2.0, 10))
+        return model
+
+    x = torch.randn(4, 12)
+    reference = build()
+    expected = reference(x)
+    expected.sum().backward()
+    model = build()
+    layer = model.base_model.proj
+    if change == "parametrized magnitude":
+        parametrize.register_parametrization(layer.lora_magnitude_vector, "default", Identity())
+    elif change == "parametrized A":
+        parametrize.register_parametrization(layer.lora_A, "default", Identity())
+    elif change == "pruned B":
+        prune.random_unstructured(layer.lora_B, "default", 0.0)
+    else:
+        del layer.base_layer.bias
+        layer.base_layer.bias = None
+        expected = expected - reference.base_model.proj.base_layer.bias
+    out = model(x)
+    torch.testing.assert_close(out, expected.detach())
+    out.sum().backward()
+    if change == "parametrized magnitude":
+        grad = layer.lora_magnitude_vector.parametrizations.default.original.grad
+        torch.testing.assert_close(grad, reference.base_model.proj.lora_magnitude_vector["default"].grad)
+
 def test_kernel_gemm_out_dtype_gating(monkeypatch):
     """The float32-output GEMM runs only where a check on the device found it (never on a CPU, whose mm has no
     out_dtype), and not in a backward that builds a graph (fast=False: that overload has no derivative); a bias

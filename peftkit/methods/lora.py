@@ -17,8 +17,8 @@ from torch import nn
 from ..config import TargetedConfig, register
 from ..inject import (DEFAULT_TARGETS, every_bias, find_targets, is_linear_like, refuse_held, replace_modules,
                       resolve_target_modules)
-from ..layers import (AdapterLayer, MixedRows, adapter_dtype, param_device, plain_frozen_linear, shared_dropout,
-                      sole_active_adapter)
+from ..layers import (AdapterLayer, MixedRows, adapter_dtype, param_device, param_of, plain_frozen_linear,
+                      shared_dropout, sole_active_adapter)
 from . import lora_mixed
 from .lora_kernels import FusedDoraLinear, FusedLoraLinear, compute_factors, linear
 from .selective_scoring import AutoTargetMethod
@@ -214,14 +214,14 @@ class LoraLinear(LoraLayer):
         name = None if args or kwargs else self._fusable(x)
         if name is None:
             return super().forward(x, *args, **kwargs)
-        # this runs once per layer and call, and a GPU step is launch-bound, so the submodules' dicts are read
-        # directly: nn.Module.__getattr__ and ParameterDict.__getitem__ cost about a microsecond each
+        # this runs once per layer and call, and a GPU step is launch-bound: the submodules' dicts are read directly
+        # (param_of), as nn.Module.__getattr__ and ParameterDict.__getitem__ cost about a microsecond each
         modules, s = self._modules, self.scaling[name]
-        base = modules["base_layer"]._parameters
-        weight, bias = base["weight"], base["bias"]
-        a, b = modules["lora_A"]._parameters[name], modules["lora_B"]._parameters[name]
+        base = modules["base_layer"]
+        weight, bias = param_of(base, "weight"), param_of(base, "bias")
+        a, b = param_of(modules["lora_A"], name), param_of(modules["lora_B"], name)
         fast = torch.is_grad_enabled()  # oneDNN GEMMs under grad mode (lora_kernels.linear); no_grad: torch's own
-        m = modules["lora_magnitude_vector"]._parameters.get(name)
+        m = param_of(modules["lora_magnitude_vector"], name)
         if m is not None:
             return FusedDoraLinear.apply(x, weight, bias, a, b, m, self.dora_norm(name), s, fast)
         p = self.dropout[name] if self.training else 0.0
@@ -233,8 +233,8 @@ class LoraLinear(LoraLayer):
         name, modules = sole_active_adapter(self), self._modules
         if name is None or not plain_frozen_linear(modules["base_layer"], x):
             return None
-        if (name in modules["lora_magnitude_vector"]._parameters and self.dropout[name] > 0 and self.training
-                or modules["lora_A"]._parameters[name].dtype not in (x.dtype, torch.float32)):
+        if (name in modules["lora_magnitude_vector"] and self.dropout[name] > 0 and self.training
+                or param_of(modules["lora_A"], name).dtype not in (x.dtype, torch.float32)):
             return None
         return name
 
