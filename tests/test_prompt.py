@@ -265,6 +265,35 @@ def test_max_and_min_length_count_the_callers_tokens_only(config, where):
     assert short.shape[1] == ids.shape[1] + 1
     assert held.shape[1] >= ids.shape[1] + 3
 
+
+def test_lengths_follow_transformers_precedence():
+    """The call's max_new_tokens=None overrides the model's max_new_tokens, so the call's max_length holds (it went
+    to the model's 3 new tokens); a GenerationConfig passed is moved in a copy, with no keyword beside it (which
+    transformers logs as deprecated), and the caller's object is left as it was."""
+    import logging
+
+    from transformers import GenerationConfig
+    model = get_peft_model(tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    model.generation_config.eos_token_id = None
+    ids, mask = _left_padded()
+    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0)
+    model.generation_config.max_new_tokens = 3
+    with torch.no_grad():
+        assert model.generate(max_length=ids.shape[1] + 5, max_new_tokens=None, **kw).shape == (3, ids.shape[1] + 5)
+        model.generation_config.max_new_tokens = None
+        config = GenerationConfig(max_length=ids.shape[1] + 2, do_sample=False, pad_token_id=0)
+        logged = []
+        handler = logging.Handler()
+        handler.emit = lambda record: logged.append(record.getMessage())
+        hf_logger = logging.getLogger("transformers")  # transformers' loggers do not propagate to the root
+        hf_logger.addHandler(handler)
+        try:
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        finally:
+            hf_logger.removeHandler(handler)
+    assert out.shape == (3, ids.shape[1] + 2) and config.max_length == ids.shape[1] + 2
+    assert not [line for line in logged if "deprecated" in line]
+
 def test_multi_label_targets_of_the_sequences_length_are_not_taken_for_token_labels():
     """A multi-label classifier whose num_labels equals the input length: its (batch, num_labels) float targets are
     per sequence, not per token, and get no -100 columns; the loss is the BCE of the logits."""

@@ -283,23 +283,41 @@ def lengths_past(inputs: dict, model: nn.Module, count: int) -> dict:
     """generate's ``inputs`` with a set max_length / min_length (in the call, in a generation_config passed, or in
     the model's own) moved past ``count`` positions that generate is given ahead of the caller's tokens (virtual
     tokens, prefix stand-ins): these lengths count the caller's tokens and the new ones, as in PEFT.
-    max_new_tokens / min_new_tokens, which take precedence, and transformers' defaults need nothing. (Before
-    transformers 5, whose GenerationConfig leaves lengths unset, a config's max_length of 20 was the default: there
-    only the call's own values count as set, as transformers took them.)"""
+    max_new_tokens / min_new_tokens, which take precedence, and transformers' defaults need nothing. A length from
+    a generation_config passed is moved in a copy of it (beside it, a keyword is deprecated in transformers).
+    (Before transformers 5, whose GenerationConfig leaves lengths unset, a config's max_length of 20 was the
+    default: there only the call's own values count as set, as transformers took them.)"""
+    import copy
+
     from transformers import GenerationConfig
 
-    configs = [inputs]
-    if GenerationConfig().max_length is None:
-        configs += [inputs.get("generation_config"), getattr(model, "generation_config", None)]
     inputs = dict(inputs)
+    passed = inputs.get("generation_config")
+    configs = [passed, getattr(model, "generation_config", None)] if GenerationConfig().max_length is None else []
+    moved = None  # the copy of ``passed``, where a length came from it
     for key, new_key in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
-        values = [c.get(key) if isinstance(c, dict) else getattr(c, key, None) for c in configs if c is not None]
-        new_values = [c.get(new_key) if isinstance(c, dict) else getattr(c, new_key, None) for c in configs
-                      if c is not None]
-        value = next((v for v in values if v is not None), None)
-        if value and next((v for v in new_values if v is not None), None) is None:
+        value, source = _generation_setting(inputs, configs, key)
+        if not value or _generation_setting(inputs, configs, new_key)[0] is not None:
+            continue
+        if source is passed:
+            moved = copy.deepcopy(passed) if moved is None else moved
+            setattr(moved, key, value + count)
+        else:
             inputs[key] = value + count
+    if moved is not None:
+        inputs["generation_config"] = moved
     return inputs
+
+
+def _generation_setting(call: dict, configs: list, key: str) -> tuple:
+    """(value, the config it came from) of one generation setting: the call's own, None included (transformers lets
+    it override the configs'), else the first config that sets it; (None, None) where none does."""
+    if key in call:
+        return call[key], call
+    for config in configs:
+        if config is not None and getattr(config, key, None) is not None:
+            return getattr(config, key), config
+    return None, None
 
 
 def map_sequences(out, edit):
