@@ -8,6 +8,7 @@ from .auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
+from .compat import PeftType, TaskType, get_peft_model_state_dict, set_peft_model_state_dict
 from .config import PeftConfig, registered_types
 from .methods.adapter import AdapterConfig
 from .methods.ia3 import IA3Config
@@ -21,8 +22,9 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction", "AutoPeftModelForQuestionAnswering",
     "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
-    "IA3Config", "LoraConfig", "PeftConfig", "PeftModel", "PrefixTuningConfig",
-    "PromptEncoderConfig", "PromptTuningConfig", "SelectiveConfig", "get_peft_model", "registered_types",
+    "IA3Config", "LoraConfig", "PeftConfig", "PeftModel", "PeftType", "PrefixTuningConfig",
+    "PromptEncoderConfig", "PromptTuningConfig", "SelectiveConfig", "TaskType", "get_peft_model",
+    "get_peft_model_state_dict", "registered_types", "set_peft_model_state_dict",
     "PeftTrainer",  # provided on first use by __getattr__ below
 ]
 

@@ -162,6 +162,19 @@ class PeftConfig:
         atomic_write_text(os.path.join(directory, CONFIG_NAME), self.to_json())
 
 
+def as_config(config: Any) -> PeftConfig:
+    """``config`` as peftkit's config: itself, or, for a Hugging Face PEFT config object (imports mixed: peft's
+    LoraConfig given to peftkit), the config its ``to_dict()`` describes, read as an adapter_config.json is (fields
+    peftkit does not support refused). Anything else is refused."""
+    if isinstance(config, PeftConfig):
+        return config
+    if callable(getattr(config, "to_dict", None)) and getattr(config, "peft_type", None) is not None:
+        return PeftConfig.from_dict(config.to_dict())
+    raise TypeError(f"the adapter config must be a peftkit config such as peftkit.LoraConfig(r=8, ...), not a "
+                    f"{type(config).__name__}; a dict of adapter_config.json fields goes through "
+                    "peftkit.PeftConfig.from_dict(d)")
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (set, tuple)):
         return sorted(value) if isinstance(value, set) else list(value)

@@ -192,6 +192,9 @@ def _nearest_error(spec, model: nn.Module) -> ValueError:
                           "or leave it unset for the model type's defaults")
     hints = difflib.get_close_matches(str(wanted[0]), sorted({n.rsplit(".", 1)[-1] for n in leaves}), n=1, cutoff=0.7)
     hint = f"did you mean {hints[0]!r}? " if hints else ""
+    if isinstance(spec, str) and hints and hints[0] == spec:  # a name, given as a string: read as a full-name regex
+        hint = (f"a string is a regular expression matched against full module names (as in PEFT); for the modules "
+                f"named {spec!r} pass a list, target_modules=[{spec!r}] ")
     return ValueError(
         f"target module {wanted if len(wanted) > 1 else wanted[0]!r} not found; {hint}"
         f"({len(leaves)} candidates: {', '.join(leaves[:4])}, ...)"

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .config import PeftConfig, lookup
+from .config import PeftConfig, as_config, lookup
 from .inject import TASK_HEADS, adapter_layers, shared_parameters, unwrap, wrap_modules_to_save
 from .layers import AdapterLayer, ModulesToSaveWrapper, checkpointing, mixed_rows, new_forward_pass
-from .persist import SaveLoadMixin
+from .persist import SaveLoadMixin, peft_options
 
 BASE_ADAPTER = "__base__"  # reserved: "no adapter" in mixed batches
 
@@ -162,16 +162,53 @@ class PeftModel(SaveLoadMixin, nn.Module):
         """Names of the active adapters."""
         return list(self._active)
 
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        """The first active adapter's config (PEFT's name)."""
+        if not self._active:
+            raise ValueError("no adapter is active; activate one with set_adapter(name)")
+        return self.peft_config[self._active[0]]
+
+    @property
+    def peft_type(self) -> str:
+        """The first active adapter's method, as adapter_config.json names it ("LORA", ...)."""
+        return self.active_peft_config.peft_type
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """The module names that the adapters' configs train in full (PEFT's attribute), or None."""
+        names = {n for c in self.peft_config.values() for n in (getattr(c, "modules_to_save", None) or [])}
+        return names or None
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model alone until enable_adapter_layers() (PEFT's pair; disable_adapter() is the block
+        form). Merged adapters are unmerged first, with a warning, as in PEFT."""
+        layers = [layer for _, layer in adapter_layers(self.base_model)]
+        if any(layer.merged_adapters for layer in layers):
+            warnings.warn("disable_adapter_layers: unmerging the merged adapters first", stacklevel=2)
+        for layer in layers:
+            layer.unmerge()
+            layer.disabled = True
+        self._inputs_off = True
+
+    def enable_adapter_layers(self) -> None:
+        """Undo disable_adapter_layers(): the active adapters run again."""
+        for _, layer in adapter_layers(self.base_model):
+            layer.disabled = False
+        self._inputs_off = False
+
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig,
-                    calibration_batches: Optional[Iterable[dict]] = None, loss_fn: Optional[Callable] = None) -> None:
+                    calibration_batches: Optional[Iterable[dict]] = None, loss_fn: Optional[Callable] = None, *,
+                    low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True) -> None:
         """Inject a new adapter (not activated, unless none is: after the last one was deleted); the model is left
         unchanged if this fails.
 
         ``calibration_batches`` (dicts of model inputs with labels) and ``loss_fn`` ((outputs, batch) -> loss)
         feed methods that select by importance (SelectiveConfig); other methods refuse them.
         """
+        peft_options(autocast_adapter_dtype)  # (low_cpu_mem_usage, PEFT's, changes no result)
         self._check_new_name(adapter_name)
-        config = copy.deepcopy(peft_config)  # targets get resolved in place; the caller's object stays
+        config = copy.deepcopy(as_config(peft_config))  # targets get resolved in place; the caller's object stays
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(self.base_model, "config", None), "_name_or_path", None) or None
         _, method = lookup(config.peft_type)
@@ -452,8 +489,10 @@ class PeftModel(SaveLoadMixin, nn.Module):
             layer.unmerge()
             _tie_back(layer)
 
-    def merge_and_unload(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> nn.Module:
-        """Merge the active (or given) adapters and return the plain base model."""
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """Merge the active (or given) adapters and return the plain base model. (PEFT's argument order;
+        ``progressbar`` is taken and shows nothing: a merge here takes well under a second per billion weights.)"""
         self.merge_adapter(adapter_names, safe_merge)
         return self._unload(merge=True)
 
@@ -506,8 +545,12 @@ def _contiguous_input(module: nn.Module, args: tuple) -> Optional[tuple]:
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
-                   calibration_batches: Optional[Iterable[dict]] = None, loss_fn: Optional[Callable] = None) -> PeftModel:
-    """Wrap ``model`` with a new trainable adapter described by ``peft_config``."""
+                   calibration_batches: Optional[Iterable[dict]] = None, loss_fn: Optional[Callable] = None, *,
+                   mixed: bool = False, autocast_adapter_dtype: bool = True, revision: Optional[str] = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
+    """Wrap ``model`` with a new trainable adapter described by ``peft_config``. PEFT's keyword arguments are
+    taken at the values peftkit implements (persist.peft_options; ``low_cpu_mem_usage`` changes no result)."""
+    peft_options(autocast_adapter_dtype, revision, mixed=mixed)
     return PeftModel(model, peft_config, adapter_name, calibration_batches, loss_fn)
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .config import PeftConfig, lookup
+from .config import PeftConfig, as_config, lookup
 from .inject import TASK_HEADS, name_matches, saved_name_matches, shared_parameters
 from .layers import ModulesToSaveWrapper
 
@@ -25,9 +25,19 @@ _PLANNED = ("auto", "balanced", "balanced_low_0", "sequential")  # device_map st
 class SaveLoadMixin:
     """save_pretrained / from_pretrained / load_adapter, and placing a loaded model on devices."""
 
-    def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None,
-                        safe_serialization: bool = True) -> None:
-        """Write each adapter in PEFT's layout: "default" at the top, others in a subfolder of their name."""
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
+                        selected_adapters: Optional[list[str]] = None, save_embedding_layers: Union[str, bool] = "auto",
+                        is_main_process: bool = True) -> None:
+        """Write each adapter in PEFT's layout: "default" at the top, others in a subfolder of their name. PEFT's
+        arguments in PEFT's order: ``is_main_process=False`` writes nothing (the other ranks of a distributed run);
+        ``save_embedding_layers`` "auto" saves the full weights of the embeddings an adapter targets (as PEFT),
+        False leaves them out."""
+        if save_embedding_layers not in ("auto", False):
+            raise ValueError(f"save_embedding_layers={save_embedding_layers!r}: peftkit saves the embeddings an adapter "
+                             "targets ('auto') or none (False); to save resized embeddings that no adapter targets, "
+                             "name them in modules_to_save")
+        if not is_main_process:
+            return
         if not os.fspath(save_directory):
             raise ValueError("save_directory is empty; pass the directory to write the adapter into")
         if os.path.isfile(save_directory):
@@ -43,7 +53,8 @@ class SaveLoadMixin:
             directory = save_directory if name == "default" else os.path.join(save_directory, name)
             method = lookup(self.peft_config[name].peft_type)[1]
             tensors = method.pack_tensors(self.base_model, self.peft_config[name], name, self.adapter_parameters(name))
-            tensors.update(self._embedding_tensors(name))  # as PEFT: full weights of targeted embeddings
+            if save_embedding_layers == "auto":
+                tensors.update(self._embedding_tensors(name))  # as PEFT: full weights of targeted embeddings
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             extra = None
@@ -58,8 +69,14 @@ class SaveLoadMixin:
                         is_trainable: bool = False, config: Optional[PeftConfig] = None,
                         subfolder: Optional[str] = None, allow_pickle: bool = False,
                         device_map: Optional[Union[str, dict]] = None,
-                        max_memory: Optional[dict] = None):
-        """A PeftModel with a saved adapter loaded onto ``model``; on any error ``model`` is left exactly as it was."""
+                        max_memory: Optional[dict] = None, autocast_adapter_dtype: bool = True,
+                        low_cpu_mem_usage: bool = False, torch_device: Optional[str] = None,
+                        revision: Optional[str] = None, ephemeral_gpu_offload: bool = False,
+                        key_mapping: Optional[dict] = None):
+        """A PeftModel with a saved adapter loaded onto ``model``; on any error ``model`` is left exactly as it was.
+        PEFT's other arguments: see ``peft_options`` (``low_cpu_mem_usage`` and ``torch_device`` change no result:
+        the tensors are copied onto each layer's own device)."""
+        peft_options(autocast_adapter_dtype, revision, ephemeral_gpu_offload, key_mapping)
         directory, config, tensors = _read_saved(model_id, subfolder, allow_pickle, is_trainable, config)
         peft_model = cls(model, config, adapter_name)
         overwritten: dict[str, torch.Tensor] = {}
@@ -75,8 +92,12 @@ class SaveLoadMixin:
         return peft_model
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
-                     subfolder: Optional[str] = None, allow_pickle: bool = False) -> None:
-        """Load another saved adapter under ``adapter_name`` (not activated; see set_adapter)."""
+                     subfolder: Optional[str] = None, allow_pickle: bool = False, autocast_adapter_dtype: bool = True,
+                     low_cpu_mem_usage: bool = False, torch_device: Optional[str] = None,
+                     revision: Optional[str] = None, ephemeral_gpu_offload: bool = False) -> None:
+        """Load another saved adapter under ``adapter_name`` (not activated; see set_adapter). PEFT's other
+        arguments as in from_pretrained."""
+        peft_options(autocast_adapter_dtype, revision, ephemeral_gpu_offload)
         directory, config, tensors = _read_saved(model_id, subfolder, allow_pickle, is_trainable)
         self.add_adapter(adapter_name, config)
         overwritten: dict[str, torch.Tensor] = {}
@@ -242,13 +263,33 @@ def _check_device(device) -> None:
         raise ValueError(f"device_map names {device!r}, but MPS is not available here")
 
 
+def peft_options(autocast_adapter_dtype: bool = True, revision: Optional[str] = None,
+                 ephemeral_gpu_offload: bool = False, key_mapping: Optional[dict] = None, mixed: bool = False) -> None:
+    """Refuse PEFT's loading / wrapping arguments at values peftkit does not implement (at their defaults they mean
+    what peftkit does anyway)."""
+    if not autocast_adapter_dtype:
+        raise ValueError("autocast_adapter_dtype=False (adapters in a bf16 / fp16 base's dtype) is not supported: "
+                         "peftkit keeps float32 adapters over a bf16 / fp16 base, PEFT's default")
+    if revision is not None:
+        raise ValueError(f"revision={revision!r}: peftkit reads local directories only, never a hub; fetch that "
+                         "revision first and pass its directory")
+    if ephemeral_gpu_offload:
+        raise ValueError("ephemeral_gpu_offload=True is not supported; place the base on the GPU (device_map) instead")
+    if key_mapping:
+        raise ValueError("key_mapping is not supported; peftkit reads PEFT's key names, which transformers' current "
+                         "module names give")
+    if mixed:
+        raise ValueError("mixed=True (PEFT's PeftMixedModel) is not supported; add further adapters with add_adapter "
+                         "and activate them with set_adapter([...])")
+
+
 def _read_saved(model_id, subfolder: Optional[str], allow_pickle: bool, is_trainable: bool,
                 config: Optional[PeftConfig] = None) -> tuple[str, PeftConfig, dict[str, torch.Tensor]]:
     """(directory, config, tensors) of a saved adapter, all read before the model is touched. The config is marked
     as standing for saved values (``_from_saved``): an init that needs data (LoRA's "eva") or a recorded
     selection (selective) is then allowed, since the saved tensors replace the initial ones."""
     directory = checkpoint.find_adapter_dir(os.fspath(model_id), subfolder)
-    config = copy.deepcopy(config) if config is not None else PeftConfig.from_pretrained(directory)
+    config = copy.deepcopy(as_config(config)) if config is not None else PeftConfig.from_pretrained(directory)
     tensors = checkpoint.load_tensors(directory, allow_pickle)
     config.inference_mode = not is_trainable
     config._from_saved = True

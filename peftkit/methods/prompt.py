@@ -178,6 +178,9 @@ def fill_from_model(model: nn.Module, config: PromptLearningConfig, check_dim: b
             setattr(config, field, found)
     if config.num_transformer_submodules is None:
         config.num_transformer_submodules = 2 if config.task_type == "SEQ_2_SEQ_LM" else 1
+    if config.num_transformer_submodules != 1 and not getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"num_transformer_submodules={config.num_transformer_submodules} is for encoder-decoder models "
+                         "(SEQ_2_SEQ_LM); this model has one stack: leave it unset (or 1)")
     embeddings = input_embeddings(model)
     if check_dim and embeddings.weight.shape[1] != config.token_dim:
         raise ValueError(f"token_dim={config.token_dim} but the model's input embeddings have size "

@@ -1,0 +1,108 @@
+"""PEFT's API as its users write it: peft's config objects, its enums and state-dict functions, its attribute
+names and keyword arguments. Each is taken with PEFT's meaning, or refused with a message that says what to do."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import peftkit
+from conftest import tiny_llama
+from peftkit import LoraConfig, PeftModel, get_peft_model
+
+peft = pytest.importorskip("peft")
+
+
+def test_a_peft_config_object_is_read_as_its_adapter_config():
+    """Imports mixed (peft's LoraConfig given to peftkit): it raised AttributeError deep inside (or, for prefix
+    tuning, trained and failed at save). It is read as its adapter_config.json would be."""
+    theirs = get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    ours = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    config = theirs.peft_config["default"]
+    assert type(config) is LoraConfig and (config.r, config.lora_alpha) == (4, 8)
+    assert theirs.get_nb_trainable_parameters() == ours.get_nb_trainable_parameters()
+    for bad in ({"r": 4}, None):
+        with pytest.raises(TypeError, match="must be a peftkit config such as peftkit.LoraConfig"):
+            get_peft_model(tiny_llama(), bad)
+    with pytest.raises(ValueError, match="lora_bias"):  # a field peftkit lacks, set: refused as from a file
+        get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True))
+
+
+def test_state_dict_functions_match_peft(tmp_path, ids):
+    """get_peft_model_state_dict gives peft's keys and values for the same adapter; set_peft_model_state_dict
+    loads them into another model, which then gives the same logits; a full state dict can be the source."""
+    base = tiny_llama()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                      init_lora_weights=False))
+    theirs.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    want = peft.get_peft_model_state_dict(theirs)
+    got = peftkit.get_peft_model_state_dict(ours)
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    from_full = peftkit.get_peft_model_state_dict(ours, state_dict=ours.state_dict())
+    assert all(torch.equal(from_full[k], want[k]) for k in want)
+    fresh = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    assert peftkit.set_peft_model_state_dict(fresh, got) == ([], [])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, ours(ids).logits)
+    wrong = {k: v[:1] if "lora_A" in k else v for k, v in got.items()}
+    with pytest.raises(ValueError, match="has shape"):
+        peftkit.set_peft_model_state_dict(fresh, wrong)
+    assert peftkit.TaskType.CAUSAL_LM == "CAUSAL_LM" and peftkit.PeftType.LORA == ours.peft_type == "LORA"
+
+
+def test_peft_attribute_names(ids):
+    """Names that fell through to the transformers model (AttributeError there): active_peft_config, peft_type,
+    modules_to_save, and the disable_adapter_layers / enable_adapter_layers pair (merged adapters unmerged first)."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False,
+                                                    modules_to_save=["lm_head"])).eval()
+    assert model.active_peft_config is model.peft_config["default"] and model.modules_to_save == {"lm_head"}
+    with torch.no_grad():
+        adapted = model(ids).logits
+        with model.disable_adapter():
+            base = model(ids).logits
+        model.merge_adapter()
+        with pytest.warns(UserWarning, match="unmerging"):
+            model.disable_adapter_layers()
+        torch.testing.assert_close(model(ids).logits, base)
+        model.enable_adapter_layers()
+        torch.testing.assert_close(model(ids).logits, adapted)
+    assert not any(layer.merged_adapters for _, layer in peftkit.inject.adapter_layers(model.base_model))
+
+
+def test_peft_keyword_arguments(tmp_path):
+    """PEFT's argument order and keywords: save_pretrained(dir, False) meant safe_serialization (a TypeError here),
+    is_main_process=False writes nothing, merge_and_unload(True) is PEFT's progressbar; loading keywords that change
+    nothing are taken, the others refused saying why."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "bin", False)
+    assert os.path.isfile(tmp_path / "bin" / "adapter_model.bin")
+    model.save_pretrained(tmp_path / "rank1", is_main_process=False)
+    assert not os.path.exists(tmp_path / "rank1")
+    with pytest.raises(ValueError, match="modules_to_save"):
+        model.save_pretrained(tmp_path / "emb", save_embedding_layers=True)
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=False)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a", low_cpu_mem_usage=True, torch_device="cpu",
+                                       autocast_adapter_dtype=True)
+    loaded.load_adapter(tmp_path / "a", "b", low_cpu_mem_usage=True, torch_device="cpu")
+    for kwargs, needle in (({"autocast_adapter_dtype": False}, "float32 adapters"), ({"revision": "v2"}, "local"),
+                           ({"ephemeral_gpu_offload": True}, "device_map"), ({"key_mapping": {"a": "b"}}, "key names")):
+        with pytest.raises(ValueError, match=needle):
+            PeftModel.from_pretrained(tiny_llama(), tmp_path / "a", **kwargs)
+    with pytest.raises(ValueError, match="set_adapter"):
+        get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]), mixed=True)
+    get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]), low_cpu_mem_usage=True)
+    assert type(model.merge_and_unload(True)).__name__ == "LlamaForCausalLM"
+
+
+def test_targets_and_prompt_sizes_refused_with_a_way_out():
+    """target_modules="q_proj" (a string: a full-name regex) hinted "did you mean 'q_proj'?"; prompt tuning with
+    num_transformer_submodules=2 on a one-stack model trained rows it never used (PEFT prepends them all)."""
+    with pytest.raises(ValueError, match=r"pass a list, target_modules=\['q_proj'\]"):
+        get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="q_proj"))
+    with pytest.raises(ValueError, match="num_transformer_submodules=2 is for encoder-decoder"):
+        get_peft_model(tiny_llama(), peftkit.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                                num_transformer_submodules=2))
