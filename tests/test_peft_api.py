@@ -106,3 +106,22 @@ def test_targets_and_prompt_sizes_refused_with_a_way_out():
     with pytest.raises(ValueError, match="num_transformer_submodules=2 is for encoder-decoder"):
         get_peft_model(tiny_llama(), peftkit.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
                                                                 num_transformer_submodules=2))
+
+
+@pytest.mark.parametrize("method", ["PromptTuningConfig", "PrefixTuningConfig"])
+def test_prompt_gradients_on_a_bf16_base_equal_peft(method, tmp_path):
+    """The float32 virtual tokens were cast to a bf16 base's dtype before being expanded over the batch, so their
+    gradient was summed over the batch in bf16 (~2e-3 off peft's float32 sum at a batch of 8)."""
+    def base():
+        return tiny_llama().to(torch.bfloat16)
+
+    theirs = peft.get_peft_model(base(), getattr(peft, method)(task_type="CAUSAL_LM", num_virtual_tokens=5)).train()
+    theirs.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(base(), tmp_path, is_trainable=True).train()
+    ids = torch.randint(1, 64, (8, 9), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for model in (theirs, ours):
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(next(p.grad for p in model.parameters() if p.requires_grad))
+    assert grads[1].dtype == torch.float32 and not torch.equal(grads[1], grads[1].bfloat16().float())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)

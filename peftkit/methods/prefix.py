@@ -194,15 +194,16 @@ def prefix_cache(model: nn.Module, prefixes: torch.Tensor, config: PrefixTuningC
     layers, heads = config.num_layers, config.num_attention_heads
     dtype = input_embeddings(model).weight.dtype
     # (n, layers * 2 * token_dim) -> (layers * 2, heads, n, head_dim), PEFT's order: layer-major, key before value
-    kv = prefixes.to(dtype).view(config.num_virtual_tokens, layers * 2, heads, -1).permute(1, 2, 0, 3)
+    kv = prefixes.view(config.num_virtual_tokens, layers * 2, heads, -1).permute(1, 2, 0, 3)
     # PEFT reads (self key, self value, cross key, cross value) per layer for seq2seq (num_transformer_submodules=2)
     # from the rows repeated twice, so layer l's self-attention key is row 2 * submodules * l modulo the row count
     step = 2 * (config.num_transformer_submodules or 1)
     cache = DynamicCache(config=model.config)
     for layer in range(layers):
         row = (step * layer) % (2 * layers)
-        keys = kv[row].unsqueeze(0).expand(batch, -1, -1, -1)
-        values = kv[row + 1].unsqueeze(0).expand(batch, -1, -1, -1)
+        # expanded, then cast to the model's dtype: the batch's gradients are summed in float32, as in PEFT
+        keys = kv[row].unsqueeze(0).expand(batch, -1, -1, -1).to(dtype)
+        values = kv[row + 1].unsqueeze(0).expand(batch, -1, -1, -1).to(dtype)
         cache.update(keys, values, layer)
     if is_encoder_decoder(model):
         from transformers import EncoderDecoderCache

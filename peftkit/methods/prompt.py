@@ -349,7 +349,9 @@ def with_virtual_tokens(model: nn.Module, prompts: torch.Tensor, count: int, inp
     if limit is not None and count + seq > limit:
         raise ValueError(f"{seq} tokens + {count} virtual tokens exceed the model's {limit} positions; "
                          "shorten the input")
-    virtual = prompts[:count].to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (batch, count, dim)
+    # expanded, then cast: the batch's gradients are summed in the prompts' float32, as in PEFT (cast first, they
+    # were summed in a bf16 base's dtype: ~2e-3 off)
+    virtual = prompts[:count].unsqueeze(0).expand(batch, -1, -1).to(embeds.dtype)  # (batch, count, dim)
     inputs["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)
     prepend_columns(inputs, "attention_mask", 1, count)
     if not getattr(model.config, "is_encoder_decoder", False):  # seq2seq: labels / positions belong to the decoder
