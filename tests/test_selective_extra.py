@@ -594,3 +594,42 @@ def test_refine_regrow_under_the_narrowest_row_takes_the_best_unit_as_select_doe
     held = [torch.tensor([1.0, float("-inf")]), torch.tensor([float("-inf")] * 3)]
     chosen = _drop_and_grow(units, held, 0.01, 0.5, "global", widths=[9, 7])  # 0.01 of 39 parameters: under 7
     assert [c.tolist() for c in chosen] == [[1], []]  # the best-scoring unit, not an error
+
+
+@pytest.mark.parametrize("granularity", ["element", "row"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_second_order_gradients_through_selected_values(granularity, fused, monkeypatch):
+    """A gradient penalty (autograd.grad with create_graph=True, then backward through the gradients) raised
+    "differentiate twice a function marked once_differentiable"; it now equals plain autograd through
+    y = x (W + delta(values))^T + b, for the input and for the values."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(12, 10)),
+                           SelectiveConfig(criterion="magnitude", budget=0.3, granularity=granularity,
+                                           target_modules=["0"])).train()
+    layer = model.base_model[0]
+    with torch.no_grad():
+        layer.selective_values["default"].normal_()
+    if not fused:
+        monkeypatch.setattr(SelectiveLayer, "_fusable", lambda self, x: None)
+    values, index = layer.selective_values["default"], layer.selective_indices["default"]
+    weight, bias = layer.base_layer.weight, layer.base_layer.bias
+    x = torch.randn(5, 12, requires_grad=True)
+
+    def penalty(out):
+        loss = (out * torch.linspace(-1, 1, 10)).pow(2).sum()
+        grads = torch.autograd.grad(loss, [x, values], create_graph=True)
+        return sum(g.pow(2).sum() for g in grads)
+
+    assert (layer._fusable(x) is not None) == fused
+    penalty(model(x)).backward()
+    got = (x.grad.clone(), values.grad.clone())
+    x.grad = values.grad = None
+    if granularity == "row":
+        dense = weight.detach().index_add(0, index, values.view(-1, 12))
+    else:
+        dense = weight.detach().reshape(-1).index_add(0, index, values).view(weight.shape)
+    penalty(F.linear(x, dense, bias.detach())).backward()
+    torch.testing.assert_close(got[0], x.grad, rtol=1e-5, atol=1e-4)  # (oneDNN's and torch's GEMMs round apart)
+    torch.testing.assert_close(got[1], values.grad, rtol=1e-5, atol=1e-4)

@@ -229,9 +229,9 @@ class _ScatteredLinear(torch.autograd.Function):
         return F.linear(x, _scatter(values, index, shape))  # (..., out)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, values, index = ctx.saved_tensors
+        fast = not torch.is_grad_enabled()  # on only under create_graph=True: differentiable ops for a second order
         grad_x = grad_values = None
         # under autocast the forward ran in bf16/fp16, so grad arrives in that dtype while the values are float32:
         # g delta in grad's dtype (as the forward's product was), the values' gradient in their own
@@ -239,7 +239,7 @@ class _ScatteredLinear(torch.autograd.Function):
             grad_x = grad @ _scatter(values, index, ctx.shape).to(grad.dtype)  # (..., in)
         if ctx.needs_input_grad[1]:
             g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-            grad_values = _entry_grads(g2.to(values.dtype), x2.to(values.dtype), index)
+            grad_values = _entry_grads(g2.to(values.dtype), x2.to(values.dtype), index, fast)
         return grad_x, grad_values, None, None
 
 
@@ -257,36 +257,47 @@ class _FusedScatteredLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, values, index, rows):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         y = linear(x2, _with_delta(weight, values, index, rows), bias)  # (N, out)
-        ctx.save_for_backward(x2, weight, values, index)
+        # the input itself, not its reshape (made here without a graph): a backward with a graph differentiates it
+        ctx.save_for_backward(x, weight, values, index)
         ctx.x_shape, ctx.rows = x.shape, rows
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x2, weight, values, index = ctx.saved_tensors
+        x, weight, values, index = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        # grad mode is on here only under create_graph=True: then differentiable ops (torch's GEMMs, an out-of-place
+        # W + delta), so that gradients of these gradients (a gradient penalty, MAML) flow to x and the values
+        fast = not torch.is_grad_enabled()
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:
-            grad_x = linear(g2, _with_delta(weight, values, index, ctx.rows).t()).view(ctx.x_shape)  # (..., in)
+            w = _with_delta(weight, values, index, ctx.rows, graph=not fast)
+            grad_x = linear(g2, w.t(), fast=fast).view(ctx.x_shape)  # (..., in)
         if ctx.needs_input_grad[3]:
-            grad_values = _row_grads(g2, x2, index) if ctx.rows else _entry_grads(g2, x2, index)
+            grad_values = _row_grads(g2, x2, index, fast) if ctx.rows else _entry_grads(g2, x2, index, fast)
         grad_bias = g2.sum(0) if ctx.needs_input_grad[2] else None  # bias="all" trains it
         return grad_x, None, grad_bias, grad_values, None, None
 
 
-def _entry_grads(g2: torch.Tensor, x2: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _entry_grads(g2: torch.Tensor, x2: torch.Tensor, index: torch.Tensor, fast: bool = True) -> torch.Tensor:
     # the selected flat entries of g^T x: (N, out), (N, in) -> (k,); the (out, in) product is transient
-    return linear(g2.t(), x2.t()).view(-1)[index]
+    return linear(g2.t(), x2.t(), fast=fast).reshape(-1)[index]
 
 
-def _row_grads(g2: torch.Tensor, x2: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def _row_grads(g2: torch.Tensor, x2: torch.Tensor, rows: torch.Tensor, fast: bool = True) -> torch.Tensor:
     # the selected rows of g^T x, flat in the values' (rows, in) order: only those rows are computed
-    return linear(g2.index_select(1, rows).t(), x2.t()).reshape(-1)
+    return linear(g2.index_select(1, rows).t(), x2.t(), fast=fast).reshape(-1)
 
 
-def _with_delta(weight: torch.Tensor, values: torch.Tensor, index: torch.Tensor, rows: bool = False) -> torch.Tensor:
-    # a copy of W with the values added at their flat entries (or as whole rows), (out, in)
+def _with_delta(weight: torch.Tensor, values: torch.Tensor, index: torch.Tensor, rows: bool = False,
+                graph: bool = False) -> torch.Tensor:
+    # a copy of W with the values added at their flat entries (or as whole rows), (out, in); with ``graph``, out of
+    # place and differentiable in the values
+    if graph:
+        if rows:
+            return weight.detach().index_add(0, index, values.view(-1, weight.shape[1]))
+        return weight.detach().reshape(-1).index_add(0, index, values).view(weight.shape)
     if rows:
         return weight.detach().clone().index_add_(0, index, values.detach().view(-1, weight.shape[1]))
     return weight.detach().clone().view(-1).index_add_(0, index, values.detach()).view(weight.shape)
