@@ -3,7 +3,7 @@ state-dict functions (training scripts that save through DeepSpeed, FSDP or acce
 from __future__ import annotations
 
 import enum
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -34,32 +34,42 @@ class PeftType(str, enum.Enum):
     SELECTIVE = "SELECTIVE"
 
 
-def get_peft_model_state_dict(model: PeftModel, state_dict: Optional[dict] = None,
-                              adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """One adapter's tensors keyed as save_pretrained writes them (PEFT's keys: the adapter name left out).
+def get_peft_model_state_dict(model: PeftModel, state_dict: Optional[dict] = None, adapter_name: str = "default",
+                              save_embedding_layers: Union[str, bool] = "auto") -> dict[str, torch.Tensor]:
+    """One adapter's tensors as save_pretrained writes them (PEFT's keys: the adapter name left out), with the full
+    weights of embeddings the adapter targets unless ``save_embedding_layers`` is False.
 
     ``state_dict``: a full state dict of ``model`` (``model.state_dict()``, or one gathered by DeepSpeed / FSDP),
-    whose tensors are taken instead of the live ones."""
+    whose tensors are taken instead of the live ones; a tensor the model computes (a prompt encoder's output) has no
+    key there and is taken live."""
     _check_peft_model(model, "get_peft_model_state_dict")
     if adapter_name not in model.peft_config:
         raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(model.peft_config)}")
-    tensors = model.adapter_parameters(adapter_name)
-    if state_dict is None:
-        return {key: tensor.detach() for key, tensor in tensors.items()}
+    if save_embedding_layers not in ("auto", False):
+        raise ValueError(f"save_embedding_layers={save_embedding_layers!r}: 'auto' (the embeddings the adapter "
+                         "targets) or False")
     names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
-    missing = [key for key, t in tensors.items() if names.get(id(t)) not in state_dict]
-    if missing:
-        raise ValueError(f"state_dict lacks {missing[0]!r} ({len(missing)} adapter tensors in all) under this model's "
-                         f"own key {names.get(id(tensors[missing[0]]))!r}; pass a state dict of this PeftModel "
-                         "(model.state_dict())")
-    return {key: state_dict[names[id(t)]] for key, t in tensors.items()}
+
+    def from_state(tensor: torch.Tensor) -> torch.Tensor:
+        name = names.get(id(tensor))
+        if name is None:  # computed, not held: no key in any state dict
+            return tensor
+        if name not in state_dict:
+            raise ValueError(f"state_dict lacks {name!r}, a tensor of adapter {adapter_name!r}; pass a state dict of "
+                             "this PeftModel (model.state_dict())")
+        return state_dict[name]
+
+    tensors = model.saved_tensors(adapter_name, save_embedding_layers == "auto", None if state_dict is None else from_state)
+    return {key: tensor.detach() for key, tensor in tensors.items()}
 
 
 def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict[str, torch.Tensor],
                               adapter_name: str = "default"):
     """Copy an adapter's tensors, keyed as get_peft_model_state_dict / save_pretrained give them, into the adapter
     ``adapter_name`` of ``model``. Strict, unlike PEFT's: a missing, unexpected or misshapen key is refused, naming
-    it, and nothing is copied. Returns torch's (missing_keys, unexpected_keys) pair, both empty."""
+    it, and nothing changes. Returns torch's (missing_keys, unexpected_keys) pair, both empty. As when loading a
+    saved file, a P-tuning (or projected prefix) adapter then holds the given embeddings, without its encoder:
+    PEFT's format stores the encoder's output."""
     _check_peft_model(model, "set_peft_model_state_dict")
     if adapter_name not in model.peft_config:
         raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(model.peft_config)} (add one "

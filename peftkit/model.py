@@ -441,7 +441,12 @@ class PeftModel(SaveLoadMixin, nn.Module):
 
     # --- merging ------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """Write the adapters' deltas into the base weights (undo with unmerge_adapter)."""
+        """Write the adapters' deltas into the base weights (undo with unmerge_adapter). Refused while the adapters
+        are disabled: a disabled layer runs its base layer, which would then carry the delta."""
+        if any(layer.disabled for _, layer in adapter_layers(self.base_model)):
+            raise ValueError("merge_adapter: the adapters are disabled (disable_adapter_layers(), or inside a "
+                             "disable_adapter() block), and a merged delta would run anyway; call "
+                             "enable_adapter_layers() (or leave the block) first")
         names = self._adapter_name_list(adapter_names, "merge_adapter") if adapter_names is not None else list(self._active)
         for name in names:
             peft_type = self.peft_config[name].peft_type
@@ -492,7 +497,9 @@ class PeftModel(SaveLoadMixin, nn.Module):
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[list[str]] = None) -> nn.Module:
         """Merge the active (or given) adapters and return the plain base model. (PEFT's argument order;
-        ``progressbar`` is taken and shows nothing: a merge here takes well under a second per billion weights.)"""
+        ``progressbar`` is taken and shows nothing: a merge here takes well under a second per billion weights.)
+        Adapters turned off by disable_adapter_layers() are merged too, as in PEFT: the wrappers go."""
+        self.enable_adapter_layers()
         self.merge_adapter(adapter_names, safe_merge)
         return self._unload(merge=True)
 

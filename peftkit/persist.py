@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -52,9 +52,7 @@ class SaveLoadMixin:
         for name in names:
             directory = save_directory if name == "default" else os.path.join(save_directory, name)
             method = lookup(self.peft_config[name].peft_type)[1]
-            tensors = method.pack_tensors(self.base_model, self.peft_config[name], name, self.adapter_parameters(name))
-            if save_embedding_layers == "auto":
-                tensors.update(self._embedding_tensors(name))  # as PEFT: full weights of targeted embeddings
+            tensors = self.saved_tensors(name, save_embedding_layers == "auto")
             config = copy.deepcopy(self.peft_config[name])
             config.inference_mode = True
             extra = None
@@ -117,6 +115,19 @@ class SaveLoadMixin:
         if not is_trainable:
             self.eval()
 
+    def saved_tensors(self, adapter_name: str, embeddings: bool = True,
+                      source: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        """The tensors save_pretrained writes for one adapter, keyed as on disk: the adapter's own (packed as its
+        method stores them) and, with ``embeddings``, the full weights of the embeddings it targets (as PEFT).
+        ``source`` maps a live tensor to the one to write in its place (a gathered state dict's)."""
+        pick = source or (lambda t: t)
+        config = self.peft_config[adapter_name]
+        own = {k: pick(v) for k, v in self.adapter_parameters(adapter_name).items()}
+        tensors = lookup(config.peft_type)[1].pack_tensors(self.base_model, config, adapter_name, own)
+        if embeddings:
+            tensors.update({k: pick(v) for k, v in self._embedding_tensors(adapter_name).items()})
+        return tensors
+
     def _put_back(self, adapter_name: str, overwritten: dict[str, torch.Tensor]) -> None:
         """Undo a failed load's writes into the base: the embedding weights ``_fill`` replaced (kept in ``overwritten``)."""
         live = self._embedding_tensors(adapter_name)
@@ -128,9 +139,7 @@ class SaveLoadMixin:
         replace are cloned into ``overwritten`` (where given) for _put_back."""
         method = lookup(self.peft_config[adapter_name].peft_type)[1]
         tensors = method.unpack_tensors(tensors)
-        if adapter_name in self.prompt_modules:  # a saved prompt adapter is its embeddings: drop any encoder
-            self.prompt_modules[adapter_name].use_saved_embeddings()
-        expected = self.adapter_parameters(adapter_name)
+        expected = self.adapter_parameters(adapter_name)  # a prompt encoder's output: the saved key and shape
         # embedding weights saved beside the adapter (PEFT does so by default) are optional; load them if there
         embeddings = {k: v for k, v in self._embedding_tensors(adapter_name).items() if k in tensors}
         expected.update(embeddings)
@@ -146,6 +155,9 @@ class SaveLoadMixin:
                 raise ValueError(f"{err} This adapter was saved with ensure_weight_tying=True (PEFT ties the adapters of "
                                  "tied embeddings), which peftkit does not support; load it with PEFT") from None
             raise
+        if adapter_name in self.prompt_modules:  # a saved prompt adapter is its embeddings: the encoder goes (checked
+            self.prompt_modules[adapter_name].use_saved_embeddings()  # first, so a refused file leaves it in place)
+            expected.update(checkpoint.prompt_tensors(self.prompt_modules[adapter_name]))
         if overwritten is not None:
             overwritten.update({k: v.detach().clone() for k, v in embeddings.items()})
         checkpoint.copy_into(expected, tensors)

@@ -125,3 +125,48 @@ def test_prompt_gradients_on_a_bf16_base_equal_peft(method, tmp_path):
         grads.append(next(p.grad for p in model.parameters() if p.requires_grad))
     assert grads[1].dtype == torch.float32 and not torch.equal(grads[1], grads[1].bfloat16().float())
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_merging_while_disabled_is_refused_and_merge_and_unload_merges(ids):
+    """disable_adapter_layers() then merge_adapter() ran base + delta while saying disabled (2e-2 off the base);
+    now refused, naming the way out. merge_and_unload merges the active adapters whatever the switch, as PEFT."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)).eval()
+    with torch.no_grad():
+        adapted = model(ids).logits
+        model.disable_adapter_layers()
+        with pytest.raises(ValueError, match="enable_adapter_layers"):
+            model.merge_adapter()
+        with model.disable_adapter(), pytest.raises(ValueError, match="disabled"):
+            model.merge_adapter()
+        torch.testing.assert_close(model.merge_and_unload()(ids).logits, adapted)
+
+
+@pytest.mark.parametrize("config", [peftkit.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                                encoder_hidden_size=16),
+                                    peftkit.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                               prefix_projection=True, encoder_hidden_size=16)],
+                         ids=["p-tuning", "prefix-projection"])
+def test_state_dict_functions_with_a_prompt_encoder(config, ids):
+    """A prompt encoder's output has no key in model.state_dict(): get_peft_model_state_dict(state_dict=...) raised
+    for it; set_peft_model_state_dict dropped the encoder before it refused a bad dict."""
+    model = get_peft_model(tiny_llama(), config).train()
+    got = peftkit.get_peft_model_state_dict(model, state_dict=model.state_dict())
+    torch.testing.assert_close(got["prompt_embeddings"], peftkit.get_peft_model_state_dict(model)["prompt_embeddings"])
+    before = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="bogus"):
+        peftkit.set_peft_model_state_dict(model, {**got, "bogus.weight": torch.zeros(1)})
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == before
+
+
+def test_state_dict_holds_targeted_embeddings_as_save_pretrained_does(tmp_path):
+    """With LoRA on embed_tokens, PEFT's get_peft_model_state_dict (and save_pretrained's file) holds the embedding's
+    full weight; the function left it out (a resized vocabulary's new rows lost on the DeepSpeed / FSDP path)."""
+    from safetensors.torch import load_file
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    model.save_pretrained(tmp_path)
+    saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    got = peftkit.get_peft_model_state_dict(model)
+    assert sorted(got) == sorted(saved) and any(k.endswith("embed_tokens.base_layer.weight") for k in got)
+    assert not any("embed_tokens.base_layer" in k for k in peftkit.get_peft_model_state_dict(
+        model, save_embedding_layers=False))
