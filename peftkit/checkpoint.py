@@ -280,6 +280,9 @@ def copy_into(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor])
 
 def find_adapter_dir(path: str, subfolder: Optional[str]) -> str:
     """The directory holding the adapter files, or a clear error."""
+    if subfolder is not None and not isinstance(subfolder, (str, os.PathLike)):
+        raise TypeError(f"subfolder must be a folder name, not {subfolder!r}; PEFT's other arguments (autocast_adapter_"
+                        "dtype, torch_device, ...) go by keyword here")
     directory = os.path.join(path, subfolder) if subfolder else os.fspath(path)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"adapter directory {directory!r} does not exist")

@@ -207,6 +207,9 @@ class PeftModel(SaveLoadMixin, nn.Module):
         feed methods that select by importance (SelectiveConfig); other methods refuse them.
         """
         peft_options(autocast_adapter_dtype)  # (low_cpu_mem_usage, PEFT's, changes no result)
+        if isinstance(calibration_batches, bool):  # PEFT's positional mixed / low_cpu_mem_usage
+            raise TypeError("calibration_batches is a bool: after the adapter name peftkit takes calibration_batches; "
+                            "pass PEFT's mixed / low_cpu_mem_usage by keyword")
         self._check_new_name(adapter_name)
         config = copy.deepcopy(as_config(peft_config))  # targets get resolved in place; the caller's object stays
         if config.base_model_name_or_path is None:

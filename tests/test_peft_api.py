@@ -170,3 +170,17 @@ def test_state_dict_holds_targeted_embeddings_as_save_pretrained_does(tmp_path):
     assert sorted(got) == sorted(saved) and any(k.endswith("embed_tokens.base_layer.weight") for k in got)
     assert not any("embed_tokens.base_layer" in k for k in peftkit.get_peft_model_state_dict(
         model, save_embedding_layers=False))
+
+
+def test_peft_positional_arguments_get_a_clear_error(tmp_path):
+    """PEFT's positional mixed / low_cpu_mem_usage (a bool where peftkit takes calibration_batches) and a bool or
+    device where peftkit takes subfolder gave unrelated errors (no calibration method; TypeError in os.path.join)."""
+    config = LoraConfig(r=4, target_modules=["q_proj"])
+    with pytest.raises(TypeError, match="by keyword"):
+        get_peft_model(tiny_llama(), config, "default", False)
+    model = get_peft_model(tiny_llama(), config)
+    with pytest.raises(TypeError, match="by keyword"):
+        model.add_adapter("b", config, True)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="subfolder must be a folder name"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path, "default", False, None, True)
