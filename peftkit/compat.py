@@ -35,13 +35,17 @@ class PeftType(str, enum.Enum):
 
 
 def get_peft_model_state_dict(model: PeftModel, state_dict: Optional[dict] = None, adapter_name: str = "default",
+                              unwrap_compiled: bool = False,
                               save_embedding_layers: Union[str, bool] = "auto") -> dict[str, torch.Tensor]:
     """One adapter's tensors as save_pretrained writes them (PEFT's keys: the adapter name left out), with the full
-    weights of embeddings the adapter targets unless ``save_embedding_layers`` is False.
+    weights of embeddings the adapter targets unless ``save_embedding_layers`` is False. PEFT's arguments in PEFT's
+    order; ``unwrap_compiled`` takes the model out of a torch.compile wrapper.
 
     ``state_dict``: a full state dict of ``model`` (``model.state_dict()``, or one gathered by DeepSpeed / FSDP),
     whose tensors are taken instead of the live ones; a tensor the model computes (a prompt encoder's output) has no
     key there and is taken live."""
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule holds the model there
     _check_peft_model(model, "get_peft_model_state_dict")
     if adapter_name not in model.peft_config:
         raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(model.peft_config)}")

@@ -389,7 +389,10 @@ class PeftModel(SaveLoadMixin, nn.Module):
             yield
         finally:
             self._inputs_off = inputs_off
+            present = {id(layer) for _, layer in adapter_layers(self.base_model)}
             for layer, disabled, names in merged:
+                if id(layer) not in present:  # unloaded inside the block: its base layer is the caller's now
+                    continue
                 layer.disabled = disabled
                 for name in names:  # in the recorded order
                     layer.merge([name])
@@ -501,9 +504,18 @@ class PeftModel(SaveLoadMixin, nn.Module):
                          adapter_names: Optional[list[str]] = None) -> nn.Module:
         """Merge the active (or given) adapters and return the plain base model. (PEFT's argument order;
         ``progressbar`` is taken and shows nothing: a merge here takes well under a second per billion weights.)
-        Adapters turned off by disable_adapter_layers() are merged too, as in PEFT: the wrappers go."""
+        Adapters turned off by disable_adapter_layers() are merged too, as in PEFT: the wrappers go (a refused
+        merge leaves them off again)."""
+        switches = [(layer, layer.disabled) for _, layer in adapter_layers(self.base_model)]
+        inputs_off = self._inputs_off
         self.enable_adapter_layers()
-        self.merge_adapter(adapter_names, safe_merge)
+        try:
+            self.merge_adapter(adapter_names, safe_merge)
+        except Exception:
+            for layer, disabled in switches:
+                layer.disabled = disabled
+            self._inputs_off = inputs_off
+            raise
         return self._unload(merge=True)
 
     def unload(self) -> nn.Module:

@@ -184,3 +184,37 @@ def test_peft_positional_arguments_get_a_clear_error(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(TypeError, match="subfolder must be a folder name"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path, "default", False, None, True)
+
+
+def test_a_refused_merge_and_unload_leaves_adapters_off_and_unloading_in_a_block_keeps_the_result(ids):
+    """merge_and_unload turned disabled adapters on before its checks, so a refused call (an unknown name here)
+    left them running; and leaving a disable_adapter() block re-merged the recorded adapters into the weights of
+    the model merge_and_unload had already returned (base + a became base + a + b)."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), "a")
+    model.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    model.eval()
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(ids).logits
+        only_a = model(ids).logits
+        model.disable_adapter_layers()
+        with pytest.raises(ValueError):
+            model.merge_and_unload(adapter_names=["missing"])
+        torch.testing.assert_close(model(ids).logits, base)
+        model.enable_adapter_layers()
+        model.merge_adapter(["a", "b"])
+        with model.disable_adapter():
+            merged = model.merge_and_unload(adapter_names=["a"])  # a, b merged before: unmerged in the block
+            weight = merged.model.layers[0].self_attn.q_proj.weight.detach().clone()
+        torch.testing.assert_close(merged(ids).logits, only_a)
+        assert torch.equal(merged.model.layers[0].self_attn.q_proj.weight, weight)
+
+
+def test_get_state_dict_takes_peft_positional_order():
+    """PEFT's order is (model, state_dict, adapter_name, unwrap_compiled, save_embedding_layers): a fourth
+    positional False meant save_embedding_layers and dropped the embedding weights."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["embed_tokens"]))
+    keys = peftkit.get_peft_model_state_dict(model, None, "default", False)
+    assert any(k.endswith("embed_tokens.base_layer.weight") for k in keys)
+    compiled = torch.compile(model, backend="eager")
+    assert sorted(peftkit.get_peft_model_state_dict(compiled, unwrap_compiled=True)) == sorted(keys)
