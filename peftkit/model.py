@@ -380,6 +380,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
         """Run exactly the base model inside the block (merged adapters are unmerged, then merged back)."""
         layers = [layer for _, layer in adapter_layers(self.base_model)]
         merged = [(layer, layer.disabled, list(layer.merged_adapters)) for layer in layers]
+        configs = {n: self.peft_config[n] for _, _, names in merged for n in names}  # which adapter each name was
         inputs_off = self._inputs_off  # True inside an outer disable_adapter block, which this one must not end
         for layer in layers:
             layer.unmerge()
@@ -390,12 +391,17 @@ class PeftModel(SaveLoadMixin, nn.Module):
         finally:
             self._inputs_off = inputs_off
             present = {id(layer) for _, layer in adapter_layers(self.base_model)}
+            # merged back: the recorded merges whose adapter is still the same one and still active (set_adapter,
+            # delete_adapter / add_adapter inside the block change that, as they would outside it)
+            again = [n for n, config in configs.items() if n in self._active and self.peft_config.get(n) is config]
+            self._untie_for_merge(again)  # a tied weight tied back inside the block (an unmerge) gets its copy again
             for layer, disabled, names in merged:
                 if id(layer) not in present:  # unloaded inside the block: its base layer is the caller's now
                     continue
                 layer.disabled = disabled
                 for name in names:  # in the recorded order
-                    layer.merge([name])
+                    if name in again:
+                        layer.merge([name])
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: Optional[str] = None, svd_rank: Optional[int] = None,

@@ -218,3 +218,36 @@ def test_get_state_dict_takes_peft_positional_order():
     assert any(k.endswith("embed_tokens.base_layer.weight") for k in keys)
     compiled = torch.compile(model, backend="eager")
     assert sorted(peftkit.get_peft_model_state_dict(compiled, unwrap_compiled=True)) == sorted(keys)
+
+
+@pytest.mark.parametrize("inside", ["set_adapter b", "delete and re-add a", "unmerge with a tied head"])
+def test_leaving_a_disable_block_merges_back_only_what_still_applies(inside, ids):
+    """The block's exit merged every recorded adapter back: after set_adapter("b") inside it a stayed merged under b
+    (8e-3 off); a deleted and re-added (inactive) "a" was merged; and with a tied lm_head re-tied inside the block
+    (unmerge_adapter) the head's delta went into the shared embedding (6.7 off). As outside a block, now."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    targets = ["q_proj", "lm_head"] if inside.endswith("tied head") else ["q_proj"]
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=targets, init_lora_weights=False), "a")
+    model.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    model.eval()
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    with torch.no_grad():
+        only_a = model(ids).logits
+        model.set_adapter("b")
+        only_b = model(ids).logits
+        model.set_adapter(["a", "b"] if inside == "delete and re-add a" else "a")
+        model.merge_adapter()
+        with model.disable_adapter():
+            if inside == "set_adapter b":
+                model.set_adapter("b")
+            elif inside == "delete and re-add a":
+                model.delete_adapter("a")
+                model.add_adapter("a", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+            else:
+                model.unmerge_adapter()
+        want = only_a if inside.endswith("tied head") else only_b
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.get_input_embeddings().weight, embedding)
