@@ -381,6 +381,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
         layers = [layer for _, layer in adapter_layers(self.base_model)]
         merged = [(layer, layer.disabled, list(layer.merged_adapters)) for layer in layers]
         configs = {n: self.peft_config[n] for _, _, names in merged for n in names}  # which adapter each name was
+        was_active = set(self._active)
         inputs_off = self._inputs_off  # True inside an outer disable_adapter block, which this one must not end
         for layer in layers:
             layer.unmerge()
@@ -391,9 +392,11 @@ class PeftModel(SaveLoadMixin, nn.Module):
         finally:
             self._inputs_off = inputs_off
             present = {id(layer) for _, layer in adapter_layers(self.base_model)}
-            # merged back: the recorded merges whose adapter is still the same one and still active (set_adapter,
-            # delete_adapter / add_adapter inside the block change that, as they would outside it)
-            again = [n for n, config in configs.items() if n in self._active and self.peft_config.get(n) is config]
+            # merged back: the recorded merges whose adapter is still the same one and was not switched off in the
+            # block (set_adapter or delete_adapter / add_adapter there end a merge, as they would outside it); one
+            # merged while inactive stays merged
+            again = [n for n, config in configs.items() if self.peft_config.get(n) is config
+                     and (n in self._active or n not in was_active)]
             self._untie_for_merge(again)  # a tied weight tied back inside the block (an unmerge) gets its copy again
             for layer, disabled, names in merged:
                 if id(layer) not in present:  # unloaded inside the block: its base layer is the caller's now
