@@ -285,6 +285,9 @@ def find_adapter_dir(path: str, subfolder: Optional[str]) -> str:
                         "dtype, torch_device, ...) go by keyword here")
     directory = os.path.join(path, subfolder) if subfolder else os.fspath(path)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"adapter directory {directory!r} does not exist")
+        hint = ""
+        if subfolder and re.fullmatch(r"(cpu|mps|cuda|xpu)(:\d+)?", os.fspath(subfolder)):
+            hint = f"; subfolder={subfolder!r} looks like a device: PEFT's torch_device goes by keyword here"
+        raise FileNotFoundError(f"adapter directory {directory!r} does not exist{hint}")
     return directory
 

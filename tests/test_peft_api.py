@@ -184,6 +184,8 @@ def test_peft_positional_arguments_get_a_clear_error(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(TypeError, match="subfolder must be a folder name"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path, "default", False, None, True)
+    with pytest.raises(FileNotFoundError, match="looks like a device: PEFT's torch_device goes by keyword"):
+        model.load_adapter(tmp_path, "c", False, "cpu")  # PEFT's positional torch_device
 
 
 def test_a_refused_merge_and_unload_leaves_adapters_off_and_unloading_in_a_block_keeps_the_result(ids):
