@@ -39,6 +39,9 @@ class PeftModel(SaveLoadMixin, nn.Module):
         self._trainable: Optional[list[torch.Tensor]] = None  # what _update_trainable turned on (None: walk all)
         self._head_hook = None
         self._input_grads_hooked = False  # whether we made the embeddings' output require grad (undone by unload)
+        # per open disable_adapter() block: the merges it took off to put back on leaving ({name: its config}); calls
+        # in the block that end a merge outside one (unmerge_adapter, set_adapter, delete_adapter) end them here too
+        self._held_merges: list[dict[str, PeftConfig]] = []
         self.add_adapter(adapter_name, config, calibration_batches, loss_fn)
         self.set_adapter(adapter_name, inference_mode=self.peft_config[adapter_name].inference_mode)
         # last, so a constructor that raises leaves no hook behind on the caller's model
@@ -258,7 +261,8 @@ class PeftModel(SaveLoadMixin, nn.Module):
         self._refuse_two_heads(names)
         for name in names:
             self.peft_config[name].inference_mode = bool(inference_mode)
-        merged = sorted({n for _, layer in adapter_layers(self.base_model) for n in layer.merged_adapters})
+        merged = sorted({n for _, layer in adapter_layers(self.base_model) for n in layer.merged_adapters}
+                        | {n for held in self._held_merges for n in held})
         if merged and set(merged) != set(names):  # the merged deltas would stay in the weights under the new choice
             warnings.warn(f"adapter(s) {merged} are merged into the base weights; unmerging them before activating "
                           f"{names}", stacklevel=2)
@@ -308,6 +312,8 @@ class PeftModel(SaveLoadMixin, nn.Module):
             raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}")
         self._remove(adapter_name)
         del self.peft_config[adapter_name]
+        for held in self._held_merges:
+            held.pop(adapter_name, None)
         remaining = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]
         if remaining:
             self._activate(remaining)
@@ -380,24 +386,29 @@ class PeftModel(SaveLoadMixin, nn.Module):
         """Run exactly the base model inside the block (merged adapters are unmerged, then merged back)."""
         layers = [layer for _, layer in adapter_layers(self.base_model)]
         merged = [(layer, layer.disabled, list(layer.merged_adapters)) for layer in layers]
-        configs = {n: self.peft_config[n] for _, _, names in merged for n in names}  # which adapter each name was
-        was_active = set(self._active)
+        held = {n: self.peft_config[n] for _, _, names in merged for n in names}  # which adapter each name was
         inputs_off = self._inputs_off  # True inside an outer disable_adapter block, which this one must not end
+        copies = {}  # a tied weight's own copy, kept for the merges put back on leaving
         for layer in layers:
             layer.unmerge()
+            if "_tied_weight" in layer.__dict__:
+                copies[id(layer)] = layer.base_layer.weight
+            _tie_back(layer)  # a tied weight shares again: exactly the base model inside the block
             layer.disabled = True
         self._inputs_off = True
+        self._held_merges.append(held)
         try:
             yield
         finally:
+            self._held_merges = [h for h in self._held_merges if h is not held]
             self._inputs_off = inputs_off
             present = {id(layer) for _, layer in adapter_layers(self.base_model)}
-            # merged back: the recorded merges whose adapter is still the same one and was not switched off in the
-            # block (set_adapter or delete_adapter / add_adapter there end a merge, as they would outside it); one
-            # merged while inactive stays merged
-            again = [n for n, config in configs.items() if self.peft_config.get(n) is config
-                     and (n in self._active or n not in was_active)]
-            self._untie_for_merge(again)  # a tied weight tied back inside the block (an unmerge) gets its copy again
+            # merged back: what the block's calls left of the merges (see _held_merges), if still the same adapter
+            again = [n for n, config in held.items() if self.peft_config.get(n) is config]
+            for layer, _, names in merged:
+                if id(layer) in present and id(layer) in copies and any(n in again for n in names):
+                    _own_copy_again(layer, copies[id(layer)])
+            self._untie_for_merge(again)  # (any other shared weight a merge goes into)
             for layer, disabled, names in merged:
                 if id(layer) not in present:  # unloaded inside the block: its base layer is the caller's now
                     continue
@@ -504,7 +515,10 @@ class PeftModel(SaveLoadMixin, nn.Module):
                 layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
 
     def unmerge_adapter(self) -> None:
-        """Restore the base weights from every merged adapter (tied weights are tied again)."""
+        """Restore the base weights from every merged adapter (tied weights are tied again); inside a
+        disable_adapter() block, the merges it took off stay off on leaving it."""
+        for held in self._held_merges:
+            held.clear()
         for _, layer in adapter_layers(self.base_model):
             layer.unmerge()
             _tie_back(layer)
@@ -596,6 +610,17 @@ def _refuse_wrapped(model: nn.Module) -> None:
         raise ValueError(f"model already holds peftkit adapter layers (e.g. {held!r}) of a PeftModel made over it; add "
                          "adapters through that PeftModel (add_adapter / load_adapter), or take the plain model back "
                          "with its unload() first")
+
+
+def _own_copy_again(layer: AdapterLayer, own: nn.Parameter) -> None:
+    """Give a tied weight back the copy it had for its merges before a disable_adapter() block, refreshed from the
+    shared weight through .data (as merges write): a backward pending from before the block saved that tensor."""
+    if "_tied_weight" in layer.__dict__:
+        return
+    shared = layer.base_layer.weight
+    own.data.copy_(shared.data)
+    layer.__dict__["_tied_weight"] = shared
+    layer.base_layer.weight = own
 
 
 def _tie_back(layer: AdapterLayer) -> None:

@@ -253,3 +253,62 @@ def test_leaving_a_disable_block_merges_back_only_what_still_applies(inside, ids
         want = only_a if inside.endswith("tied head") else only_b
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(model.get_input_embeddings().weight, embedding)
+
+
+def _tied_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+
+
+@pytest.mark.parametrize("inside", ["unmerge_adapter", "set_adapter b"])
+def test_a_merge_made_while_inactive_ends_in_a_block_as_outside_it(inside, ids):
+    """An adapter merged while inactive ("r") was merged back on leaving the block even after the block's
+    unmerge_adapter() or set_adapter("b"), which end it outside a block (3.6 and 1.4 off); the tied head stayed
+    untied. Each sequence now ends as the same calls outside a block do."""
+    def run(in_block: bool):
+        model = get_peft_model(_tied_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), "a")
+        model.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+        model.add_adapter("r", LoraConfig(r=4, target_modules=["v_proj", "lm_head"], init_lora_weights=False))
+        model.eval()
+        model.merge_adapter(["r"])
+        call = model.unmerge_adapter if inside == "unmerge_adapter" else (lambda: model.set_adapter("b"))
+        if in_block:
+            with model.disable_adapter():
+                call()
+        else:
+            with pytest.warns(UserWarning) if inside != "unmerge_adapter" else contextlib.nullcontext():
+                call()
+        head = model.base_model.lm_head
+        with torch.no_grad():
+            return model(ids).logits, head.base_layer.weight is model.get_input_embeddings().weight
+    import contextlib
+    (inside_out, tied_in), (outside_out, tied_out) = run(True), run(False)
+    torch.testing.assert_close(inside_out, outside_out)
+    assert tied_in and tied_out
+
+
+def test_a_reference_pass_with_a_merged_tied_head_leaves_a_pending_backward_intact(ids):
+    """A merged adapter on a tied lm_head ("sft"), another training ("dpo"), and a reference pass under
+    disable_adapter() between the forward and its backward: the head's own copy (which the pending backward saved)
+    gets its merge back, so the gradients equal those without the pass."""
+    def grads(reference_pass: bool) -> dict:
+        model = get_peft_model(_tied_llama(), LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                                         init_lora_weights=False), "sft")
+        model.add_adapter("dpo", LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False))
+        model.set_adapter("dpo")
+        model.merge_adapter(["sft"])
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        if reference_pass:
+            with torch.no_grad(), model.disable_adapter():
+                reference = model(input_ids=ids, labels=ids).loss
+            loss = loss - reference
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, with_reference = grads(False), grads(True)
+    assert plain.keys() == with_reference.keys() and plain
+    for name, grad in plain.items():
+        torch.testing.assert_close(with_reference[name], grad, atol=1e-5, rtol=1e-4, msg=name)
