@@ -469,11 +469,12 @@ def test_deleting_an_adapter_merged_into_a_tied_head_ties_it_back(ids):
         torch.testing.assert_close(base(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora", "ia3", "selective"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3", "selective", "lora-tied-head"])
 def test_a_reference_pass_under_disable_adapter_leaves_a_pending_backward_intact(kind):
     """One adapter merged ("sft"), another training ("dpo"), and a reference pass under disable_adapter() (which
     unmerges and merges back) between the forward and its backward, as DPO trainers run it: merges write the
-    weight through .data, as PEFT does, so the backward runs, with the gradients it has without that pass."""
+    weight through .data, as PEFT does, so the backward runs, with the gradients it has without that pass. With
+    "sft" on a tied lm_head, the head's own copy (which the pending backward saved) gets its merge back."""
     from peftkit import IA3Config, SelectiveConfig
 
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -482,10 +483,19 @@ def test_a_reference_pass_under_disable_adapter_leaves_a_pending_backward_intact
                 "dora": lambda: LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True),
                 "ia3": lambda: IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]),
                 "selective": lambda: SelectiveConfig(target_modules=["down_proj"], criterion="magnitude", budget=0.1),
+                "lora-tied-head": lambda: LoraConfig(r=4, target_modules=["q_proj", "lm_head"]),
                 }[kind]()
 
+    def base():
+        if kind != "lora-tied-head":
+            return tiny_llama()
+        from transformers import LlamaConfig, LlamaForCausalLM
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+
     def dpo_grads(reference_pass: bool) -> dict:
-        model = get_peft_model(tiny_llama(), first(), adapter_name="sft")
+        model = get_peft_model(base(), first(), adapter_name="sft")
         model.add_adapter("dpo", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
         randomize_adapters(model)
         model.set_adapter("dpo")
