@@ -52,6 +52,8 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: Optional[dict] = Non
     if save_embedding_layers not in ("auto", False):
         raise ValueError(f"save_embedding_layers={save_embedding_layers!r}: 'auto' (the embeddings the adapter "
                          "targets) or False")
+    if state_dict is None:
+        return {key: t.detach() for key, t in model.saved_tensors(adapter_name, save_embedding_layers == "auto").items()}
     names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
 
     def from_state(tensor: torch.Tensor) -> torch.Tensor:
@@ -63,7 +65,7 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: Optional[dict] = Non
                              "this PeftModel (model.state_dict())")
         return state_dict[name]
 
-    tensors = model.saved_tensors(adapter_name, save_embedding_layers == "auto", None if state_dict is None else from_state)
+    tensors = model.saved_tensors(adapter_name, save_embedding_layers == "auto", from_state)
     return {key: tensor.detach() for key, tensor in tensors.items()}
 
 

@@ -186,11 +186,10 @@ class PeftModel(SaveLoadMixin, nn.Module):
     def disable_adapter_layers(self) -> None:
         """Run the base model alone until enable_adapter_layers() (PEFT's pair; disable_adapter() is the block
         form). Merged adapters are unmerged first, with a warning, as in PEFT."""
-        layers = [layer for _, layer in adapter_layers(self.base_model)]
-        if any(layer.merged_adapters for layer in layers):
+        if any(layer.merged_adapters for _, layer in adapter_layers(self.base_model)):
             warnings.warn("disable_adapter_layers: unmerging the merged adapters first", stacklevel=2)
-        for layer in layers:
-            layer.unmerge()
+            self.unmerge_adapter()
+        for _, layer in adapter_layers(self.base_model):
             layer.disabled = True
         self._inputs_off = True
 

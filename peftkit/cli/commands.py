@@ -9,8 +9,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import CliError, at_least
-from .flags import check_method_flags, given_values, method_classes_from_registry
+from .errors import CliError
+from .flags import at_least, check_method_flags, given_values, method_classes_from_registry
 from .runs import check_output_path, data_labels, load_run_model, resolve_run, run_labels, write_rows
 from ..train.job import JOB_FILE, holds_run, run_exists_message  # JOB_FILE: the run's job, recorded by run_job: the one record --resume reads
 

@@ -1,9 +1,7 @@
 """CLI errors and how any exception becomes one line and an exit code."""
 from __future__ import annotations
 
-import argparse
 import json
-from typing import Callable
 
 
 class CliError(Exception):
@@ -12,20 +10,6 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = 2) -> None:
         super().__init__(message)
         self.code = code
-
-
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least ``minimum`` (argparse reports the message as a usage error)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is below {minimum}; give {minimum} or more")
-        return value
-
-    return parse
 
 
 def _interrupted_types() -> tuple[type, ...]:

@@ -44,6 +44,19 @@ class Flag:
         return f"{self.group}.{self.field}"
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum`` (argparse reports the message as a usage error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}; give {minimum} or more")
+        return value
+
+    return parse
+
 def option_name(field_name: str) -> str:
     """``lora_alpha`` -> ``--lora-alpha``."""
     return "--" + field_name.replace("_", "-")

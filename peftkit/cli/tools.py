@@ -6,8 +6,8 @@ import json
 import os
 
 from .commands import Command, add_adapter_options, check_method_name, run_data, run_label_set
-from .errors import CliError, at_least
-from .flags import check_method_flags, given_values, method_classes_from_registry
+from .errors import CliError
+from .flags import at_least, check_method_flags, given_values, method_classes_from_registry
 from .runs import ADAPTER_CONFIG, load_run_model, resolve_run
 from ..checkpoint import atomic_dir
 from ..report import fmt_bytes

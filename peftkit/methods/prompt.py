@@ -11,6 +11,7 @@ loaded P-tuning adapter is plain embeddings (its encoder is not saved).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -292,11 +293,9 @@ def lengths_past(inputs: dict, model: nn.Module, count: int) -> dict:
     default: there only the call's own values count as set, as transformers took them.)"""
     import copy
 
-    from transformers import GenerationConfig
-
     inputs = dict(inputs)
     passed = inputs.get("generation_config")
-    configs = [passed, getattr(model, "generation_config", None)] if GenerationConfig().max_length is None else []
+    configs = [passed, getattr(model, "generation_config", None)] if _lengths_unset_by_default() else []
     moved = None  # the copy of ``passed``, where a length came from it
     for key, new_key in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
         value, source = _generation_setting(inputs, configs, key)
@@ -310,6 +309,14 @@ def lengths_past(inputs: dict, model: nn.Module, count: int) -> dict:
     if moved is not None:
         inputs["generation_config"] = moved
     return inputs
+
+
+@functools.lru_cache(maxsize=None)
+def _lengths_unset_by_default() -> bool:
+    """Whether transformers' GenerationConfig leaves max_length unset (transformers 5) rather than at 20."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig().max_length is None
 
 
 def _generation_setting(call: dict, configs: list, key: str) -> tuple:
