@@ -99,6 +99,10 @@ class PeftModel(SaveLoadMixin, nn.Module):
         if (kwargs.get("num_beams") or 1) > 1 or (kwargs.get("num_return_sequences") or 1) > 1:
             raise ValueError("adapter_names with num_beams / num_return_sequences > 1 is not supported; "
                              "repeat the rows (and their names) yourself")
+        if torch.is_grad_enabled() and self.base_model.training and checkpointing(self.base_model):
+            raise ValueError("a mixed-adapter batch cannot train under gradient checkpointing: the recompute in "
+                             "backward runs outside the batch, with the active adapters instead of each row's (wrong "
+                             "gradients); call model.gradient_checkpointing_disable(), or train one adapter per batch")
         used = set(names) - {BASE_ADAPTER}
         if used & set(self.prompt_modules):
             raise ValueError(f"adapter {sorted(used & set(self.prompt_modules))[0]!r} is a prompt adapter; "

@@ -127,6 +127,24 @@ def test_gradients_flow_through_mixed_batch():
     assert layer.lora_B["b"].grad is None or layer.lora_B["b"].grad.abs().sum() == 0
 
 
+def test_training_a_mixed_batch_under_gradient_checkpointing_is_refused():
+    """The checkpoint's recompute runs in backward, outside the batch: it ran the active adapters instead of each
+    row's, so the gradients came out wrong (up to 161 off) with the loss unchanged."""
+    model = three_adapters()
+    model.set_adapter(["a", "b"])
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(5))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    with pytest.raises(ValueError, match="cannot train under gradient checkpointing"):
+        model(input_ids=ids, labels=ids, adapter_names=["a", "b"])
+    with torch.no_grad():  # no backward, no recompute: served as usual
+        served = model(input_ids=ids, adapter_names=["a", "b"]).logits
+    model.gradient_checkpointing_disable()
+    with torch.no_grad():
+        assert torch.equal(served, model(input_ids=ids, adapter_names=["a", "b"]).logits)
+    model(input_ids=ids, labels=ids, adapter_names=["a", "b"]).loss.backward()  # trains without checkpointing
+
+
 def test_errors_before_compute():
     model = three_adapters()
     ids = torch.randint(0, 64, (2, 5))
