@@ -462,6 +462,17 @@ def test_error_cases(env):
     assert error_of(complete(client, "a", "hi", temperature=1, seed=-(2**63) - 1), 400)["param"] == "seed"
     assert error_of(complete(client, "a", "hello " * 1000), 413)["code"] == "request_too_large"
     assert error_of(client.get("/v1/nothing"), 404)["message"].startswith("Not Found")
+    # from a review: JSON true was the count 1 and "yes" a true; a body nested 1,900 deep was a bare 500
+    assert error_of(complete(client, "a", "hi", max_tokens=True), 400)["param"] == "max_tokens"
+    assert error_of(complete(client, "a", "hi", stream="yes"), 400)["param"] == "stream"
+    deep = b'{"model": "a", "prompt": "hi", "x": ' + b"[" * 1900 + b"]" * 1900 + b"}"  # within the 4 KB limit
+    assert error_of(client.post("/v1/completions", content=deep), 400)["code"] == "invalid_json"
+    # a temperature so small that logits / temperature overflow (NaN probabilities, a 500) decodes greedily
+    assert complete(client, "a", PROMPTS[2], temperature=1e-45).json()["choices"][0]["text"] == env["offline"].text(
+        PROMPTS[2], "a", 8)
+    for wait in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="batch_wait_ms must be a finite number >= 0"):
+            ServeLimits(batch_wait_ms=wait)
     # still alive and still right after all of that
     assert complete(client, "a", PROMPTS[2]).json()["choices"][0]["text"] == env["offline"].text(PROMPTS[2], "a", 8)
     assert client.get("/health").json() == {"status": "ok"}
@@ -752,3 +763,55 @@ def test_batches_are_split_to_stay_within_the_context():
 
 def test_the_engines_context_is_the_models_learned_positions(env):
     assert env["engine"].context() == tiny_llama().config.max_position_embeddings
+
+
+def test_a_request_cancelled_while_queued_leaves_the_batcher_serving(env):
+    """A client that gives up on a queued request (asyncio.wrap_future cancels the job's future) made set_result raise
+    InvalidStateError in the batcher thread, which died: the other request of its batch and every later one hung,
+    while /health said ok."""
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    from peftkit.serve.engine import Engine, Job, Sampling
+
+    engine = Engine(tiny_llama(), env["tokenizer"], limits=ServeLimits(batch_wait_ms=0))
+    ids = env["tokenizer"](PROMPTS[0])["input_ids"]
+
+    async def scenario() -> tuple:
+        engine.pause()
+        gone = asyncio.ensure_future(asyncio.wrap_future(engine.submit(Job("r1", "__base__", ids, 4, Sampling()))))
+        kept = asyncio.wrap_future(engine.submit(Job("r2", "__base__", ids, 4, Sampling())))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        await asyncio.sleep(0.05)
+        engine.resume()
+        first = await asyncio.wait_for(kept, 20)
+        later = await asyncio.wait_for(asyncio.wrap_future(engine.submit(Job("r3", "__base__", ids, 4, Sampling()))), 20)
+        return first, later
+
+    try:
+        first, later = asyncio.run(scenario())
+        assert first.tokens == later.tokens and len(first.tokens) == 4 and engine.alive()
+    finally:
+        engine.close()
+    assert not engine.alive()
+    with TestClient(build_app(tiny_llama(), env["tokenizer"], limits=LIMITS)) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        client.app.state.engine.close()
+        assert client.get("/health").status_code == 503  # no request would be answered: not "ok"
+
+
+def test_the_engine_puts_a_peft_model_in_training_mode_into_eval(env):
+    """The engine set only the base to eval: a P-tuning encoder's dropout stayed on, so identical greedy requests
+    gave different answers."""
+    from peftkit import PromptEncoderConfig
+    from peftkit.serve.engine import Engine
+
+    model = get_peft_model(tiny_llama(), PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=16,
+                                                             encoder_dropout=0.5, task_type="CAUSAL_LM")).train()
+    engine = Engine(model, env["tokenizer"], limits=LIMITS)
+    try:
+        assert not any(module.training for module in model.modules())
+    finally:
+        engine.close()

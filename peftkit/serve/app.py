@@ -110,8 +110,10 @@ async def read_body(request: Request) -> bytes:
 
 
 # --- small endpoints ----------------------------------------------------------------------------
-async def health(request: Request) -> dict:
-    """Liveness."""
+async def health(request: Request):
+    """Liveness: 503 once the batcher thread no longer runs (no request would be answered)."""
+    if not request.app.state.engine.alive():
+        return JSONResponse({"status": "error", "reason": "the batcher thread has stopped"}, status_code=503)
     return {"status": "ok"}
 
 

@@ -42,6 +42,13 @@ class Sampling:
     top_p: float = 1.0
     seed: Optional[int] = None
 
+    def __post_init__(self) -> None:
+        if self.temperature < GREEDY_BELOW:  # sampling's limit as the temperature falls to 0; logits / 1e-45 are
+            self.temperature = 0.0  # inf, and the probabilities NaN (a 500)
+
+
+GREEDY_BELOW = 1e-6  # temperatures below this decode greedily
+
 
 @dataclass
 class Generated:
@@ -120,7 +127,7 @@ class Engine:
                  limits: Optional[ServeLimits] = None, base_name: str = "base") -> None:
         self.peft: Optional[PeftModel] = model if isinstance(model, PeftModel) else None
         self.base = model.base_model if isinstance(model, PeftModel) else model
-        self.base.eval()
+        (self.peft if self.peft is not None else self.base).eval()  # the PeftModel's too: a prompt encoder's dropout
         self.tokenizer = tokenizer
         self.adapters_dir = adapters_dir
         self.limits = limits or ServeLimits()
@@ -289,7 +296,15 @@ class Engine:
             batch = self._take_batch()
             if batch is None:
                 return
-            self._run(batch)
+            try:
+                self._run(batch)
+            except Exception as exc:  # noqa: BLE001  (whatever goes wrong in a batch, the batcher serves the next)
+                for job in batch:
+                    _fail(job, exc)
+
+    def alive(self) -> bool:
+        """Whether the batcher thread runs (False after close(), or if it died)."""
+        return self._thread.is_alive()
 
     def _take_batch(self) -> Optional[list[Job]]:
         with self._cond:
@@ -307,7 +322,9 @@ class Engine:
             if self._closing:
                 return None
             batch, self._pending = self._pending[:self.limits.max_batch], self._pending[self.limits.max_batch:]
-        return batch
+        # a request cancelled while queued (its client timed out or went away) is dropped; the rest are marked
+        # running, so a later cancel() cannot succeed and set_result cannot meet a cancelled future
+        return [job for job in batch if job.future.set_running_or_notify_cancel()]
 
     def _run(self, batch: list[Job]) -> None:
         groups: dict[tuple, list[Job]] = {}
@@ -363,7 +380,8 @@ class Engine:
             _fail(jobs[0], exc)
             return
         for job, result in zip(jobs, results):
-            job.future.set_result(result)
+            if not job.future.done():
+                job.future.set_result(result)
 
     def _generate(self, jobs: list[Job]) -> list[Generated]:
         ids, mask = left_pad([j.input_ids for j in jobs], self.pad_id)
@@ -419,7 +437,8 @@ def kept_tokens(tokens: list[int], eos_ids, max_tokens: Optional[int]) -> tuple[
 
 
 def _fail(job: Job, exc: BaseException) -> None:
-    job.future.set_exception(exc)
+    if not job.future.done():  # a queued job may have been cancelled by its client
+        job.future.set_exception(exc)
     if job.stream is not None:  # a stream's reader waits on its queue: wake it
         job.stream.end()
 

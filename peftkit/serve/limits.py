@@ -1,6 +1,7 @@
 """ServeLimits: the server's batching knobs and request limits (no web imports, so the CLI can read the defaults)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -21,8 +22,8 @@ class ServeLimits:
                      "max_concurrency", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServeLimits.{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_wait_ms < 0:
-            raise ValueError(f"ServeLimits.batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+        if not 0 <= self.batch_wait_ms < math.inf:  # NaN fails too: the batcher spun on it (inf killed it)
+            raise ValueError(f"ServeLimits.batch_wait_ms must be a finite number >= 0, got {self.batch_wait_ms}")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(f"ServeLimits.default_max_tokens ({self.default_max_tokens}) exceeds "
                              f"max_tokens_limit ({self.max_tokens_limit}); lower it or raise the limit")

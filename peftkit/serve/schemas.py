@@ -25,7 +25,8 @@ class StreamOptions(BaseModel):
 class _Request(BaseModel):
     """Fields both endpoints share; unknown fields are ignored, as OpenAI clients send many."""
 
-    model_config = ConfigDict(extra="ignore")
+    # strict: a JSON true is not the count 1, nor the string "yes" a true
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default; 0 = greedy
@@ -95,6 +96,8 @@ def parse(model: type[BaseModel], body: bytes) -> BaseModel:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ServeError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError as exc:  # arrays / objects nested thousands deep
+        raise ServeError(400, "request body nests JSON arrays / objects too deeply", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise ServeError(400, f"request body must be a JSON object, got {type(data).__name__}", code="invalid_body")
     try:
