@@ -154,6 +154,14 @@ class PeftModel(SaveLoadMixin, nn.Module):
             base.enable_input_require_grads()
             self._input_grads_hooked = True
 
+    def _get_name(self) -> str:
+        """The base model's class name: transformers' Trainer reads it to shift a causal LM's labels for label
+        smoothing (it reads a PEFT model's base model's; "PeftModel" left them unshifted: a wrong loss, silently)."""
+        return self.base_model._get_name()
+
+    def __repr__(self) -> str:
+        return type(self).__name__ + super().__repr__()[len(self._get_name()):]  # nn.Module's, headed by our name
+
     # --- adapters -----------------------------------------------------------------------------
     def get_base_model(self) -> nn.Module:
         """The wrapped model itself (with the adapter layers in place), as PEFT's get_base_model."""
