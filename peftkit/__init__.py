@@ -17,14 +17,16 @@ from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptEncoderConfig, PromptTuningConfig
 from .methods.selective import SelectiveConfig
 from .model import PeftModel, get_peft_model
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction", "AutoPeftModelForQuestionAnswering",
     "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
     "IA3Config", "LoraConfig", "PeftConfig", "PeftModel", "PeftType", "PrefixTuningConfig",
-    "PromptEncoderConfig", "PromptTuningConfig", "SelectiveConfig", "TaskType", "get_peft_model",
-    "get_peft_model_state_dict", "registered_types", "set_peft_model_state_dict",
+    "PromptEncoderConfig", "PromptTuningConfig", "SelectiveConfig", "TaskType", "TunerLayerStatus", "TunerModelStatus",
+    "get_layer_status", "get_model_status", "get_peft_model", "get_peft_model_state_dict", "registered_types",
+    "set_peft_model_state_dict",
     "PeftTrainer",  # provided on first use by __getattr__ below
 ]
 

@@ -6,6 +6,8 @@ register themselves; the core never imports a method.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import logging
 import os
@@ -40,7 +42,49 @@ _REGISTRY: dict[str, tuple[type, Any]] = {}
 def register(peft_type: str, config_cls: type, method: Any) -> None:
     """Register a method: ``peft_type`` -> (config class, method object)."""
     config_cls.peft_type = peft_type
+    _guard_init(config_cls)
     _REGISTRY[peft_type] = (config_cls, method)
+
+
+def _guard_init(config_cls: type) -> None:
+    """Make ``config_cls(...)`` read PEFT-only keyword arguments as its adapter_config.json would be read: a PEFT
+    feature left off (``lora_bias=False``, ``revision=None``) is dropped, one switched on is refused naming it, and any
+    other unknown name is a TypeError naming the nearest field (a typo), where the dataclass's own error names
+    neither the cause nor the fix. Keyword arguments the config has go through untouched."""
+    init = config_cls.__dict__["__init__"]
+    if getattr(init, "_peftkit_guarded", False):
+        return
+    names = frozenset(f.name for f in dataclasses.fields(config_cls) if f.init)
+
+    @functools.wraps(init)
+    def guarded(self, *args, **kwargs):
+        foreign = {key: kwargs.pop(key) for key in [key for key in kwargs if key not in names]}
+        for key, value in foreign.items():
+            _check_foreign_field(type(self), key, value, names)
+        init(self, *args, **kwargs)
+
+    guarded._peftkit_guarded = True
+    config_cls.__init__ = guarded
+
+
+def _check_foreign_field(config_cls: type, key: str, value: Any, names: frozenset) -> None:
+    """Accept (drop) or refuse the keyword argument ``key`` that ``config_cls`` has no field for (_guard_init)."""
+    where = f"{config_cls.__name__}({key}={value!r})"
+    if key == "peft_type":  # PEFT's configs take it and then overwrite it with their own
+        if str(getattr(value, "value", value)) != config_cls.peft_type:
+            raise ValueError(f"{where}: a {config_cls.__name__} is peft_type {config_cls.peft_type!r}; drop the "
+                             "argument, or use the config class of the method you mean")
+    elif key in _UNSUPPORTED_FEATURES or key in _INIT_METHOD_FIELDS:
+        if (_switched_on(key, value) if key in _UNSUPPORTED_FEATURES else value not in (None, {})):
+            raise ValueError(f"{where} turns on a Hugging Face PEFT feature that peftkit does not support; remove "
+                             "the argument (peftkit trains the adapter without it), or use PEFT for this adapter")
+    elif key == "ensure_weight_tying" and value:  # a loaded config with it loads, unless it matters (persist._fill)
+        raise ValueError(f"{where}: peftkit does not tie the adapters of tied weights; remove the argument (adapters on "
+                         "a tied embedding and output head then train separately, as in PEFT by default)")
+    elif key not in _INFORMATIONAL_KEYS:
+        near = difflib.get_close_matches(key, sorted(names), n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise TypeError(f"{config_cls.__name__} has no field {key!r}; {hint}its fields are {sorted(names)}")
 
 
 def registered_types() -> list[str]:
@@ -58,14 +102,25 @@ def lookup(peft_type: str) -> tuple[type, Any]:
     return _REGISTRY[peft_type]
 
 
+# PEFT's LoRA fields for initialisations peftkit lacks (its init_lora_weights refuses "loftq", "eva", "corda", ...):
+# read past in an adapter_config.json, where PEFT writes their off values; refused when set in Python (_guard_init)
+_INIT_METHOD_FIELDS = {"loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config"}
+
+
+def _switched_on(key: str, value: Any) -> bool:
+    """Whether ``value`` turns on the unsupported PEFT feature ``key`` (a key of _UNSUPPORTED_FEATURES)."""
+    if key.endswith("_config"):
+        return value is not None
+    return value not in (_UNSUPPORTED_FEATURES[key], None, {}, [], False)
+
+
 def _drop_unknown(cls: type, data: dict) -> dict:
     names = {f.name for f in dataclasses.fields(cls)}
     kept, ignored = {}, []
     for key, value in data.items():
         if key in names:
             kept[key] = value
-        elif key in _UNSUPPORTED_FEATURES and (value is not None if key.endswith("_config") else
-                                               value not in (_UNSUPPORTED_FEATURES[key], None, {}, [], False)):
+        elif key in _UNSUPPORTED_FEATURES and _switched_on(key, value):
             raise ValueError(
                 f"this adapter sets {key}={value!r}, a feature peftkit does not support; "
                 "retrain the adapter without it or load it with the library that wrote it"

@@ -184,9 +184,14 @@ def expand_all_linear(model: nn.Module, task_type: Optional[str], supported: tup
     return sorted(chosen)
 
 
-def _nearest_error(spec, model: nn.Module) -> ValueError:
-    leaves = [n for n, m in model.named_modules() if n and not any(True for _ in m.children())]
+def _nearest_error(spec, model: nn.Module, field: str = "target_modules") -> ValueError:
+    inside = _wrapper_prefixes(model)  # an adapter's own modules (lora_A, base_layer, ...) are no candidates
+    leaves = [n for n, m in model.named_modules() if n and not n.startswith(inside)
+              and (isinstance(m, AdapterLayer) or not any(True for _ in m.children()))]
     wanted = [spec] if isinstance(spec, str) else list(spec)
+    if field != "target_modules":
+        return ValueError(f"{field} {wanted!r} matches no module of the model; name modules it has (its task head, "
+                          f"say), or leave {field} out ({len(leaves)} candidates: {', '.join(leaves[:4])}, ...)")
     if not wanted:
         return ValueError("target_modules is an empty list; name the modules to adapt (e.g. ['q_proj', 'v_proj']), "
                           "or leave it unset for the model type's defaults")
@@ -341,7 +346,7 @@ def wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str, 
             setattr(parent, child, wrapper)
         hits.append(name)
     if required and not hits:
-        raise _nearest_error(names, model)
+        raise _nearest_error(names, model, field="modules_to_save")
     return hits
 
 

@@ -125,6 +125,21 @@ class AdapterLayer(nn.Module):
                 del holder[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
+    # PEFT's tuner-layer attributes, for scripts that walk the layers
+    def get_base_layer(self) -> nn.Module:
+        """The wrapped module (PEFT's name)."""
+        return self.base_layer
+
+    @property
+    def merged(self) -> bool:
+        """Whether any adapter is merged into the base weight (PEFT's name)."""
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        """Whether the adapters are switched off (PEFT's name for ``disabled``)."""
+        return self.disabled
+
     @property
     def weight_param(self) -> nn.Parameter:
         """The base weight that merging writes into."""

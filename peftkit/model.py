@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, status
 from .config import PeftConfig, as_config, lookup
 from .inject import TASK_HEADS, adapter_layers, shared_parameters, unwrap, wrap_modules_to_save
 from .layers import AdapterLayer, ModulesToSaveWrapper, checkpointing, mixed_rows, new_forward_pass
@@ -583,6 +583,14 @@ class PeftModel(SaveLoadMixin, nn.Module):
         """(trainable parameters, all parameters)."""
         params = list(self.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def get_layer_status(self) -> list[status.TunerLayerStatus]:
+        """Each adapter layer's active / merged / trainable state and devices, in PEFT's format (peftkit.status)."""
+        return status.get_layer_status(self)
+
+    def get_model_status(self) -> status.TunerModelStatus:
+        """The layers' status summed up over the model, in PEFT's format (peftkit.status)."""
+        return status.get_model_status(self)
 
     def print_trainable_parameters(self) -> None:
         """Print the counts in PEFT's format."""

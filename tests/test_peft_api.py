@@ -288,3 +288,98 @@ def test_a_merge_made_while_inactive_ends_in_a_block_as_outside_it(inside, ids):
     torch.testing.assert_close(inside_out, outside_out)
     assert tied_in and tied_out
 
+
+
+@pytest.mark.parametrize("config_cls", [peftkit.LoraConfig, peftkit.IA3Config, peftkit.PromptTuningConfig])
+def test_peft_only_keyword_arguments_left_off_are_read_past(config_cls):
+    # what PEFT scripts pass as they port: the features' off values, which PEFT's own adapter_config.json holds too
+    off = {"revision": None, "peft_version": "0.21.2", "peft_type": config_cls.peft_type}
+    if config_cls is peftkit.LoraConfig:
+        off.update(lora_bias=False, use_qalora=False, target_parameters=None, layer_replication=None, loftq_config={},
+                   eva_config=None, megatron_core="megatron.core", ensure_weight_tying=False)
+    needed = {"num_virtual_tokens": 4} if config_cls is peftkit.PromptTuningConfig else {}
+    assert config_cls(**off, **needed).to_dict() == config_cls(**needed).to_dict()
+    assert peftkit.LoraConfig(peft_type=peftkit.PeftType.LORA, r=4).r == 4  # the enum, as PEFT's users pass it
+
+
+@pytest.mark.parametrize("name, value", [("lora_bias", True), ("use_qalora", True), ("target_parameters", ["w"]),
+                                         ("layer_replication", [[0, 2]]), ("loftq_config", {"loftq_bits": 4}),
+                                         ("kasa_config", {}), ("ensure_weight_tying", True), ("peft_type", "IA3")])
+def test_peft_only_keyword_arguments_switched_on_are_refused_naming_them(name, value):
+    with pytest.raises(ValueError, match=f"LoraConfig\\({name}=") as err:
+        peftkit.LoraConfig(r=4, **{name: value})
+    assert "remove the argument" in str(err.value) or "drop the argument" in str(err.value)
+
+
+def test_a_misspelt_config_field_names_the_field_it_is_near():
+    with pytest.raises(TypeError, match="LoraConfig has no field 'lora_alhpa'; did you mean 'lora_alpha'"):
+        peftkit.LoraConfig(r=4, lora_alhpa=16)
+    with pytest.raises(TypeError, match="IA3Config has no field 'zzz'; its fields are"):
+        peftkit.IA3Config(zzz=1)
+    import dataclasses  # the guard leaves the dataclass machinery as it was
+
+    assert dataclasses.replace(peftkit.LoraConfig(r=4), lora_alpha=3).lora_alpha == 3
+
+
+def _status_scenario(lib, steps: int):
+    """The same adapters on one tiny Llama with ``lib`` (peft or peftkit), ``steps`` changes in."""
+    model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"],
+                                                            modules_to_save=["lm_head"]))
+    if steps >= 1:
+        model.add_adapter("b", lib.LoraConfig(r=2, target_modules=["v_proj"]))
+    if steps >= 2:  # one tensor of the inactive adapter made trainable by hand: "irregular"
+        model.get_base_model().model.layers[1].self_attn.v_proj.lora_A["b"].requires_grad_(True)
+    if steps >= 3:
+        model.merge_adapter()
+    return model
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 3])
+def test_layer_and_model_status_equal_peft(steps):
+    ours, theirs = _status_scenario(peftkit, steps), _status_scenario(peft, steps)
+    mine, peft_layers = ours.get_layer_status(), theirs.get_layer_status()
+    assert [s.name for s in mine] == [s.name.removeprefix("model.") for s in peft_layers]  # base_model's paths
+    for a, b in zip(mine, peft_layers):
+        assert (a.module_type, a.enabled, a.merged_adapters, a.requires_grad, a.available_adapters, a.devices) == (
+            b.module_type, b.enabled, b.merged_adapters, b.requires_grad, b.available_adapters, b.devices), a.name
+        assert a.active_adapters == [n for n in b.active_adapters if n in b.available_adapters]  # the ones it holds
+    fields = ("base_model_type", "adapter_model_type", "peft_types", "trainable_params", "total_params",
+              "num_adapter_layers", "enabled", "active_adapters", "merged_adapters", "requires_grad",
+              "available_adapters", "devices", "quantization_backend")
+    got, want = ours.get_model_status(), theirs.get_model_status()
+    assert {f: getattr(got, f) for f in fields} == {f: getattr(want, f) for f in fields}
+    assert peftkit.get_model_status(ours) == got  # the module-level function, as peft exports it
+
+
+def test_status_flags_what_differs_between_layers_and_refuses_prompt_adapters():
+    model = _status_scenario(peftkit, 1)
+    model.set_adapter("b")
+    status = model.get_model_status()
+    assert (status.active_adapters, status.requires_grad, status.trainable_params) == (["b"], {"default": False, "b": True}, 192)
+    model.get_base_model().model.layers[0].self_attn.v_proj.disabled = True  # one layer switched off by hand
+    model.get_base_model().model.layers[0].self_attn.q_proj.merged_adapters.append("default")  # booked by hand
+    status = model.get_model_status()
+    assert (status.enabled, status.merged_adapters) == ("irregular", "irregular")
+    with model.disable_adapter():
+        assert model.get_model_status().enabled is False
+    prompt = get_peft_model(tiny_llama(), peftkit.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    with pytest.raises(TypeError, match="prompt tuning, P-tuning and prefix tuning wrap none"):
+        prompt.get_layer_status()
+
+
+def test_lora_layer_attributes_under_peft_names():
+    """Scripts that walk PEFT's layers read r, get_base_layer(), merged and disable_adapters (they fell through
+    to nn.Module's AttributeError)."""
+    ours, theirs = _status_scenario(peftkit, 1), _status_scenario(peft, 1)
+    for lib_model in (ours, theirs):
+        lib_model.merge_adapter()
+    ours_q = ours.get_base_model().model.layers[0].self_attn.v_proj
+    theirs_q = theirs.get_base_model().model.layers[0].self_attn.v_proj
+    assert ours_q.r == theirs_q.r == {"b": 2}
+    ours_q = ours.get_base_model().model.layers[0].self_attn.q_proj
+    theirs_q = theirs.get_base_model().model.layers[0].self_attn.q_proj
+    assert (ours_q.r, ours_q.merged, ours_q.disable_adapters) == (theirs_q.r, theirs_q.merged, theirs_q.disable_adapters)
+    assert ours_q.get_base_layer() is ours_q.base_layer and type(ours_q.get_base_layer()) is torch.nn.Linear
+    ours.unmerge_adapter()
+    with ours.disable_adapter():
+        assert ours_q.disable_adapters and not ours_q.merged

@@ -241,6 +241,14 @@ def test_a_crash_at_the_stale_file_never_leaves_the_new_config_beside_old_weight
 def test_target_not_found_suggests_names():
     with pytest.raises(ValueError, match=r"target module 'qproj' not found; did you mean 'q_proj'\?.*candidates"):
         get_peft_model(tiny_llama(), LoraConfig(target_modules=["qproj"]))
+    # a second adapter's error lists the model's modules, not the first adapter's lora_A / base_layer internals
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="candidates") as err:
+        model.add_adapter("x", LoraConfig(target_modules=["qproj"]))
+    assert "q_proj, " in str(err.value) and not any(part in str(err.value) for part in ("lora_A", "base_layer"))
+    # a modules_to_save entry matching nothing was reported as a target module
+    with pytest.raises(ValueError, match=r"modules_to_save \['classifier'\] matches no module of the model"):
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], modules_to_save=["classifier"]))
 
 
 def test_container_target_is_refused():

@@ -108,6 +108,11 @@ class LoraLayer(AdapterLayer):
         return getattr(self, self.adapter_attrs[0])
 
     @property
+    def r(self) -> dict[str, int]:
+        """Each adapter's rank (PEFT's attribute), as its A holds it."""
+        return {name: a.shape[0] for name, a in self.A.items()}
+
+    @property
     def B(self) -> nn.ParameterDict:
         """Per-adapter up-projections."""
         return getattr(self, self.adapter_attrs[1])
