@@ -414,6 +414,11 @@ class MixedRows:
     def __init__(self, names: Sequence[str]) -> None:
         self.names = tuple(names)
         self._index: dict = {}
+        self._used = frozenset(self.names)
+
+    def used_names(self) -> frozenset:
+        """The names the rows use (BASE_ADAPTER included)."""
+        return self._used
 
     def index(self, slots: tuple[str, ...], device: torch.device) -> torch.Tensor:
         """Per-row slot in a stack whose slot 0 is zeros and slot i + 1 holds ``slots[i]``; (batch,) int64."""

@@ -238,3 +238,27 @@ def test_an_active_bottleneck_adapter_refuses_a_mixed_batch_even_of_base_rows(id
         with model.disable_adapter():
             base = model(ids).logits
         torch.testing.assert_close(model(ids, adapter_names=rows).logits, base)
+
+
+def test_one_large_adapter_does_not_pad_the_stacks_of_the_others():
+    """Every adapter was padded to the largest rank the layer held: twenty rank-4 adapters took 17x their own size
+    once a rank-256 one was loaded. Stacked per rank, the stacks hold each adapter once plus a zero slot per rank."""
+    from peftkit.methods import lora_mixed
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]), "s0")
+    for i in range(1, 5):
+        model.add_adapter(f"s{i}", LoraConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("big", LoraConfig(r=64, lora_alpha=8, target_modules=["q_proj"]))
+    randomize_adapters(model)
+    model.eval()
+    layer = model.base_model.model.layers[0].self_attn.q_proj
+    st = lora_mixed.stacks(layer, torch.float32)
+    held = sum(layer.lora_A[n].numel() + layer.lora_B[n].numel() for n in layer.lora_A)
+    zero_slots = 64 + 2  # one zero slot per rank stack, of that rank
+    assert sum(s.a.numel() + s.b.numel() for s in st.ranks) == held + (layer.in_features + layer.out_features) * zero_slots
+    assert [s.slots for s in st.ranks] == [("s0", "s1", "s2", "s3", "s4"), ("big",)]
+    ids = torch.randint(0, 64, (4, 5), generator=torch.Generator().manual_seed(2))
+    for names in (["s1", "big", BASE_ADAPTER, "s4"], ["s0", "s3", "s0", BASE_ADAPTER]):  # both ranks; one rank
+        with torch.no_grad():
+            mixed = model(input_ids=ids, adapter_names=names).logits
+            assert torch.allclose(mixed, row_by_row(model, names, input_ids=ids), atol=1e-5)
