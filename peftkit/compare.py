@@ -286,6 +286,12 @@ def run_compare(args: argparse.Namespace, flags: list) -> int:
                        f"({args.methods})")
     if os.path.exists(os.path.join(args.output_dir, "compare.json")) and not args.overwrite:
         raise CliError(f"--output-dir {args.output_dir!r} already holds a comparison; pass --overwrite or another dir")
+    from .train.job import holds_run
+
+    held = [name for name, _, _ in variants if holds_run(os.path.join(args.output_dir, name))]
+    if held and not args.overwrite:  # each variant trains with --overwrite: a run kept there was replaced silently
+        raise CliError(f"--output-dir {args.output_dir!r} already holds runs in {held} (a comparison stopped before "
+                       "its end, or runs of your own); pass --overwrite to replace them, or choose another dir")
     os.makedirs(args.output_dir, exist_ok=True)
     task = job["data"]["task"]
     base, tokenizer = load_model(job["model"], task, labels=job_labels(job))

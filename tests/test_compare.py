@@ -174,3 +174,16 @@ def test_method_lrs_merge_full_lr_and_per_method_values():
     import argparse
     args = argparse.Namespace(full_lr=5e-5, method_lr=["IA3=1e-2", "lora=2e-3"])
     assert compare.method_lrs(args, ["full", "ia3", "lora"]) == {"full": 5e-5, "ia3": 1e-2, "lora": 2e-3}
+
+
+def test_compare_refuses_to_replace_runs_it_did_not_finish_without_overwrite(assets, tmp_path, capsys):
+    """Each variant trains with --overwrite, and the only guard was compare.json: a run of the user's own in
+    <output-dir>/lora (or one left by a stopped comparison) was replaced silently."""
+    out = tmp_path / "cmp"
+    (out / "lora").mkdir(parents=True)
+    (out / "lora" / "job.json").write_text('{"kept": true}')
+    argv = ["compare", "--model", assets["model"], "--dataset", assets["data"], "--max-steps", "1", "--epochs", "1",
+            "--in-process", "--methods", "lora", "--output-dir", str(out)]
+    assert main(argv) == 2
+    assert "already holds runs in ['lora']" in capsys.readouterr().err
+    assert (out / "lora" / "job.json").read_text() == '{"kept": true}'

@@ -216,6 +216,18 @@ def test_resume_with_another_job_is_refused(model_dir, data_dir, tmp_path, monke
     assert os.listdir(os.path.join(out, "checkpoints"))  # the refusal left the run as it was
 
 
+def test_a_refused_resume_leaves_the_recorded_job_as_it_was(model_dir, data_dir, tmp_path, monkeypatch):
+    """A resume with another learning rate was refused by the checkpoint, but only after job.json had been rewritten
+    with it: the plain resume after it was then refused as well. It is refused before anything is written now."""
+    out = _interrupted_run(model_dir, data_dir, tmp_path, monkeypatch)
+    recorded = open(os.path.join(out, "job.json")).read()
+    with pytest.raises(ValueError, match=r"training settings \['lr', 'seed'\] differ from the run's.*may change"):
+        run_job(job(model_dir, data_dir, lr=1e-3, seed=7), out, resume=True, progress=False, log=quiet)
+    assert open(os.path.join(out, "job.json")).read() == recorded
+    longer = job(model_dir, data_dir, epochs=3)  # how long it runs may change
+    assert run_job(longer, out, resume=True, progress=False, log=quiet)["test"] is not None
+
+
 def test_resume_takes_settings_that_restate_the_defaults(model_dir, data_dir, tmp_path, monkeypatch):
     """job.json records the settings that were given; a resume that spells out a default (or the method in another
     case) is the same job, and one that changes a resolved setting is not."""

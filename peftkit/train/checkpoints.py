@@ -25,6 +25,16 @@ STATE_FILE = "state.pt"
 RESUMABLE_CHANGES = {"epochs", "max_steps", "early_stopping_patience", "save_every", "log_every", "eval_batch_size"}
 
 
+def check_training_settings(recorded: dict, now: dict, whose: str) -> None:
+    """Refuse to resume with training settings other than ``recorded`` (a TrainConfig dict), except those a run
+    may change as it goes on (RESUMABLE_CHANGES: how long it runs, how often it saves and logs)."""
+    changed = sorted(k for k, v in recorded.items() if k not in RESUMABLE_CHANGES and now.get(k) != v)
+    if changed:
+        raise ValueError(f"cannot resume: training settings {changed} differ from {whose} "
+                         f"({ {k: recorded[k] for k in changed} }); resume with those values (only "
+                         f"{sorted(RESUMABLE_CHANGES)} may change), or start over with --overwrite")
+
+
 def rng_state() -> dict:
     """Python, numpy and torch (and CUDA) RNG states as tensors and plain values."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -103,11 +113,7 @@ def restore(trainer) -> str:
         raise FileNotFoundError(f"no checkpoint in {directory(trainer.output_dir)} to resume from; "
                                 "start the run without --resume (add --overwrite to replace what is there)")
     payload = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
-    changed = sorted(k for k, v in payload["config"].items()
-                     if k not in RESUMABLE_CHANGES and trainer.config.to_dict().get(k) != v)
-    if changed:
-        raise ValueError(f"cannot resume: training settings {changed} differ from the checkpoint's "
-                         f"({ {k: payload['config'][k] for k in changed} }); resume with the same settings")
+    check_training_settings(payload["config"], trainer.config.to_dict(), "the checkpoint's")
     trainer._load_trainable(payload["trainable"])
     trainer.optimizer.load_state_dict(payload["optimizer"])
     if trainer.scaler is not None and payload["scaler"] is not None:

@@ -305,6 +305,9 @@ def check_same_job(job: JobConfig, output_dir: str) -> None:
     if changed:
         raise ValueError(f"cannot resume: {changed} differ from the run in {output_dir} (its settings are in {path}); "
                          "resume with the same settings, or start over with --overwrite")
+    # checked here too, before the load and before job.json is rewritten: a refused resume left the refused
+    # settings recorded, and the plain --resume after it was then refused in turn
+    checkpoints.check_training_settings(saved.get("train") or {}, now["train"], f"the run's in {path}")
 
 
 def _resolved_method(job: dict) -> tuple:
