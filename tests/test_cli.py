@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -152,6 +153,28 @@ def test_eval_matches_the_runs_test_metrics(assets, capsys):
     assert metrics["accuracy"] == pytest.approx(summary["test"]["accuracy"]) and metrics["n"] == 6
     code, out, _ = run_cli(capsys, "eval", "--adapter", os.path.join(assets["run"], "adapter"), "--split", "validation")
     assert code == 0 and "validation accuracy:" in out
+
+
+def test_an_adapter_folder_of_its_own_takes_its_base_from_its_config_and_asks_for_data(assets, tmp_path, capsys):
+    """An adapter copied out of its run (no summary.json) loaded the default job's model (the embedded SmolLM2, then
+    a shape error blaming the adapter) and scored the bundled data; it now loads the base its adapter_config.json
+    names, and eval asks for --dataset."""
+    solo = tmp_path / "solo"
+    shutil.copytree(os.path.join(assets["run"], "adapter"), solo)
+    code, _, err = run_cli(capsys, "eval", "--adapter", solo, "--json")
+    assert code != 0 and "records no training job" in err and "pass --dataset" in err
+    code, out, err = run_cli(capsys, "eval", "--adapter", solo, "--dataset", assets["data"], "--json")
+    assert code == 0, err
+    summary = json.loads(open(os.path.join(assets["run"], "summary.json")).read())
+    assert json.loads(out)["accuracy"] == pytest.approx(summary["test"]["accuracy"])
+    assert "the data settings are the defaults" in err
+    other = tmp_path / "other"  # labels the run never saw: refused before the load (it scored 0.0 with no word why)
+    shutil.copytree(assets["data"], other)
+    for split in os.listdir(other):
+        path = other / split
+        path.write_text(path.read_text().replace("no complaint", "fine").replace("complaint", "bad"))
+    code, _, err = run_cli(capsys, "eval", "--adapter", assets["run"], "--dataset", other, "--json")
+    assert code == 1 and "labels the run never trained on: ['bad', 'fine']" in err
 
 
 def test_predict_writes_csv_and_jsonl_atomically_and_refuses_overwrite(assets, tmp_path, capsys):

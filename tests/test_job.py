@@ -132,6 +132,11 @@ def test_resume_without_checkpoint_and_both_flags_are_refused(model_dir, data_di
         run_job(job(model_dir, data_dir), str(tmp_path / "empty"), resume=True, progress=False, log=quiet)
     with pytest.raises(ValueError, match="choose one of --resume"):
         run_job(job(model_dir, data_dir), str(tmp_path / "x"), resume=True, overwrite=True, progress=False, log=quiet)
+    # a file on the way to the output directory: refused before the load (it was Errno 20 at the first write)
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(ValueError, match="cannot be made: .*afile' is a file"):
+        run_job(job(model_dir, data_dir), str(tmp_path / "afile" / "sub"), progress=False, log=quiet)
+    assert (tmp_path / "afile").read_text() == "mine"
 
 
 def test_job_files_round_trip(tmp_path):
@@ -147,6 +152,11 @@ def test_job_files_round_trip(tmp_path):
     (tmp_path / "bad.yaml").write_text("trian: {}\n")
     with pytest.raises(ValueError, match=r"unknown JobConfig field\(s\) \['trian'\]"):
         JobConfig.load(str(tmp_path / "bad.yaml"))
+    # a metric the task does not compute failed after the first epoch, leaving a run that blocked the rerun
+    for task, metric in (("causal-label", "perplexity"), ("causal-label", "f1"), ("sft", "accuracy")):
+        with pytest.raises(ValueError, match=f"metric '{metric}' is not computed for task '{task}'; choose one of"):
+            JobConfig(data=DataConfig(task=task), train=TrainConfig(metric=metric))
+    assert JobConfig(data=DataConfig(task="sft"), train=TrainConfig(metric="exact_match")).train.metric == "exact_match"
     with pytest.raises(ValueError, match="unknown method 'foo'"):
         JobConfig(method="foo")
 
@@ -226,6 +236,22 @@ def test_a_refused_resume_leaves_the_recorded_job_as_it_was(model_dir, data_dir,
     assert open(os.path.join(out, "job.json")).read() == recorded
     longer = job(model_dir, data_dir, epochs=3)  # how long it runs may change
     assert run_job(longer, out, resume=True, progress=False, log=quiet)["test"] is not None
+
+
+def test_local_paths_are_recorded_absolute(model_dir, data_dir, tmp_path, monkeypatch):
+    """Recorded as given, a relative --model / --dataset sent eval or a resume from another directory to the Hub."""
+    monkeypatch.chdir(tmp_path)
+    relative = job(os.path.relpath(model_dir), os.path.relpath(data_dir), max_steps=1, epochs=1)
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 1)
+        with pytest.raises(TrainingInterrupted):
+            run_job(relative, "run", progress=False, log=quiet)
+    recorded = json.loads(open(os.path.join("run", "job.json")).read())
+    assert (recorded["model"], recorded["data"]["dataset"]) == (os.path.abspath(model_dir), os.path.abspath(data_dir))
+    summary = run_job(relative, "run", resume=True, progress=False, log=quiet)  # the same job, given relative again
+    assert summary["model"] == os.path.abspath(model_dir)
+    assert json.loads(open(os.path.join("run", "adapter", "adapter_config.json")).read())[
+        "base_model_name_or_path"] == os.path.abspath(model_dir)
 
 
 def test_resume_takes_settings_that_restate_the_defaults(model_dir, data_dir, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from .errors import CliError
 from .flags import at_least, check_method_flags, given_values, method_classes_from_registry
@@ -160,14 +160,29 @@ def _eval_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def run_data(args: argparse.Namespace, flags: list, run):
-    """(the run's JobConfig, or the default one; its DataConfig with this command line's data flags)."""
+def run_data(args: argparse.Namespace, flags: list, run, needs_dataset: bool = False):
+    """(the run's JobConfig, or the default one; its DataConfig with this command line's data flags). A run that
+    recorded no job (an adapter folder of its own, a merged model) has no data settings to go by: ``needs_dataset``
+    then asks for --dataset (eval read the bundled data and scored 0.54 where the run's test set gives 0.70), and
+    the default settings used are named."""
     from ..train import DataConfig, JobConfig
 
-    recorded = run.job_dict()
+    recorded, given = run.job_dict(), given_values(args, flags)["data"]
     job = JobConfig.from_dict(recorded) if recorded else JobConfig()
-    data = DataConfig.from_dict({**job.data.to_dict(), **given_values(args, flags)["data"]})
+    data = DataConfig.from_dict({**job.data.to_dict(), **given})
+    if not recorded:
+        if needs_dataset and "dataset" not in given:
+            raise CliError(f"{args.adapter!r} records no training job (no summary.json beside it), so its data is "
+                           "unknown; pass --dataset (and --task, --text-column, --label-column as they were)")
+        print(f"note: {args.adapter!r} records no training job; the data settings are the defaults (task "
+              f"{data.task!r}) where no flag gives them", file=sys.stderr)
     return job, data
+
+
+def run_model(args: argparse.Namespace, run, job) -> Optional[str]:
+    """--model, else the base model the run recorded; None where it recorded none (load_run_model then takes the
+    adapter's base_model_name_or_path, where the default job's model was taken: the wrong base, a shape error)."""
+    return args.model or (job.model if run.job_dict() else None)
 
 
 def run_label_set(run, data) -> Any:
@@ -179,12 +194,17 @@ def run_label_set(run, data) -> Any:
 def run_eval(args: argparse.Namespace, flags: list) -> int:
     """peftkit eval."""
     from ..train import evaluate, load_splits
+    from ..train.data import label_set
 
     run = resolve_run(args.adapter)
-    job, data = run_data(args, flags, run)
+    job, data = run_data(args, flags, run, needs_dataset=True)
     labels = run_label_set(run, data)
-    model, tokenizer = load_run_model(run, args.model or job.model, data.task, labels)
     rows = load_splits(data)[args.split]
+    unseen = sorted(set(label_set(rows, data)) - set(labels)) if labels is not None else []
+    if unseen:  # gold labels the model never trained on can only be scored wrong (it reported 0.0, no word why)
+        raise CliError(f"the {args.split} split has labels the run never trained on: {unseen[:10]}; the model "
+                       f"predicts {labels[:20]}. Map the labels to those, or pass the run's own --dataset", 1)
+    model, tokenizer = load_run_model(run, run_model(args, run, job), data.task, labels)
     metrics = evaluate(model, tokenizer, rows, data, labels=labels)
     if args.json:
         print(json.dumps(metrics, sort_keys=True))
@@ -229,7 +249,7 @@ def run_predict(args: argparse.Namespace, flags: list) -> int:
                        "Name the text column with --text-column", 1)
     rows = [normalise_row(r, data) for r in rows]  # the text as training reads it (a number in JSON: its digits)
     labels = run_label_set(run, data)
-    model, tokenizer = load_run_model(run, args.model or job.model, data.task, labels)
+    model, tokenizer = load_run_model(run, run_model(args, run, job), data.task, labels)
     out = predict(model, tokenizer, rows, data, labels=labels)
     write_rows(out, args.output)
     print(f"wrote {len(out)} predictions to {args.output}")
@@ -258,7 +278,7 @@ def run_generate(args: argparse.Namespace, flags: list) -> int:
     job, data = run_data(args, flags, run)
     if data.task not in ("causal-label", "sft", "seq2seq"):
         raise CliError(f"this run's task is {data.task!r}, which does not generate text; use `peftkit predict`")
-    model, tokenizer = load_run_model(run, args.model or job.model, data.task, None)
+    model, tokenizer = load_run_model(run, run_model(args, run, job), data.task, None)
     for prompt in prompts:
         text = data.template().format(text=prompt) if args.use_template else prompt
         enc = tokenizer(text, return_tensors="pt")

@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 
-from .commands import Command, add_adapter_options, check_method_name, run_data, run_label_set
+from .commands import Command, add_adapter_options, check_method_name, run_data, run_label_set, run_model
 from .errors import CliError
 from .flags import at_least, check_method_flags, given_values, method_classes_from_registry
 from .runs import ADAPTER_CONFIG, load_run_model, resolve_run
@@ -42,7 +42,7 @@ def run_merge(args: argparse.Namespace, flags: list) -> int:
         raise CliError(f"a {config.peft_type} adapter cannot be merged into the base weights (it is not a weight "
                        "update); keep using it as an adapter (peftkit eval / predict / generate --adapter)", 1)
     job, data = run_data(args, flags, run)
-    model, tokenizer = load_run_model(run, args.model or job.model, data.task, run_label_set(run, data))
+    model, tokenizer = load_run_model(run, run_model(args, run, job), data.task, run_label_set(run, data))
     from transformers.utils import logging as hf_logging
 
     merged = model.merge_and_unload()

@@ -1,6 +1,7 @@
 """A whole run: plan, zero-shot test, training, final test, and the run directory (adapter, metrics, summary, report)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -17,7 +18,7 @@ from ..checkpoint import atomic_write_text
 from ..fieldtypes import check_types
 from . import checkpoints
 from .data import DataConfig, LABEL_TASKS, collate, encode, known_fields, label_set, load_splits
-from .metrics import evaluate
+from .metrics import DEFAULT_METRIC, TASK_METRICS, evaluate
 from .models import load_model, method_config, method_type, needs_calibration, wrap_model
 from .trainer import TrainConfig, Trainer, TrainingInterrupted, seed_everything
 
@@ -49,6 +50,10 @@ class JobConfig:
             self.peft = dict(self.peft or {})
         check_types(self)  # e.g. a YAML "data:" that holds a list
         method_type(self.method)  # refuses an unknown method now, not after the model has loaded
+        metric, task = self.train.metric, self.data.task
+        if metric is not None and task in TASK_METRICS and metric not in TASK_METRICS[task]:  # (it failed after epoch 1)
+            raise ValueError(f"metric {metric!r} is not computed for task {task!r}; choose one of "
+                             f"{list(TASK_METRICS[task])} (or leave it out: {DEFAULT_METRIC[task]!r})")
 
     def to_dict(self) -> dict:
         """Plain nested dict (JSON / YAML ready)."""
@@ -105,11 +110,27 @@ def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> None:
         raise ValueError("choose one of --resume (continue the run) and --overwrite (replace it)")
     if os.path.isfile(output_dir):
         raise ValueError(f"output directory {output_dir!r} is a file; pass a directory")
+    _check_writable(output_dir)
     if resume and checkpoints.latest(output_dir) is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoints.directory(output_dir)} to resume from; "
                                 "run without --resume (add --overwrite to replace what is there)")
     if holds_run(output_dir) and not (resume or overwrite):
         raise FileExistsError(run_exists_message(output_dir))
+
+
+def _check_writable(output_dir: str) -> None:
+    """Refuse, before the slow load, an output directory that cannot be made or written (a file on its path, a
+    read-only file system or folder): found at the first write, after the load and the zero-shot test, these gave
+    bare OS errors."""
+    existing = output_dir
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"output directory {output_dir!r} cannot be made: {existing!r} is a file; choose another "
+                         "--output-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"output directory {output_dir!r} cannot be written ({existing!r} is read-only, or "
+                              "not writable by this user); choose another --output-dir")
 
 
 def _set_aside(output_dir: str) -> str:
@@ -207,6 +228,7 @@ def run_job(job: JobConfig, output_dir: str, *, resume: bool = False, overwrite:
     """Run ``job`` into ``output_dir``; the summary dict (also saved as summary.json)."""
     started = time.time()
     output_dir = os.path.abspath(output_dir)
+    job = with_absolute_paths(job)
     check_output_dir(output_dir, resume, overwrite)
     peft_config = checked_method_config(job)  # bad settings fail before the slow load
     threads = torch.get_num_threads()
@@ -215,6 +237,19 @@ def run_job(job: JobConfig, output_dir: str, *, resume: bool = False, overwrite:
         return _run(job, output_dir, peft_config, resume, overwrite, progress, log, started)
     finally:
         torch.set_num_threads(threads)
+
+
+def with_absolute_paths(job: JobConfig) -> JobConfig:
+    """``job`` with a model and dataset that name local paths made absolute: recorded as given (relative), they
+    sent eval / predict / --resume run from another directory to the Hugging Face Hub."""
+    model, dataset = _absolute(job.model), _absolute(job.data.dataset)
+    if (model, dataset) == (job.model, job.data.dataset):
+        return job
+    return dataclasses.replace(job, model=model, data=dataclasses.replace(job.data, dataset=dataset))
+
+
+def _absolute(path):
+    return os.path.abspath(path) if isinstance(path, str) and os.path.exists(path) else path
 
 
 def checked_method_config(job: JobConfig):
@@ -297,6 +332,9 @@ def check_same_job(job: JobConfig, output_dir: str) -> None:
     with open(path, encoding="utf-8") as fh:
         saved = json.load(fh)
     now = job.to_dict()
+    if isinstance(saved.get("data"), dict):  # a run recorded before paths were made absolute: as run from here
+        saved["data"] = {**saved["data"], "dataset": _absolute(saved["data"].get("dataset"))}
+    saved["model"] = _absolute(saved.get("model"))
     changed = [k for k in ("model", "data") if saved.get(k) != now[k]]
     (saved_method, saved_settings), (method, settings) = _resolved_method(saved), _resolved_method(now)
     # compared resolved: a setting that restates a default, or the method name in another case, is no change

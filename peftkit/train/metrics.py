@@ -16,6 +16,8 @@ HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "token_accuracy": True, 
                     "exact_match": True, "perplexity": False}
 DEFAULT_METRIC = {"causal-label": "accuracy", "seq-cls": "accuracy", "token-cls": "f1",
                   "sft": "perplexity", "seq2seq": "exact_match"}
+TASK_METRICS = {"causal-label": ("accuracy", "macro_f1"), "seq-cls": ("accuracy", "macro_f1"),  # what evaluate gives
+                "token-cls": ("token_accuracy", "f1"), "sft": ("exact_match", "perplexity"), "seq2seq": ("exact_match",)}
 
 
 def accuracy(preds: list, golds: list) -> float:
