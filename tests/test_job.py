@@ -125,6 +125,23 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(model_dir, data_di
     assert all(torch.equal(v, adapter_tensors(cut)[k]) for k, v in want.items())
     before = json.load(open(os.path.join(whole, "summary.json")))
     assert summary["test"] == before["test"] and summary["zero_shot"] == before["zero_shot"]
+    # Ctrl-C in the final test evaluation said only "interrupted": it names the way to finish, which gives the same
+    from peftkit.train import job as job_module
+
+    late, calls, real = str(tmp_path / "late"), [], job_module.evaluate
+
+    def evaluate_until_the_final_one(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the zero-shot test evaluation is the first
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(job_module, "evaluate", evaluate_until_the_final_one)
+        with pytest.raises(KeyboardInterrupt, match=f"after training finished.*--resume --output-dir {late}"):
+            run_job(job(model_dir, data_dir), late, progress=False, log=quiet)
+    assert run_job(job(model_dir, data_dir), late, resume=True, progress=False, log=quiet)["test"] == before["test"]
+    assert all(torch.equal(v, adapter_tensors(late)[k]) for k, v in want.items())
 
 
 def test_resume_without_checkpoint_and_both_flags_are_refused(model_dir, data_dir, tmp_path):
@@ -234,8 +251,10 @@ def test_a_refused_resume_leaves_the_recorded_job_as_it_was(model_dir, data_dir,
     with pytest.raises(ValueError, match=r"training settings \['lr', 'seed'\] differ from the run's.*may change"):
         run_job(job(model_dir, data_dir, lr=1e-3, seed=7), out, resume=True, progress=False, log=quiet)
     assert open(os.path.join(out, "job.json")).read() == recorded
-    longer = job(model_dir, data_dir, epochs=3)  # how long it runs may change
-    assert run_job(longer, out, resume=True, progress=False, log=quiet)["test"] is not None
+    longer, said = job(model_dir, data_dir, epochs=3), []  # how long it runs may change, and the log says so
+    assert run_job(longer, out, resume=True, progress=False, log=said.append)["test"] is not None
+    assert any("note: the run's length changed (epochs 2 -> 3); the learning-rate schedule is recomputed" in line
+               for line in said)
 
 
 def test_local_paths_are_recorded_absolute(model_dir, data_dir, tmp_path, monkeypatch):

@@ -43,7 +43,7 @@ def run_merge(args: argparse.Namespace, flags: list) -> int:
                        "update); keep using it as an adapter (peftkit eval / predict / generate --adapter)", 1)
     job, data = run_data(args, flags, run)
     model, tokenizer = load_run_model(run, run_model(args, run, job), data.task, run_label_set(run, data))
-    from transformers.utils import logging as hf_logging
+    from ..train.models import hf_progress_off
 
     merged = model.merge_and_unload()
 
@@ -51,11 +51,8 @@ def run_merge(args: argparse.Namespace, flags: list) -> int:
         merged.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
 
-    hf_logging.disable_progress_bar()  # "Writing model shards" bars are noise on the command line
-    try:
+    with hf_progress_off():
         atomic_dir(args.output, write)  # a crash mid-save leaves no half-written --output
-    finally:
-        hf_logging.enable_progress_bar()
     print(f"merged {config.peft_type} adapter into the base model; saved to {args.output}")
     return 0
 

@@ -114,6 +114,11 @@ def restore(trainer) -> str:
                                 "start the run without --resume (add --overwrite to replace what is there)")
     payload = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
     check_training_settings(payload["config"], trainer.config.to_dict(), "the checkpoint's")
+    longer = {k: (payload["config"].get(k), getattr(trainer.config, k)) for k in ("epochs", "max_steps")
+              if payload["config"].get(k) != getattr(trainer.config, k)}
+    if longer:  # allowed, but it changes the run's learning-rate schedule from here on: said, not silent
+        trainer.log(f"note: the run's length changed ({', '.join(f'{k} {a} -> {b}' for k, (a, b) in longer.items())}); "
+                    "the learning-rate schedule is recomputed for the new length")
     trainer._load_trainable(payload["trainable"])
     trainer.optimizer.load_state_dict(payload["optimizer"])
     if trainer.scaler is not None and payload["scaler"] is not None:

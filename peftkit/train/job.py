@@ -19,7 +19,7 @@ from ..fieldtypes import check_types
 from . import checkpoints
 from .data import DataConfig, LABEL_TASKS, collate, encode, known_fields, label_set, load_splits
 from .metrics import DEFAULT_METRIC, TASK_METRICS, evaluate
-from .models import load_model, method_config, method_type, needs_calibration, wrap_model
+from .models import hf_progress_off, load_model, method_config, method_type, needs_calibration, wrap_model
 from .trainer import TrainConfig, Trainer, TrainingInterrupted, seed_everything
 
 # what a run writes at the top of its output_dir (adapter/ or model/ for full fine-tuning; *.tmp while saving); a
@@ -183,7 +183,8 @@ def save_model(model, tokenizer, output_dir: str, full: bool) -> str:
     final = os.path.join(output_dir, "model" if full else "adapter")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    with hf_progress_off():  # a full model's "Writing model shards" bar showed under --quiet too
+        model.save_pretrained(tmp)
     if full:
         tokenizer.save_pretrained(tmp)
     if os.path.exists(final):
@@ -284,7 +285,11 @@ def _run(job: JobConfig, output_dir: str, peft_config, resume: bool, overwrite: 
     except TrainingInterrupted as err:
         log(f"interrupted at step {err.step}; resume with: peftkit train ... --resume --output-dir {output_dir}")
         raise
-    test = evaluate(model, tokenizer, splits["test"], job.data, job.train.eval_batch_size, labels)
+    try:
+        test = evaluate(model, tokenizer, splits["test"], job.data, job.train.eval_batch_size, labels)
+    except KeyboardInterrupt:  # training is done and its end checkpointed: a resume only evaluates and saves
+        raise KeyboardInterrupt(f"interrupted in the final test evaluation, after training finished (checkpointed); "
+                                f"finish with: peftkit train ... --resume --output-dir {output_dir}") from None
     trainer.add_row({"event": "eval", "split": "test", "phase": "fine-tuned", "step": trainer.state["global_step"], **test})
     log(f"test: zero-shot {_fmt(zero_shot)} -> fine-tuned {_fmt(test)}")
     saved = save_model(model, tokenizer, output_dir, method_type(job.method) == "full")

@@ -1,12 +1,13 @@
 """Models for training: load the embedded / local / hub model for a task, wrap it with a method, compute losses."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import importlib.util
 import inspect
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,19 @@ def _where(name_or_path: str) -> tuple[str, Optional[str], bool]:
         raise ModelLoadError(f"model path {name_or_path!r} does not exist (or is not a directory / .gguf file); "
                              f"pass a local model directory, a Hub id, or one of {sorted(EMBEDDED)}")
     return name_or_path, None, False
+
+
+@contextlib.contextmanager
+def hf_progress_off() -> Iterator[None]:
+    """transformers' own progress bars off in the block ("Writing model shards" is noise on the command line,
+    --quiet or not)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def load_model(name_or_path: str, task: str, *, labels: Optional[list[str]] = None, dtype=None):
