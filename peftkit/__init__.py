@@ -8,7 +8,21 @@ from .auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from .compat import PeftType, TaskType, get_peft_model_state_dict, set_peft_model_state_dict
+from .compat import (
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    PeftType,
+    TaskType,
+    get_peft_config,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
 from .config import PeftConfig, registered_types
 from .methods.adapter import AdapterConfig
 from .methods.ia3 import IA3Config
@@ -23,10 +37,12 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction", "AutoPeftModelForQuestionAnswering",
     "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
-    "IA3Config", "LoraConfig", "PeftConfig", "PeftModel", "PeftType", "PrefixTuningConfig",
+    "IA3Config", "LoraConfig", "PeftConfig", "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification", "PeftType", "PrefixTuningConfig",
     "PromptEncoderConfig", "PromptTuningConfig", "SelectiveConfig", "TaskType", "TunerLayerStatus", "TunerModelStatus",
-    "get_layer_status", "get_model_status", "get_peft_model", "get_peft_model_state_dict", "registered_types",
-    "set_peft_model_state_dict",
+    "get_layer_status", "get_model_status", "get_peft_config", "get_peft_model", "get_peft_model_state_dict",
+    "load_peft_weights", "prepare_model_for_kbit_training", "registered_types", "set_peft_model_state_dict",
     "PeftTrainer",  # provided on first use by __getattr__ below
 ]
 

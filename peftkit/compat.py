@@ -1,5 +1,6 @@
-"""Names that Hugging Face PEFT users import, with PEFT's meaning: the TaskType / PeftType enums and the adapter
-state-dict functions (training scripts that save through DeepSpeed, FSDP or accelerate call them)."""
+"""Names that Hugging Face PEFT users import, with PEFT's meaning: the TaskType / PeftType enums, the adapter
+state-dict functions (training scripts that save through DeepSpeed, FSDP or accelerate call them), and the helpers
+porting scripts call (get_peft_config, load_peft_weights, prepare_model_for_kbit_training, PeftModelFor*)."""
 from __future__ import annotations
 
 import enum
@@ -7,7 +8,13 @@ from typing import Optional, Union
 
 import torch
 
-from .model import PeftModel
+from .checkpoint import find_adapter_dir, load_tensors
+from .config import PeftConfig
+from .model import PeftModel, refuse_quantized
+
+# PEFT's task-specific model classes: one PeftModel here serves every task (its forward passes the task's inputs on)
+PeftModelForCausalLM = PeftModelForSeq2SeqLM = PeftModelForSequenceClassification = PeftModel
+PeftModelForTokenClassification = PeftModelForQuestionAnswering = PeftModelForFeatureExtraction = PeftModel
 
 
 class TaskType(str, enum.Enum):
@@ -88,3 +95,28 @@ def _check_peft_model(model, what: str) -> None:
     if not isinstance(model, PeftModel):
         raise TypeError(f"{what} takes a peftkit PeftModel (from get_peft_model or PeftModel.from_pretrained), "
                         f"not a {type(model).__name__}")
+
+
+def get_peft_config(config_dict: dict) -> PeftConfig:
+    """The config a dict of adapter_config.json fields describes (PEFT's name for PeftConfig.from_dict)."""
+    return PeftConfig.from_dict(config_dict)
+
+
+def load_peft_weights(model_id: str, device: Optional[Union[str, torch.device]] = None) -> dict[str, torch.Tensor]:
+    """The tensors of the adapter saved in the local directory ``model_id``, under their file keys (PEFT's
+    load_peft_weights; safetensors only, and no hub)."""
+    tensors = load_tensors(find_adapter_dir(model_id, None))
+    return {k: v.to(device) for k, v in tensors.items()} if device is not None else tensors
+
+
+def prepare_model_for_kbit_training(model: torch.nn.Module, use_gradient_checkpointing: bool = True,
+                                    gradient_checkpointing_kwargs: Optional[dict] = None) -> torch.nn.Module:
+    """What PEFT's function does to an unquantized base: every parameter frozen, float16 / bfloat16 ones cast to
+    float32; gradient checkpointing left as it is (PEFT turns it on for quantized bases only). A quantized base is
+    refused: peftkit does not train over quantized layers."""
+    refuse_quantized(model)
+    for param in model.parameters():
+        param.requires_grad_(False)
+        if param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+    return model

@@ -26,6 +26,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
     def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default",
                  calibration_batches: Optional[Iterable[dict]] = None, loss_fn: Optional[Callable] = None) -> None:
         _refuse_wrapped(model)
+        refuse_quantized(model)
         super().__init__()
         self.base_model = model
         self.training = model.training  # this wrapper's flag only: the model's submodules keep their own modes
@@ -616,6 +617,19 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     taken at the values peftkit implements (persist.peft_options; ``low_cpu_mem_usage`` changes no result)."""
     peft_options(autocast_adapter_dtype, revision, mixed=mixed)
     return PeftModel(model, peft_config, adapter_name, calibration_batches, loss_fn)
+
+
+def refuse_quantized(model: nn.Module) -> None:
+    """A quantized base (bitsandbytes 4 / 8-bit, GPTQ, AWQ, ...) is refused: its layers hold packed weights that
+    peftkit's layers would read as plain ones (wrong outputs, or a crash deep inside)."""
+    method = (getattr(model, "quantization_method", None)
+              or ("bitsandbytes" if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit",
+                                                                                            False) else None)
+              or ("quantized" if getattr(model, "hf_quantizer", None) is not None else None))
+    if method:
+        raise ValueError(f"the base model is quantized ({getattr(method, 'value', method)}); peftkit trains and loads "
+                         "adapters over unquantized bases only: load it in bfloat16, float16 or float32 (or use PEFT "
+                         "for k-bit training)")
 
 
 def _refuse_wrapped(model: nn.Module) -> None:

@@ -383,3 +383,33 @@ def test_lora_layer_attributes_under_peft_names():
     ours.unmerge_adapter()
     with ours.disable_adapter():
         assert ours_q.disable_adapters and not ours_q.merged
+
+
+def test_porting_helpers_equal_peft(tmp_path):
+    """Names porting scripts import from peft (an import of each failed the whole script)."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    model.save_pretrained(str(tmp_path))
+    ours, theirs = peftkit.load_peft_weights(str(tmp_path)), peft.load_peft_weights(str(tmp_path))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    data = model.peft_config["default"].to_dict()
+    assert peftkit.get_peft_config(data) == model.peft_config["default"]
+    assert isinstance(PeftModel.from_pretrained(tiny_llama(), str(tmp_path)), peftkit.PeftModelForCausalLM)
+    bf16_ours, bf16_theirs = tiny_llama().to(torch.bfloat16), tiny_llama().to(torch.bfloat16)
+    peftkit.prepare_model_for_kbit_training(bf16_ours)
+    peft.prepare_model_for_kbit_training(bf16_theirs)
+    assert [(n, p.dtype, p.requires_grad) for n, p in bf16_ours.named_parameters()] == [
+        (n, p.dtype, p.requires_grad) for n, p in bf16_theirs.named_parameters()]
+    assert {p.dtype for p in bf16_ours.parameters()} == {torch.float32}
+    assert get_peft_model(bf16_ours, LoraConfig(r=4, target_modules=["q_proj"])).get_nb_trainable_parameters()[0] > 0
+
+
+def test_a_quantized_base_is_refused():
+    """Its layers hold packed weights that peftkit's layers would read as plain ones."""
+    for marks in ({"is_loaded_in_4bit": True}, {"quantization_method": "gptq"}, {"hf_quantizer": object()}):
+        model = tiny_llama()
+        for name, value in marks.items():
+            setattr(model, name, value)
+        with pytest.raises(ValueError, match="the base model is quantized .*unquantized bases only"):
+            get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+        with pytest.raises(ValueError, match="the base model is quantized"):
+            peftkit.prepare_model_for_kbit_training(model)
