@@ -353,6 +353,10 @@ def test_load_and_unload(env):
     assert client.delete("/v1/adapters/d3").status_code == 200
     assert "d3" in error_of(client.delete("/v1/adapters/d3"), 404)["message"]
     assert error_of(client.post("/v1/adapters/unload", json={"name": "base"}), 400)["param"] == "name"
+    for bad in ("x\\y", "__base__"):  # it blamed a missing adapter_config.json / named only 'base' as reserved
+        message = error_of(client.post("/v1/adapters/load", json={"name": bad, "path": str(root / "extra" / "d")}),
+                           400)["message"]
+        assert f"adapter name {bad!r} is invalid" in message and "'__base__' (reserved)" in message
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["base", "a", "b", "c"]
 
 

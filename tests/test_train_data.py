@@ -197,6 +197,20 @@ def test_blank_or_null_labels_name_their_row_and_split_as_read(tmp_path):
         load_splits(DataConfig(dataset=path))
 
 
+def test_nested_values_and_unfillable_templates_are_refused_before_the_load(tmp_path):
+    """A list label became the class "['complaint']" and a list text its Python repr; a template with another
+    brace failed per row with "missing key", after the model had loaded."""
+    for column, value in (("text_label", ["complaint"]), ("text", {"a": 1})):
+        rows = [dict(r) for r in ROWS]
+        rows[3][column] = value
+        with pytest.raises(ValueError, match=f"row 4 of the train split holds a {type(value).__name__} in '{column}'"):
+            load_splits(DataConfig(dataset=_write(str(tmp_path / f"{column}.jsonl"), rows)))
+    for template in ("say {text} {oops}", "say {text} {", "say {text} {0}"):
+        with pytest.raises(ValueError, match="cannot be filled in .*write a literal brace as"):
+            DataConfig(prompt_template=template)
+    assert DataConfig(prompt_template="say {text} {{as is}}").template().format(text="x") == "say x {as is}"
+
+
 def test_a_given_but_empty_evaluation_file_is_an_error_not_replaced(tmp_path):
     root = label_dir(str(tmp_path))
     open(os.path.join(root, "validation.jsonl"), "w").close()

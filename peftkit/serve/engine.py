@@ -178,9 +178,9 @@ class Engine:
     def load(self, name: str, path: Optional[str] = None) -> str:
         """Load the adapter saved at ``path`` (default: adapters_dir/name) as ``name``; the resolved path."""
         reserved = (self.base_name, BASE_ADAPTER)
-        if not isinstance(name, str) or not name or "." in name or "/" in name or name in reserved:
-            raise ServeError(400, f"adapter name {name!r} is invalid: use a non-empty name without dots or slashes, "
-                                  f"not {self.base_name!r}", param="name")
+        if not isinstance(name, str) or not name or any(c in name for c in "./\\") or name in reserved:
+            raise ServeError(400, f"adapter name {name!r} is invalid: use a non-empty name without dots or slashes "
+                                  f"(/ or \\), and not {self.base_name!r} or {BASE_ADAPTER!r} (reserved)", param="name")
         path = self._adapter_path(name, path)
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise ServeError(400, f"no adapter_config.json in {path!r}; pass the directory that "

@@ -68,6 +68,12 @@ class DataConfig:
             raise ValueError("max_train_samples must be at least 2 (or None for all rows)")
         if self.prompt_template is not None and "{text}" not in self.prompt_template:
             raise ValueError(f"prompt_template {self.prompt_template!r} has no {{text}} placeholder; add one")
+        if self.prompt_template is not None:
+            try:  # filled with str.format per row: other braces failed there, after the model had loaded
+                self.prompt_template.format(text="")
+            except (KeyError, IndexError, ValueError) as err:
+                raise ValueError(f"prompt_template {self.prompt_template!r} cannot be filled in ({type(err).__name__}: "
+                                 f"{err}): {{text}} is its only field; write a literal brace as {{{{ or }}}}") from None
 
     def template(self) -> str:
         """The prompt template in use."""
@@ -282,6 +288,12 @@ def check_columns(rows: list[dict], data: DataConfig, split: str) -> None:
         if empty:
             raise ValueError(f"row {empty[0] + 1} of the {split} split has no value in {column!r} (empty or null; "
                              f"{len(empty)} such rows in all); fill them in or drop those rows")
+        nested = [] if data.task == "token-cls" else [i for i, row in enumerate(rows)
+                                                      if isinstance(row[column], (list, dict, tuple))]
+        if nested:  # str() of it became the text or a class of its own, "['complaint']"
+            raise ValueError(f"row {nested[0] + 1} of the {split} split holds a {type(rows[nested[0]][column]).__name__} "
+                             f"in {column!r} ({rows[nested[0]][column]!r:.60}); this task takes one text / label per "
+                             "row (lists of words and tags are for --task token-cls)")
 
 
 def check_labels(splits: dict[str, list[dict]], data: DataConfig) -> None:
