@@ -621,13 +621,14 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
 
 def refuse_quantized(model: nn.Module) -> None:
     """A quantized base (bitsandbytes 4 / 8-bit, GPTQ, AWQ, ...) is refused: its layers hold packed weights that
-    peftkit's layers would read as plain ones (wrong outputs, or a crash deep inside)."""
-    method = (getattr(model, "quantization_method", None)
-              or ("bitsandbytes" if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit",
-                                                                                            False) else None)
-              or ("quantized" if getattr(model, "hf_quantizer", None) is not None else None))
-    if method:
-        raise ValueError(f"the base model is quantized ({getattr(method, 'value', method)}); peftkit trains and loads "
+    peftkit's layers would read as plain ones (wrong outputs, or a crash deep inside). A GGUF file is dequantized as
+    transformers loads it (plain weights; the embedded SmolLM2 is one), so it is no quantized base."""
+    method = getattr(model, "quantization_method", None)
+    method = str(getattr(method, "value", method)) if method is not None else None
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        method = "bitsandbytes"
+    if method and method.lower() != "gguf":
+        raise ValueError(f"the base model is quantized ({method}); peftkit trains and loads "
                          "adapters over unquantized bases only: load it in bfloat16, float16 or float32 (or use PEFT "
                          "for k-bit training)")
 

@@ -405,7 +405,7 @@ def test_porting_helpers_equal_peft(tmp_path):
 
 def test_a_quantized_base_is_refused():
     """Its layers hold packed weights that peftkit's layers would read as plain ones."""
-    for marks in ({"is_loaded_in_4bit": True}, {"quantization_method": "gptq"}, {"hf_quantizer": object()}):
+    for marks in ({"is_loaded_in_4bit": True}, {"quantization_method": "gptq"}, {"quantization_method": "awq"}):
         model = tiny_llama()
         for name, value in marks.items():
             setattr(model, name, value)
@@ -413,3 +413,6 @@ def test_a_quantized_base_is_refused():
             get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
         with pytest.raises(ValueError, match="the base model is quantized"):
             peftkit.prepare_model_for_kbit_training(model)
+    model = tiny_llama()  # a GGUF file is dequantized as transformers loads it: plain weights (the embedded SmolLM2)
+    model.quantization_method, model.hf_quantizer = "gguf", object()
+    assert get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"])).get_nb_trainable_parameters()[0] > 0
