@@ -51,7 +51,7 @@ def _guard_init(config_cls: type) -> None:
     feature left off (``lora_bias=False``, ``revision=None``) is dropped, one switched on is refused naming it, and any
     other unknown name is a TypeError naming the nearest field (a typo), where the dataclass's own error names
     neither the cause nor the fix. Keyword arguments the config has go through untouched."""
-    init = config_cls.__dict__["__init__"]
+    init = config_cls.__init__  # its own, or (a subclass without one) the guarded one it inherits
     if getattr(init, "_peftkit_guarded", False):
         return
     names = frozenset(f.name for f in dataclasses.fields(config_cls) if f.init)
@@ -74,8 +74,15 @@ def _check_foreign_field(config_cls: type, key: str, value: Any, names: frozense
         if str(getattr(value, "value", value)) != config_cls.peft_type:
             raise ValueError(f"{where}: a {config_cls.__name__} is peft_type {config_cls.peft_type!r}; drop the "
                              "argument, or use the config class of the method you mean")
+    elif key == "revision" and value is not None:  # PEFT loads the base model at this revision of a hub repo
+        raise ValueError(f"{where}: peftkit loads base models from local paths, not hub revisions; remove the "
+                         "argument (and load the base at that revision yourself)")
     elif key in _UNSUPPORTED_FEATURES or key in _INIT_METHOD_FIELDS:
-        if (_switched_on(key, value) if key in _UNSUPPORTED_FEATURES else value not in (None, {})):
+        if key in _UNSUPPORTED_FEATURES:
+            off = not _switched_on(key, value)
+        else:  # PEFT's default runtime_config is an object with its one switch off
+            off = value in (None, {}) or (key == "runtime_config" and not getattr(value, "ephemeral_gpu_offload", True))
+        if not off:
             raise ValueError(f"{where} turns on a Hugging Face PEFT feature that peftkit does not support; remove "
                              "the argument (peftkit trains the adapter without it), or use PEFT for this adapter")
     elif key == "ensure_weight_tying" and value:  # a loaded config with it loads, unless it matters (persist._fill)

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 from transformers import Trainer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import can_return_loss, find_labels
 
 from . import checkpoint
@@ -43,6 +44,11 @@ class PeftTrainer(Trainer):
             params = inspect.signature(base.forward).parameters.values()
             self.model_accepts_loss_kwargs = getattr(base, "accepts_loss_kwargs",
                                                      any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params))
+            # Trainer shifts the labels for label smoothing when the model's name is a causal LM's. A PeftModel
+            # answers with its base model's name, but under torch_compile Trainer reads the compiled wrapper's
+            # ("OptimizedModule") and would not shift: a causal LM base gets a smoother that always shifts
+            if self.label_smoother is not None and base._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+                self.label_smoother = _ShiftedLabelSmoother(self.label_smoother)
 
     def _peftkit_model(self) -> Optional[PeftModel]:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -86,6 +92,17 @@ class PeftTrainer(Trainer):
         if model is None:
             return super()._load_best_model()
         load_adapter_weights(model, self.state.best_model_checkpoint)
+
+
+class _ShiftedLabelSmoother:
+    """Trainer's label smoother with shift_labels=True whatever the call says (a causal LM's next-token targets)."""
+
+    def __init__(self, smoother) -> None:
+        self.smoother = smoother
+        self.epsilon = smoother.epsilon
+
+    def __call__(self, model_output, labels, shift_labels: bool = False, num_items_in_batch=None):
+        return self.smoother(model_output, labels, shift_labels=True, num_items_in_batch=num_items_in_batch)
 
 
 def load_adapter_weights(model: PeftModel, directory: str, resume: bool = False) -> None:

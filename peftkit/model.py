@@ -67,6 +67,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
         new_forward_pass()
         rows = kwargs.pop("adapter_names", None)  # one adapter per batch row (mixed batch), or None
         if rows is not None:
+            self._refuse_checkpointed_mixed_training()
             with self._mixed_batch(rows, args, kwargs):
                 return self.base_model(*args, **kwargs)
         if self._input_adapter() is None:
@@ -100,10 +101,6 @@ class PeftModel(SaveLoadMixin, nn.Module):
         if (kwargs.get("num_beams") or 1) > 1 or (kwargs.get("num_return_sequences") or 1) > 1:
             raise ValueError("adapter_names with num_beams / num_return_sequences > 1 is not supported; "
                              "repeat the rows (and their names) yourself")
-        if torch.is_grad_enabled() and self.base_model.training and checkpointing(self.base_model):
-            raise ValueError("a mixed-adapter batch cannot train under gradient checkpointing: the recompute in "
-                             "backward runs outside the batch, with the active adapters instead of each row's (wrong "
-                             "gradients); call model.gradient_checkpointing_disable(), or train one adapter per batch")
         used = set(names) - {BASE_ADAPTER}
         if used & set(self.prompt_modules):
             raise ValueError(f"adapter {sorted(used & set(self.prompt_modules))[0]!r} is a prompt adapter; "
@@ -116,6 +113,16 @@ class PeftModel(SaveLoadMixin, nn.Module):
             if reason:
                 raise ValueError(f"adapter_names: {layer_name}: {reason}")
         return mixed_rows(names)
+
+    def _refuse_checkpointed_mixed_training(self) -> None:
+        # a forward that builds a graph through trainable parameters under transformers' checkpointing: its recompute
+        # in backward would run outside the batch, with the active adapters instead of each row's (generate, eval,
+        # no_grad and a model with nothing to train are fine)
+        if (torch.is_grad_enabled() and self.base_model.training and checkpointing(self.base_model)
+                and any(p.requires_grad for p in self.parameters())):
+            raise ValueError("a mixed-adapter batch cannot train under gradient checkpointing: the recompute in "
+                             "backward runs outside the batch, with the active adapters instead of each row's (wrong "
+                             "gradients); call model.gradient_checkpointing_disable(), or train one adapter per batch")
 
     def _input_adapter(self) -> Optional[str]:
         # the active adapter whose method rewrites the inputs (a prompt method), if any and not disabled

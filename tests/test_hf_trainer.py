@@ -116,11 +116,12 @@ def test_loading_a_checkpoint_that_lacks_an_adapter_changes_nothing(tmp_path):
             assert torch.equal(value, saved[key]), key
 
 
-@pytest.mark.parametrize("trainer_cls", ["PeftTrainer", "Trainer"])
+@pytest.mark.parametrize("trainer_cls", ["PeftTrainer", "Trainer", "PeftTrainer compiled"])
 def test_label_smoothing_scores_a_causal_lm_against_the_next_token(tmp_path, trainer_cls):
     """Trainer shifts the labels for label smoothing by the model's class name (a PEFT model's base model's); a
     peftkit model answers with its base model's, so plain Trainer shifts them too (it read "PeftModel" and trained on
-    the unshifted loss, 0.39 above PEFT's, silently)."""
+    the unshifted loss, 0.39 above PEFT's, silently). Compiled, Trainer reads the wrapper's name: PeftTrainer's own
+    smoother shifts a causal LM's labels whatever name Trainer reads."""
     from transformers import Trainer
     from transformers.trainer_pt_utils import LabelSmoother
 
@@ -132,10 +133,11 @@ def test_label_smoothing_scores_a_causal_lm_against_the_next_token(tmp_path, tra
         smooth = LabelSmoother(epsilon=0.1)
         expected = smooth(outputs, batch["labels"], shift_labels=True, num_items_in_batch=count).item()
         unshifted = smooth(outputs, batch["labels"], num_items_in_batch=count).item()
-    trainer = {"PeftTrainer": PeftTrainer, "Trainer": Trainer}[trainer_cls](
+    compiled = {"torch_compile": True, "torch_compile_backend": "eager"} if "compiled" in trainer_cls else {}
+    trainer = {"PeftTrainer": PeftTrainer, "Trainer": Trainer}[trainer_cls.split()[0]](
         model=model, args=args(tmp_path, max_steps=1, logging_steps=1, label_smoothing_factor=0.1, save_strategy="no",
-                               remove_unused_columns=False, label_names=["labels"]),  # the README's plain-Trainer ones
-        train_dataset=rows)
+                               remove_unused_columns=False, label_names=["labels"], **compiled),  # (the README's
+        train_dataset=rows)  # plain-Trainer settings)
     trainer.train()
     logged = trainer.state.log_history[0]["loss"]
     assert logged == pytest.approx(expected, rel=1e-4) and abs(expected - unshifted) > 0.05

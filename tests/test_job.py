@@ -154,6 +154,9 @@ def test_resume_without_checkpoint_and_both_flags_are_refused(model_dir, data_di
     with pytest.raises(ValueError, match="cannot be made: .*afile' is a file"):
         run_job(job(model_dir, data_dir), str(tmp_path / "afile" / "sub"), progress=False, log=quiet)
     assert (tmp_path / "afile").read_text() == "mine"
+    os.symlink(str(tmp_path / "gone"), str(tmp_path / "dangling"))  # it slipped past: a bare Errno 2 after the load
+    with pytest.raises(ValueError, match="is a symbolic link to .*gone', which does not exist"):
+        run_job(job(model_dir, data_dir), str(tmp_path / "dangling" / "run"), progress=False, log=quiet)
 
 
 def test_job_files_round_trip(tmp_path):

@@ -139,6 +139,13 @@ def test_training_a_mixed_batch_under_gradient_checkpointing_is_refused():
         model(input_ids=ids, labels=ids, adapter_names=["a", "b"])
     with torch.no_grad():  # no backward, no recompute: served as usual
         served = model(input_ids=ids, adapter_names=["a", "b"]).logits
+    # generate (no graph) and a model with nothing to train are not refused either (a review found both refused)
+    assert model.generate(input_ids=ids, adapter_names=["a", "b"], max_new_tokens=2, do_sample=False).shape == (2, 7)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    assert torch.equal(model(input_ids=ids, adapter_names=["a", "b"]).logits, served)
+    for name in ("a", "b"):
+        model.set_requires_grad(name, True)
     model.gradient_checkpointing_disable()
     with torch.no_grad():
         assert torch.equal(served, model(input_ids=ids, adapter_names=["a", "b"]).logits)

@@ -300,15 +300,37 @@ def test_peft_only_keyword_arguments_left_off_are_read_past(config_cls):
     needed = {"num_virtual_tokens": 4} if config_cls is peftkit.PromptTuningConfig else {}
     assert config_cls(**off, **needed).to_dict() == config_cls(**needed).to_dict()
     assert peftkit.LoraConfig(peft_type=peftkit.PeftType.LORA, r=4).r == 4  # the enum, as PEFT's users pass it
+    assert peftkit.LoraConfig(r=4, runtime_config=peft.tuners.lora.config.LoraRuntimeConfig()).r == 4  # PEFT's default
 
 
 @pytest.mark.parametrize("name, value", [("lora_bias", True), ("use_qalora", True), ("target_parameters", ["w"]),
                                          ("layer_replication", [[0, 2]]), ("loftq_config", {"loftq_bits": 4}),
-                                         ("kasa_config", {}), ("ensure_weight_tying", True), ("peft_type", "IA3")])
+                                         ("kasa_config", {}), ("ensure_weight_tying", True), ("peft_type", "IA3"),
+                                         ("revision", "v2")])
 def test_peft_only_keyword_arguments_switched_on_are_refused_naming_them(name, value):
     with pytest.raises(ValueError, match=f"LoraConfig\\({name}=") as err:
         peftkit.LoraConfig(r=4, **{name: value})
     assert "remove the argument" in str(err.value) or "drop the argument" in str(err.value)
+
+
+def test_a_registered_config_subclass_without_its_own_init_is_guarded_by_its_parents():
+    """register() read the class's own __init__ and raised KeyError for a subclass that inherits one."""
+    import dataclasses
+
+    from peftkit.config import lookup, register
+
+    @dataclasses.dataclass(init=False)
+    class Shorter(peftkit.LoraConfig):
+        pass
+
+    saved = lookup("LORA")
+    try:
+        register("LORA_SHORT", Shorter, saved[1])
+        with pytest.raises(TypeError, match="Shorter has no field 'lora_alhpa'; did you mean 'lora_alpha'"):
+            Shorter(lora_alhpa=2)
+        assert Shorter(r=3, lora_bias=False).r == 3
+    finally:
+        peftkit.config._REGISTRY.pop("LORA_SHORT", None)
 
 
 def test_a_misspelt_config_field_names_the_field_it_is_near():
@@ -376,6 +398,8 @@ def test_lora_layer_attributes_under_peft_names():
     ours_q = ours.get_base_model().model.layers[0].self_attn.v_proj
     theirs_q = theirs.get_base_model().model.layers[0].self_attn.v_proj
     assert ours_q.r == theirs_q.r == {"b": 2}
+    with pytest.raises(TypeError):  # read-only: a write would change nothing (the rank is A's shape)
+        ours_q.r["b"] = 5
     ours_q = ours.get_base_model().model.layers[0].self_attn.q_proj
     theirs_q = theirs.get_base_model().model.layers[0].self_attn.q_proj
     assert (ours_q.r, ours_q.merged, ours_q.disable_adapters) == (theirs_q.r, theirs_q.merged, theirs_q.disable_adapters)

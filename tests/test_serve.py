@@ -469,6 +469,10 @@ def test_error_cases(env):
     # from a review: JSON true was the count 1 and "yes" a true; a body nested 1,900 deep was a bare 500
     assert error_of(complete(client, "a", "hi", max_tokens=True), 400)["param"] == "max_tokens"
     assert error_of(complete(client, "a", "hi", stream="yes"), 400)["param"] == "stream"
+    assert error_of(complete(client, "a", "hi", max_tokens=8.5), 400)["param"] == "max_tokens"
+    # but a count written 8.0, and null for an optional field (OpenAI's "not given"), are what they mean
+    lax = complete(client, "a", PROMPTS[2], max_tokens=8.0, top_p=None, n=None, stream=None, echo=None)
+    assert lax.json()["choices"][0]["text"] == env["offline"].text(PROMPTS[2], "a", 8)
     deep = b'{"model": "a", "prompt": "hi", "x": ' + b"[" * 1900 + b"]" * 1900 + b"}"  # within the 4 KB limit
     assert error_of(client.post("/v1/completions", content=deep), 400)["code"] == "invalid_json"
     # a temperature so small that logits / temperature overflow (NaN probabilities, a 500) decodes greedily

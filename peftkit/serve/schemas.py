@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from .engine import Generated, ServeError, kept_tokens
 
@@ -22,26 +22,43 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _integral(value: Any) -> Any:
+    """A JSON number with no fraction (16.0) as the integer it is; anything else (a bool included) as it came."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Count = Annotated[int, BeforeValidator(_integral)]  # strict int (true is no count), but 16.0 is 16
+
+
 class _Request(BaseModel):
     """Fields both endpoints share; unknown fields are ignored, as OpenAI clients send many."""
 
     # strict: a JSON true is not the count 1, nor the string "yes" a true
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[Count] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default; 0 = greedy
     top_p: float = Field(1.0, gt=0, le=1)
-    n: int = 1
+    n: Count = 1
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1)  # the range torch.manual_seed takes
+    seed: Optional[Count] = Field(None, ge=-(2**63), le=2**64 - 1)  # the range torch.manual_seed takes
     # accepted only at their no-op values: refused otherwise rather than silently ignored
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Optional[dict] = None
     logprobs: Union[bool, int, None] = None
-    best_of: Optional[int] = None
+    best_of: Optional[Count] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        # OpenAI reads null as "not given" for its optional fields (temperature, top_p, n, stream, ...)
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
+                    or cls.model_fields[k].default is None}
+        return data
 
 
 class CompletionRequest(_Request):
@@ -72,7 +89,7 @@ class ChatRequest(_Request):
     """Body of POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)  # newer name of max_tokens
+    max_completion_tokens: Optional[Count] = Field(None, ge=1)  # newer name of max_tokens
 
 
 class LoadRequest(BaseModel):

@@ -123,8 +123,11 @@ def _check_writable(output_dir: str) -> None:
     read-only file system or folder): found at the first write, after the load and the zero-shot test, these gave
     bare OS errors."""
     existing = output_dir
-    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
         existing = os.path.dirname(existing)
+    if os.path.islink(existing) and not os.path.exists(existing):
+        raise ValueError(f"output directory {output_dir!r} cannot be made: {existing!r} is a symbolic link to "
+                         f"{os.readlink(existing)!r}, which does not exist; create that, or choose another --output-dir")
     if not os.path.isdir(existing):
         raise ValueError(f"output directory {output_dir!r} cannot be made: {existing!r} is a file; choose another "
                          "--output-dir")
