@@ -514,3 +514,17 @@ def test_command_line_keeps_freed_memory_for_reuse(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cli.ctypes, "CDLL", no_libc)
     assert cli.keep_freed_memory() is False
+
+
+def test_a_full_disk_is_named_as_such():
+    """torch.save on a full disk raised "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0", which never
+    says the disk is full (a review filled a small tmpfs)."""
+    import errno
+
+    from peftkit.cli.errors import describe
+
+    torch_full = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    for err in (torch_full, OSError(errno.ENOSPC, "No space left on device")):
+        message, code = describe(err)
+        assert message.startswith("no space left on the device while writing") and code == 1
+    assert describe(RuntimeError("unexpected pos in a tensor"))[0] == "unexpected pos in a tensor"  # not that

@@ -96,6 +96,21 @@ def test_existing_run_is_refused_then_overwritten_safely(model_dir, data_dir, tm
     assert not any(name.startswith("run.replaced-") for name in os.listdir(tmp_path))  # the old run is gone at the end
 
 
+def test_a_replaced_run_goes_when_the_resumed_replacement_finishes(model_dir, data_dir, tmp_path, monkeypatch):
+    """--overwrite sets the old run aside until the new one finishes; a new run killed and then resumed left it
+    behind for good."""
+    out = str(tmp_path / "run")
+    run_job(job(model_dir, data_dir, epochs=1), out, progress=False, log=quiet)
+    (tmp_path / "run.replaced-12-notours").mkdir()  # a name that only looks like one: kept
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 2)
+        with pytest.raises(TrainingInterrupted):
+            run_job(job(model_dir, data_dir), out, overwrite=True, progress=False, log=quiet)
+    assert [n for n in os.listdir(tmp_path) if n.startswith("run.replaced-") and n[-1].isdigit()]
+    run_job(job(model_dir, data_dir), out, resume=True, progress=False, log=quiet)
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("run.replaced-")) == ["run.replaced-12-notours"]
+
+
 def _interrupt_at(monkeypatch, step_to_stop: int):
     original = trainer_module.Trainer._after_step
 

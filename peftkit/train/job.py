@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import sys
@@ -157,6 +158,13 @@ def _set_aside(output_dir: str) -> str:
     return aside
 
 
+def _replaced_runs(output_dir: str) -> list[str]:
+    """The set-aside directories of runs that --overwrite replaced in ``output_dir`` (named by _set_aside)."""
+    parent, base = os.path.split(output_dir.rstrip(os.sep))
+    pattern = re.compile(re.escape(base) + r"\.replaced-\d+(-\d+)?")
+    return [os.path.join(parent, name) for name in os.listdir(parent or ".") if pattern.fullmatch(name)]
+
+
 def _tree_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
@@ -306,8 +314,8 @@ def _run(job: JobConfig, output_dir: str, peft_config, resume: bool, overwrite: 
     summary["peak_memory_bytes"] = int(summary["peak_memory_mb"] * 2**20)
     summary["adapter_bytes"] = summary["checkpoint_bytes"]
     _write_outputs(summary, trainer.rows, output_dir, log)
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+    for replaced in _replaced_runs(output_dir):  # this run's set-aside, and one a killed run left for its resume
+        shutil.rmtree(replaced, ignore_errors=True)
     return summary
 
 
