@@ -102,21 +102,27 @@ def get_peft_config(config_dict: dict) -> PeftConfig:
     return PeftConfig.from_dict(config_dict)
 
 
-def load_peft_weights(model_id: str, device: Optional[Union[str, torch.device]] = None) -> dict[str, torch.Tensor]:
-    """The tensors of the adapter saved in the local directory ``model_id``, under their file keys (PEFT's
-    load_peft_weights; safetensors only, and no hub)."""
-    tensors = load_tensors(find_adapter_dir(model_id, None))
-    return {k: v.to(device) for k, v in tensors.items()} if device is not None else tensors
+def load_peft_weights(model_id: str, device: Optional[Union[str, torch.device]] = None,
+                      subfolder: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """The tensors of the adapter saved in the local directory ``model_id`` (``subfolder`` in it), under their file
+    keys, on ``device`` (default, as PEFT's: cuda where there is one, else cpu). PEFT's load_peft_weights; reads
+    safetensors only (a pickle .bin loads with PeftModel.from_pretrained(..., allow_pickle=True)), and no hub."""
+    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return {k: v.to(device) for k, v in load_tensors(find_adapter_dir(model_id, subfolder)).items()}
 
 
 def prepare_model_for_kbit_training(model: torch.nn.Module, use_gradient_checkpointing: bool = True,
-                                    gradient_checkpointing_kwargs: Optional[dict] = None) -> torch.nn.Module:
+                                    gradient_checkpointing_kwargs: Optional[dict] = None,
+                                    auto_clear_cache: bool = True) -> torch.nn.Module:
     """What PEFT's function does to an unquantized base: every parameter frozen, float16 / bfloat16 ones cast to
-    float32; gradient checkpointing left as it is (PEFT turns it on for quantized bases only). A quantized base is
-    refused: peftkit does not train over quantized layers."""
+    float32 (the CUDA cache emptied after, with ``auto_clear_cache``); gradient checkpointing left as it is (PEFT
+    turns it on for quantized bases only). A quantized base is refused: peftkit does not train over quantized
+    layers."""
     refuse_quantized(model)
     for param in model.parameters():
         param.requires_grad_(False)
         if param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()
+    if auto_clear_cache and torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return model

@@ -74,14 +74,15 @@ def _check_foreign_field(config_cls: type, key: str, value: Any, names: frozense
         if str(getattr(value, "value", value)) != config_cls.peft_type:
             raise ValueError(f"{where}: a {config_cls.__name__} is peft_type {config_cls.peft_type!r}; drop the "
                              "argument, or use the config class of the method you mean")
-    elif key == "revision" and value is not None:  # PEFT loads the base model at this revision of a hub repo
-        raise ValueError(f"{where}: peftkit loads base models from local paths, not hub revisions; remove the "
-                         "argument (and load the base at that revision yourself)")
+    elif key == "revision":
+        _unused_revision(value)
     elif key in _UNSUPPORTED_FEATURES or key in _INIT_METHOD_FIELDS:
         if key in _UNSUPPORTED_FEATURES:
             off = not _switched_on(key, value)
-        else:  # PEFT's default runtime_config is an object with its one switch off
-            off = value in (None, {}) or (key == "runtime_config" and not getattr(value, "ephemeral_gpu_offload", True))
+        else:  # PEFT's default runtime_config is an object with its one switch off (a dict in its to_dict())
+            switch = value.get("ephemeral_gpu_offload", False) if isinstance(value, dict) else getattr(
+                value, "ephemeral_gpu_offload", True)
+            off = value in (None, {}) or (key == "runtime_config" and not switch)
         if not off:
             raise ValueError(f"{where} turns on a Hugging Face PEFT feature that peftkit does not support; remove "
                              "the argument (peftkit trains the adapter without it), or use PEFT for this adapter")
@@ -121,12 +122,22 @@ def _switched_on(key: str, value: Any) -> bool:
     return value not in (_UNSUPPORTED_FEATURES[key], None, {}, [], False)
 
 
+def _unused_revision(value: Any) -> None:
+    """PEFT loads the base model at a config's ``revision`` of a hub repository; peftkit loads bases from local
+    paths only, so a revision set is said to be unused (an adapter_config.json may record one: it still loads)."""
+    if value is not None:
+        logger.warning("the adapter config's revision=%r is not used: peftkit loads the base model from a local path "
+                       "(load it at that revision yourself)", value)
+
+
 def _drop_unknown(cls: type, data: dict) -> dict:
     names = {f.name for f in dataclasses.fields(cls)}
     kept, ignored = {}, []
     for key, value in data.items():
         if key in names:
             kept[key] = value
+        elif key == "revision":
+            _unused_revision(value)
         elif key in _UNSUPPORTED_FEATURES and _switched_on(key, value):
             raise ValueError(
                 f"this adapter sets {key}={value!r}, a feature peftkit does not support; "

@@ -18,6 +18,7 @@ from .layers import AdapterLayer, ModulesToSaveWrapper, checkpointing, mixed_row
 from .persist import SaveLoadMixin, peft_options
 
 BASE_ADAPTER = "__base__"  # reserved: "no adapter" in mixed batches
+_DICT_ATTRIBUTES = frozenset(dir(nn.ParameterDict())) | frozenset(dir(nn.ModuleDict()))  # the layers key adapters in these
 
 
 class PeftModel(SaveLoadMixin, nn.Module):
@@ -115,11 +116,11 @@ class PeftModel(SaveLoadMixin, nn.Module):
         return mixed_rows(names)
 
     def _refuse_checkpointed_mixed_training(self) -> None:
-        # a forward that builds a graph through trainable parameters under transformers' checkpointing: its recompute
-        # in backward would run outside the batch, with the active adapters instead of each row's (generate, eval,
-        # no_grad and a model with nothing to train are fine)
-        if (torch.is_grad_enabled() and self.base_model.training and checkpointing(self.base_model)
-                and any(p.requires_grad for p in self.parameters())):
+        # a forward that builds a graph under transformers' checkpointing: its recompute in backward would run outside
+        # the batch, with the active adapters instead of each row's (generate, eval and no_grad are fine)
+        # (a model with nothing trainable is refused too: its inputs may still need gradients, e.g. embeddings from a
+        # trained projector or enable_input_require_grads, and theirs would come out wrong just the same)
+        if torch.is_grad_enabled() and self.base_model.training and checkpointing(self.base_model):
             raise ValueError("a mixed-adapter batch cannot train under gradient checkpointing: the recompute in "
                              "backward runs outside the batch, with the active adapters instead of each row's (wrong "
                              "gradients); call model.gradient_checkpointing_disable(), or train one adapter per batch")
@@ -259,6 +260,9 @@ class PeftModel(SaveLoadMixin, nn.Module):
                 or any(c in name for c in ("/", "\\", "\0"))):
             raise ValueError(f"adapter name {name!r} is invalid: use a non-empty name without dots, slashes or "
                              f"backslashes, not {BASE_ADAPTER!r}")
+        if name in _DICT_ATTRIBUTES:  # a key shadowing the adapter dicts' own attribute
+            raise ValueError(f"adapter name {name!r} is taken by torch's ModuleDict / ParameterDict (the layers keep "
+                             "adapters in them: 'training' broke model.train() / eval()); pick another name")
         if name in self.peft_config:
             raise ValueError(f"an adapter named {name!r} already exists; delete_adapter({name!r}) first or pick another name")
 
@@ -627,17 +631,31 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
 
 
 def refuse_quantized(model: nn.Module) -> None:
-    """A quantized base (bitsandbytes 4 / 8-bit, GPTQ, AWQ, ...) is refused: its layers hold packed weights that
-    peftkit's layers would read as plain ones (wrong outputs, or a crash deep inside). A GGUF file is dequantized as
-    transformers loads it (plain weights; the embedded SmolLM2 is one), so it is no quantized base."""
+    """A quantized base (bitsandbytes 4 / 8-bit, GPTQ, AWQ, a GGUF file kept packed, ...) is refused: its layers hold
+    packed weights that peftkit's layers would read as plain ones (wrong outputs, or a crash deep inside). Seen by
+    transformers' quantization_method (a GGUF file, dequantized as it loads, is no quantized base: the embedded
+    SmolLM2 is one) or by a layer's packed weight (a model's inner module, a GGUF architecture transformers keeps
+    packed); a dequantize()d model loads."""
     method = getattr(model, "quantization_method", None)
     method = str(getattr(method, "value", method)) if method is not None else None
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        method = "bitsandbytes"
     if method and method.lower() != "gguf":
-        raise ValueError(f"the base model is quantized ({method}); peftkit trains and loads "
-                         "adapters over unquantized bases only: load it in bfloat16, float16 or float32 (or use PEFT "
-                         "for k-bit training)")
+        raise ValueError(_quantized_message(method))
+    for name, module in model.named_modules():
+        for attr in ("weight", "qweight"):
+            tensor = module._parameters.get(attr, module._buffers.get(attr))
+            if tensor is not None and _packed(tensor):
+                raise ValueError(_quantized_message(f"{name}.{attr} is {type(tensor).__name__} of {tensor.dtype}"))
+
+
+def _packed(tensor: torch.Tensor) -> bool:
+    """An integer / float8 weight, or bitsandbytes' packed parameter classes."""
+    return (type(tensor).__name__ in ("Params4bit", "Int8Params") or not tensor.dtype.is_floating_point
+            or tensor.dtype.itemsize == 1)
+
+
+def _quantized_message(what: str) -> str:
+    return (f"the base model is quantized ({what}); peftkit trains and loads adapters over unquantized bases only: "
+            "load it in bfloat16, float16 or float32 (or use PEFT for k-bit training)")
 
 
 def _refuse_wrapped(model: nn.Module) -> None:

@@ -177,6 +177,15 @@ def test_an_adapter_folder_of_its_own_takes_its_base_from_its_config_and_asks_fo
     assert code == 1 and "labels the run never trained on: ['bad', 'fine']" in err
 
 
+def test_predict_refuses_a_list_for_a_text(assets, tmp_path, capsys):
+    """str() of it was the text the model read."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": ["first", "second"]}) + "\n")
+    code, _, err = run_cli(capsys, "predict", "--adapter", assets["run"], "--input", source, "--output",
+                           tmp_path / "out.csv")
+    assert code == 1 and "--input row 2 holds a list in 'text'" in err and not (tmp_path / "out.csv").exists()
+
+
 def test_predict_writes_csv_and_jsonl_atomically_and_refuses_overwrite(assets, tmp_path, capsys):
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in make_rows(5, 9)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 
 import pytest
@@ -301,12 +302,21 @@ def test_peft_only_keyword_arguments_left_off_are_read_past(config_cls):
     assert config_cls(**off, **needed).to_dict() == config_cls(**needed).to_dict()
     assert peftkit.LoraConfig(peft_type=peftkit.PeftType.LORA, r=4).r == 4  # the enum, as PEFT's users pass it
     assert peftkit.LoraConfig(r=4, runtime_config=peft.tuners.lora.config.LoraRuntimeConfig()).r == 4  # PEFT's default
+    assert peftkit.LoraConfig(r=4, runtime_config={"ephemeral_gpu_offload": False}).r == 4  # and its to_dict() form
+
+
+def test_a_config_revision_is_said_to_be_unused(caplog):
+    """PEFT loads the base at a config's revision; peftkit loads local bases. LoraConfig(**adapter_config.json) of
+    an adapter that recorded one must still build (peft's own get_peft_config does that), so it is a warning."""
+    with caplog.at_level("WARNING", logger="peftkit"):
+        assert peftkit.LoraConfig(r=4, revision="v2").r == 4
+        assert peftkit.PeftConfig.from_dict({"peft_type": "LORA", "r": 4, "revision": "v3"}).r == 4
+    assert sum("revision=" in r.message and "is not used" in r.message for r in caplog.records) == 2
 
 
 @pytest.mark.parametrize("name, value", [("lora_bias", True), ("use_qalora", True), ("target_parameters", ["w"]),
                                          ("layer_replication", [[0, 2]]), ("loftq_config", {"loftq_bits": 4}),
-                                         ("kasa_config", {}), ("ensure_weight_tying", True), ("peft_type", "IA3"),
-                                         ("revision", "v2")])
+                                         ("kasa_config", {}), ("ensure_weight_tying", True), ("peft_type", "IA3")])
 def test_peft_only_keyword_arguments_switched_on_are_refused_naming_them(name, value):
     with pytest.raises(ValueError, match=f"LoraConfig\\({name}=") as err:
         peftkit.LoraConfig(r=4, **{name: value})
@@ -398,8 +408,8 @@ def test_lora_layer_attributes_under_peft_names():
     ours_q = ours.get_base_model().model.layers[0].self_attn.v_proj
     theirs_q = theirs.get_base_model().model.layers[0].self_attn.v_proj
     assert ours_q.r == theirs_q.r == {"b": 2}
-    with pytest.raises(TypeError):  # read-only: a write would change nothing (the rank is A's shape)
-        ours_q.r["b"] = 5
+    ours_q.r["b"] = 5  # a copy (as PEFT's is a plain dict, json.dumps and deepcopy take it); the rank is A's shape
+    assert ours_q.r == {"b": 2} and json.dumps(ours_q.r) == '{"b": 2}'
     ours_q = ours.get_base_model().model.layers[0].self_attn.q_proj
     theirs_q = theirs.get_base_model().model.layers[0].self_attn.q_proj
     assert (ours_q.r, ours_q.merged, ours_q.disable_adapters) == (theirs_q.r, theirs_q.merged, theirs_q.disable_adapters)
@@ -415,11 +425,15 @@ def test_porting_helpers_equal_peft(tmp_path):
     model.save_pretrained(str(tmp_path))
     ours, theirs = peftkit.load_peft_weights(str(tmp_path)), peft.load_peft_weights(str(tmp_path))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))
+    model.save_pretrained(str(tmp_path))
+    ours = peftkit.load_peft_weights(str(tmp_path), subfolder="other")
+    assert ours.keys() == peft.load_peft_weights(str(tmp_path / "other")).keys() and len(ours) == 4
     data = model.peft_config["default"].to_dict()
     assert peftkit.get_peft_config(data) == model.peft_config["default"]
     assert isinstance(PeftModel.from_pretrained(tiny_llama(), str(tmp_path)), peftkit.PeftModelForCausalLM)
     bf16_ours, bf16_theirs = tiny_llama().to(torch.bfloat16), tiny_llama().to(torch.bfloat16)
-    peftkit.prepare_model_for_kbit_training(bf16_ours)
+    peftkit.prepare_model_for_kbit_training(bf16_ours, auto_clear_cache=False)  # PEFT's keywords
     peft.prepare_model_for_kbit_training(bf16_theirs)
     assert [(n, p.dtype, p.requires_grad) for n, p in bf16_ours.named_parameters()] == [
         (n, p.dtype, p.requires_grad) for n, p in bf16_theirs.named_parameters()]
@@ -427,16 +441,34 @@ def test_porting_helpers_equal_peft(tmp_path):
     assert get_peft_model(bf16_ours, LoraConfig(r=4, target_modules=["q_proj"])).get_nb_trainable_parameters()[0] > 0
 
 
+def _marked(**marks) -> torch.nn.Module:
+    model = tiny_llama()
+    for name, value in marks.items():
+        setattr(model, name, value)
+    return model
+
+
+def test_adapter_names_the_layers_dicts_hold_as_attributes_are_refused():
+    """An adapter named 'training' made model.train() / eval() raise TypeError from then on; 'keys' broke the dicts."""
+    for name in ("training", "keys", "update"):
+        with pytest.raises(ValueError, match=f"adapter name '{name}' is taken by torch's ModuleDict / ParameterDict"):
+            get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]), adapter_name=name)
+
+
 def test_a_quantized_base_is_refused():
     """Its layers hold packed weights that peftkit's layers would read as plain ones."""
-    for marks in ({"is_loaded_in_4bit": True}, {"quantization_method": "gptq"}, {"quantization_method": "awq"}):
-        model = tiny_llama()
-        for name, value in marks.items():
-            setattr(model, name, value)
+    packed = tiny_llama()  # a packed layer seen in the module itself (an inner model, a GGUF file kept packed)
+    down = packed.model.layers[0].mlp.down_proj
+    down.weight = torch.nn.Parameter(torch.zeros(down.weight.shape, dtype=torch.uint8), requires_grad=False)
+    for model in ([packed.model, packed]
+                  + [_marked(**marks) for marks in ({"quantization_method": "bitsandbytes"},
+                                                    {"quantization_method": "gptq"}, {"quantization_method": "awq"})]):
         with pytest.raises(ValueError, match="the base model is quantized .*unquantized bases only"):
             get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
         with pytest.raises(ValueError, match="the base model is quantized"):
             peftkit.prepare_model_for_kbit_training(model)
+    dequantized = _marked(is_loaded_in_4bit=True)  # bitsandbytes' flag outlives model.dequantize(): plain weights
+    assert get_peft_model(dequantized, LoraConfig(r=4, target_modules=["q_proj"])).get_nb_trainable_parameters()[0] > 0
     model = tiny_llama()  # a GGUF file is dequantized as transformers loads it: plain weights (the embedded SmolLM2)
     model.quantization_method, model.hf_quantizer = "gguf", object()
     assert get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"])).get_nb_trainable_parameters()[0] > 0

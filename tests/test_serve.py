@@ -470,8 +470,10 @@ def test_error_cases(env):
     assert error_of(complete(client, "a", "hi", max_tokens=True), 400)["param"] == "max_tokens"
     assert error_of(complete(client, "a", "hi", stream="yes"), 400)["param"] == "stream"
     assert error_of(complete(client, "a", "hi", max_tokens=8.5), 400)["param"] == "max_tokens"
+    assert error_of(complete(client, None, "hi"), 400)["message"].startswith("model: Input should be a valid string")
     # but a count written 8.0, and null for an optional field (OpenAI's "not given"), are what they mean
-    lax = complete(client, "a", PROMPTS[2], max_tokens=8.0, top_p=None, n=None, stream=None, echo=None)
+    lax = complete(client, "a", PROMPTS[2], max_tokens=8.0, top_p=None, n=None, stream=None, echo=None,
+                   stream_options={"include_usage": None}, logprobs=0.0)
     assert lax.json()["choices"][0]["text"] == env["offline"].text(PROMPTS[2], "a", 8)
     deep = b'{"model": "a", "prompt": "hi", "x": ' + b"[" * 1900 + b"]" * 1900 + b"}"  # within the 4 KB limit
     assert error_of(client.post("/v1/completions", content=deep), 400)["code"] == "invalid_json"

@@ -209,6 +209,10 @@ def test_nested_values_and_unfillable_templates_are_refused_before_the_load(tmp_
         with pytest.raises(ValueError, match="cannot be filled in .*write a literal brace as"):
             DataConfig(prompt_template=template)
     assert DataConfig(prompt_template="say {text} {{as is}}").template().format(text="x") == "say x {as is}"
+    # '{{text}}' is the literal "{text}" (every row rendered the same); a format spec is a placeholder all the same
+    with pytest.raises(ValueError, match="has no {text} placeholder"):
+        DataConfig(prompt_template="say {{text}}")
+    assert DataConfig(prompt_template="say {text:.3}!").template().format(text="abcdef") == "say abc!"
 
 
 def test_a_given_but_empty_evaluation_file_is_an_error_not_replaced(tmp_path):

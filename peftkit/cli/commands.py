@@ -228,7 +228,7 @@ def _predict_parser(sub) -> argparse.ArgumentParser:
 def run_predict(args: argparse.Namespace, flags: list) -> int:
     """peftkit predict."""
     from ..train import predict
-    from ..train.data import normalise_row, read_file
+    from ..train.data import nested_rows, normalise_row, read_file
 
     if not os.path.isfile(args.input):
         what = "is a directory; pass a data file" if os.path.isdir(args.input) else "does not exist"
@@ -245,8 +245,12 @@ def run_predict(args: argparse.Namespace, flags: list) -> int:
         raise CliError(f"--input {args.input!r} has no rows; there is nothing to predict", 1)
     missing = [i for i, r in enumerate(rows) if r.get(data.text_column) is None]
     if missing:
-        raise CliError(f"--input row {missing[0]} has no {data.text_column!r} column; it has {sorted(rows[missing[0]])}. "
+        raise CliError(f"--input row {missing[0] + 1} has no {data.text_column!r} column; it has {sorted(rows[missing[0]])}. "
                        "Name the text column with --text-column", 1)
+    nested = nested_rows(rows, data.text_column, data.task)
+    if nested:  # str() of it would be the text the model reads
+        raise CliError(f"--input row {nested[0] + 1} holds a {type(rows[nested[0]][data.text_column]).__name__} in "
+                       f"{data.text_column!r}; this task takes one text per row", 1)
     rows = [normalise_row(r, data) for r in rows]  # the text as training reads it (a number in JSON: its digits)
     labels = run_label_set(run, data)
     model, tokenizer = load_run_model(run, run_model(args, run, job), data.task, labels)

@@ -8,8 +8,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Mapping, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -109,9 +108,9 @@ class LoraLayer(AdapterLayer):
         return getattr(self, self.adapter_attrs[0])
 
     @property
-    def r(self) -> Mapping[str, int]:
-        """Each adapter's rank (PEFT's attribute), as its A holds it; read-only (a write would change nothing)."""
-        return MappingProxyType({name: a.shape[0] for name, a in self.A.items()})
+    def r(self) -> dict[str, int]:
+        """Each adapter's rank (PEFT's attribute), as its A holds it: a new dict per read (writing it changes no rank)."""
+        return {name: a.shape[0] for name, a in self.A.items()}
 
     @property
     def B(self) -> nn.ParameterDict:

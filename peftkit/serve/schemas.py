@@ -16,7 +16,20 @@ except ImportError:  # no jinja2: transformers cannot render a chat template at 
         """Stands in for jinja2's TemplateError, which nothing raises without jinja2."""
 
 
-class StreamOptions(BaseModel):
+class _NullMeansDefault(BaseModel):
+    """A body whose optional fields read null as not given, as OpenAI's API does (temperature, top_p, n, stream, ...);
+    a required field's null stays an error."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
+                    or cls.model_fields[k].is_required() or cls.model_fields[k].default is None}
+        return data
+
+
+class StreamOptions(_NullMeansDefault):
     """``stream_options``: include_usage adds a last chunk with the token counts."""
 
     include_usage: bool = False
@@ -30,7 +43,7 @@ def _integral(value: Any) -> Any:
 Count = Annotated[int, BeforeValidator(_integral)]  # strict int (true is no count), but 16.0 is 16
 
 
-class _Request(BaseModel):
+class _Request(_NullMeansDefault):
     """Fields both endpoints share; unknown fields are ignored, as OpenAI clients send many."""
 
     # strict: a JSON true is not the count 1, nor the string "yes" a true
@@ -48,17 +61,8 @@ class _Request(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Optional[dict] = None
-    logprobs: Union[bool, int, None] = None
+    logprobs: Union[bool, Count, None] = None
     best_of: Optional[Count] = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_are_defaults(cls, data: Any) -> Any:
-        # OpenAI reads null as "not given" for its optional fields (temperature, top_p, n, stream, ...)
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields
-                    or cls.model_fields[k].default is None}
-        return data
 
 
 class CompletionRequest(_Request):

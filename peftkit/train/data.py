@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import string
 from dataclasses import dataclass
 from typing import Optional
 
@@ -66,14 +67,8 @@ class DataConfig:
             raise ValueError(f"max_length={self.max_length} is too small; use at least 8 tokens")
         if self.max_train_samples is not None and self.max_train_samples < 2:
             raise ValueError("max_train_samples must be at least 2 (or None for all rows)")
-        if self.prompt_template is not None and "{text}" not in self.prompt_template:
-            raise ValueError(f"prompt_template {self.prompt_template!r} has no {{text}} placeholder; add one")
         if self.prompt_template is not None:
-            try:  # filled with str.format per row: other braces failed there, after the model had loaded
-                self.prompt_template.format(text="")
-            except (KeyError, IndexError, ValueError) as err:
-                raise ValueError(f"prompt_template {self.prompt_template!r} cannot be filled in ({type(err).__name__}: "
-                                 f"{err}): {{text}} is its only field; write a literal brace as {{{{ or }}}}") from None
+            _check_template(self.prompt_template)
 
     def template(self) -> str:
         """The prompt template in use."""
@@ -288,8 +283,7 @@ def check_columns(rows: list[dict], data: DataConfig, split: str) -> None:
         if empty:
             raise ValueError(f"row {empty[0] + 1} of the {split} split has no value in {column!r} (empty or null; "
                              f"{len(empty)} such rows in all); fill them in or drop those rows")
-        nested = [] if data.task == "token-cls" else [i for i, row in enumerate(rows)
-                                                      if isinstance(row[column], (list, dict, tuple))]
+        nested = nested_rows(rows, column, data.task)
         if nested:  # str() of it became the text or a class of its own, "['complaint']"
             raise ValueError(f"row {nested[0] + 1} of the {split} split holds a {type(rows[nested[0]][column]).__name__} "
                              f"in {column!r} ({rows[nested[0]][column]!r:.60}); this task takes one text / label per "
@@ -309,6 +303,27 @@ def check_labels(splits: dict[str, list[dict]], data: DataConfig) -> None:
         if unseen:
             raise ValueError(f"the {split} split has labels never seen in training: {unseen[:10]}; "
                              f"training has {sorted(seen)[:20]}")
+
+
+def _check_template(template: str) -> None:
+    """A prompt template is filled with str.format(text=...) per row: it must name the field text (a format spec such
+    as {text:.200} is fine) and no other. '{{text}}' is a literal "{text}": every row rendered the same."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        template.format(text="")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"prompt_template {template!r} cannot be filled in ({type(err).__name__}: {err}): {{text}} is "
+                         "its only field; write a literal brace as {{ or }}") from None
+    if "text" not in fields:
+        raise ValueError(f"prompt_template {template!r} has no {{text}} placeholder (a doubled {{{{text}}}} is a literal "
+                         "brace pair); add one")
+
+
+def nested_rows(rows: list[dict], column: str, task: str) -> list[int]:
+    """Indices of rows holding a list or dict in ``column``, where ``task`` takes one text / label per row."""
+    if task == "token-cls":
+        return []
+    return [i for i, row in enumerate(rows) if isinstance(row.get(column), (list, dict, tuple))]
 
 
 def normalise_row(row: dict, data: DataConfig) -> dict:
