@@ -525,6 +525,14 @@ def test_command_line_keeps_freed_memory_for_reuse(monkeypatch, tmp_path):
     assert cli.keep_freed_memory() is False
 
 
+def test_inspect_task_and_a_bad_rank_name_what_is_wrong(capsys):
+    """inspect --task foo said "KeyError: 'foo'" after loading the model; --r -2 said "got [-2]"."""
+    code, _, err = run_cli(capsys, "inspect", "--task", "foo", "--model", "m", "--method", "lora")
+    assert code == 2 and "argument --task: invalid choice: 'foo'" in err
+    code, _, err = run_cli(capsys, "train", "--r", "-2", "--print-config")
+    assert code == 2 and "LoRA rank must be a positive integer: r=-2" in err
+
+
 def test_a_full_disk_is_named_as_such():
     """torch.save on a full disk raised "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0", which never
     says the disk is full (a review filled a small tmpfs)."""

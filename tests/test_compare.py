@@ -122,7 +122,7 @@ def test_compare_refuses_bad_methods(capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--methods", "full,lora", "--r", "0"], "variant 'lora': LoRA rank r must be a positive integer"),
+    (["--methods", "full,lora", "--r", "0"], "variant 'lora': LoRA rank must be a positive integer: r=0"),
     (["--methods", "lora,LoRA"], "--methods names ['lora'] more than once"),
     (["--methods", "lora", "--max-train-samples", "8", "--low-data", "16"], "--low-data 16 is not below --max-train-samples 8"),
     (["--methods", "lora,prefix_tuning", "--gradient-checkpointing"], "variant 'prefix_tuning': prefix tuning feeds"),

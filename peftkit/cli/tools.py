@@ -11,6 +11,7 @@ from .flags import at_least, check_method_flags, given_values, method_classes_fr
 from .runs import ADAPTER_CONFIG, load_run_model, resolve_run
 from ..checkpoint import atomic_dir
 from ..report import fmt_bytes
+from ..train.data import TASKS
 
 LISTED = 20  # targeted modules listed by inspect before "... and N more"
 
@@ -65,7 +66,8 @@ def _inspect_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="DIR", help="an adapter directory or a `peftkit train` output directory")
     p.add_argument("--model", help="a model to apply --method to")
     p.add_argument("--method", help="a PEFT method (with --model)")
-    p.add_argument("--task", default="causal-label", help="the task the model is loaded for (default: causal-label)")
+    p.add_argument("--task", default="causal-label", choices=TASKS,
+                   help="the task the model is loaded for (default: causal-label)")
     p.add_argument("--labels", nargs="+", default=["0", "1"], help="class labels for seq-cls / token-cls heads")
     p.add_argument("--limit", type=at_least(0), default=LISTED, metavar="N", help=f"list at most N modules (default: {LISTED})")
     p.add_argument("--json", action="store_true", help="print one JSON object")

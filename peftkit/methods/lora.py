@@ -52,9 +52,10 @@ class LoraConfig(TargetedConfig):
             raise ValueError("layers_to_transform / layers_pattern narrow a list of target_modules, not a regex string "
                              "(PEFT refuses such a LoRA config too); put the layer indices into the regex, e.g. "
                              r"r'.*\.layers\.(0|1)\.self_attn\.q_proj', or list the module names")
-        ranks = [self.r, *self.rank_pattern.values()]
-        if any(not isinstance(r, int) or isinstance(r, bool) or r <= 0 for r in ranks):
-            raise ValueError(f"LoRA rank r must be a positive integer, got {ranks}")
+        bad_ranks = {k: r for k, r in {"r": self.r, **{f"rank_pattern[{k!r}]": v for k, v in self.rank_pattern.items()}}
+                     .items() if not isinstance(r, int) or isinstance(r, bool) or r <= 0}
+        if bad_ranks:
+            raise ValueError(f"LoRA rank must be a positive integer: {', '.join(f'{k}={r!r}' for k, r in bad_ranks.items())}")
         bad = {k: a for k, a in self.alpha_pattern.items()
                if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a)}
         if bad:
