@@ -170,7 +170,7 @@ def report_markdown(summary: dict) -> str:
         ("task", fmt(_get(summary, "task", "job.data.task"))),
         ("trainable parameters", f"{fmt(trainable)} of {fmt(total)} ({fmt(pct)} %)"),
         ("data sizes", _sizes(summary)),
-        ("steps", fmt(_get(summary, "steps", "global_step", "train_steps"))),
+        ("steps", _steps(summary)),
         ("wall time", fmt(_get(summary, "wall_time_s", "train_time_s", "wall_time"), " s")),
         ("peak memory", fmt_bytes(_get(summary, "peak_memory_bytes", "peak_rss_bytes", "peak_memory"))),
         ("model size" if summary.get("saved") == "model" else "adapter size",
@@ -186,6 +186,16 @@ def report_markdown(summary: dict) -> str:
     if job is not None:
         lines += ["## Job configuration", "", "```yaml", _dump_yaml(job).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _steps(summary: dict) -> str:
+    """The steps trained, and the step whose weights were saved where that is the best validation's, not the last
+    (keep_best): "steps 100" read as the adapter after 100 steps."""
+    steps, best = _get(summary, "steps", "global_step", "train_steps"), summary.get("best_step")
+    keep_best = _get(summary, "job.train.keep_best")
+    if keep_best is not False and best is not None and best != steps:
+        return f"{fmt(steps)} (the saved weights are step {fmt(best)}'s, the best validation)"
+    return fmt(steps)
 
 
 def write_report_md(summary: dict, path) -> None:

@@ -135,7 +135,15 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(model_dir, data_di
     assert os.path.isdir(os.path.join(cut, "checkpoints", "step-00000003"))
     with pytest.raises(FileExistsError):
         run_job(job(model_dir, data_dir), cut, progress=False, log=quiet)
+    state_file = os.path.join(cut, "checkpoints", "step-00000003", os.listdir(os.path.join(cut, "checkpoints",
+                                                                                          "step-00000003"))[0])
+    payload = torch.load(state_file, weights_only=True)
+    assert payload["state"]["wall_s_before"] > 0  # the part before the kill, as its checkpoint records it
+    payload["state"]["wall_s_before"] = 1000.0  # as if that part had taken 1,000 s
+    torch.save(payload, state_file)
     summary = run_job(job(model_dir, data_dir), cut, resume=True, progress=False, log=quiet)
+    # the run's wall time counts the part before the kill too (it counted the resumed part alone: 3 s of 50)
+    assert 1000.0 < summary["wall_time_s"] < 1000.0 + 600
     want = adapter_tensors(whole)
     assert all(torch.equal(v, adapter_tensors(cut)[k]) for k, v in want.items())
     before = json.load(open(os.path.join(whole, "summary.json")))

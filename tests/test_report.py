@@ -58,6 +58,15 @@ def test_report_md_has_every_section(tmp_path):
     assert "![loss and validation metrics](curves.png)" in text and "r: 4" in text
 
 
+def test_report_md_says_which_steps_weights_were_saved():
+    """"steps 100" read as the adapter after 100 steps, where keep_best saved step 50's."""
+    best = {**SUMMARY, "steps": 100, "best_step": 50}
+    assert "| steps | 100 (the saved weights are step 50's, the best validation) |" in report.report_markdown(best)
+    last = {**best, "job": {**SUMMARY["job"], "train": {"keep_best": False}}}
+    assert "| steps | 100 |" in report.report_markdown(last)
+    assert "| steps | 4 |" in report.report_markdown({**SUMMARY, "best_step": 4})
+
+
 def test_report_md_tolerates_missing_keys(tmp_path):
     report.write_report_md({"zero_shot": None}, tmp_path / "r.md")
     text = (tmp_path / "r.md").read_text()

@@ -85,7 +85,7 @@ def save(trainer, rng: Optional[dict] = None) -> str:
         "optimizer": trainer.optimizer.state_dict(),
         "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
         "rng": rng if rng is not None else rng_state(),
-        "state": json.loads(json.dumps(trainer.state)),  # a deep copy of plain values
+        "state": json.loads(json.dumps({**trainer.state, "wall_s_before": trainer.wall_time()})),  # plain values
         "rows": json.loads(json.dumps(trainer.rows)),
         "config": trainer.config.to_dict(),
         "best": {k: t.cpu() for k, t in trainer.best_tensors.items()} if trainer.best_tensors is not None else None,

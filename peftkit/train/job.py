@@ -281,7 +281,7 @@ def _run(job: JobConfig, output_dir: str, peft_config, resume: bool, overwrite: 
     splits = load_splits(job.data)
     model, tokenizer, labels = build(job, splits)
     plan = _plan(job, model, splits, log)
-    trainer = Trainer(model, tokenizer, job.data, job.train, splits, output_dir, log, progress)
+    trainer = Trainer(model, tokenizer, job.data, job.train, splits, output_dir, log, progress, started=started)
     zero_shot = _zero_shot(job, model, tokenizer, splits, trainer, labels, resume, log)
     # the first write: only now does an old run (--overwrite) move aside, in one rename
     aside = _set_aside(output_dir) if overwrite and holds_run(output_dir) else None
@@ -308,7 +308,7 @@ def _run(job: JobConfig, output_dir: str, peft_config, resume: bool, overwrite: 
                "zero_shot": zero_shot,
                "test": test, "steps": trainer.state["global_step"], "best_step": trainer.state["best_step"],
                "best_validation": trainer.state["best_metric"], "stopped_early": trainer.state["early_stopped"],
-               "wall_time_s": round(time.time() - started, 2), "peak_memory_mb": round(_peak_memory_mb(trainer.device), 1),
+               "wall_time_s": round(trainer.wall_time(), 2), "peak_memory_mb": round(_peak_memory_mb(trainer.device), 1),
                "checkpoint_bytes": _tree_bytes(saved), "saved": os.path.basename(saved), "job": job.to_dict(),
                "peft_config": peft_config.to_dict() if peft_config is not None else None}
     summary["peak_memory_bytes"] = int(summary["peak_memory_mb"] * 2**20)

@@ -126,8 +126,9 @@ class Trainer:
 
     def __init__(self, model: nn.Module, tokenizer, data: DataConfig, train: TrainConfig,
                  splits: dict[str, list[dict]], output_dir: str, log: Callable[[str], None] = print,
-                 progress: bool = True) -> None:
+                 progress: bool = True, started: Optional[float] = None) -> None:
         self.model, self.tokenizer, self.data, self.config = model, tokenizer, data, train
+        self.started = started if started is not None else time.time()  # this process's part of the run began
         self.splits, self.output_dir, self.log, self.progress = splits, output_dir, log, progress
         self.device = next(model.parameters()).device
         if train.precision == "fp16" and self.device.type != "cuda":
@@ -150,10 +151,16 @@ class Trainer:
         self.rows: list[dict] = []
         # everything a resume needs besides tensors and RNG (recent_losses: losses since the last train row)
         self.state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "evaluated": False, "recent_losses": [],
-                      "best_metric": None, "best_step": None, "bad_evals": 0, "stopped": False, "early_stopped": False}
+                      "best_metric": None, "best_step": None, "bad_evals": 0, "stopped": False, "early_stopped": False,
+                      "wall_s_before": 0.0}  # wall time of the processes before a resume, up to their last checkpoint
         self.best_tensors: Optional[dict[str, torch.Tensor]] = None
         if train.gradient_checkpointing:
             _checkpoint_activations(_inner(model))
+
+    def wall_time(self) -> float:
+        """Seconds the run has taken so far: this process's part, and (resumed) the parts before it up to the
+        checkpoint it continued from."""
+        return self.state.get("wall_s_before", 0.0) + time.time() - self.started
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         params = list(self.params.values())
