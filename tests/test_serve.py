@@ -825,3 +825,25 @@ def test_the_engine_puts_a_peft_model_in_training_mode_into_eval(env):
         assert not any(module.training for module in model.modules())
     finally:
         engine.close()
+
+
+def test_a_queued_request_is_not_answered_by_another_adapter_loaded_under_its_name(env):
+    """A request queued for adapter "x" ran with whatever was loaded as "x" when its batch came: after an unload and
+    a load of other weights under the same name, it was answered by those."""
+    from peftkit.serve.engine import Engine, Job, Sampling
+
+    root = env["root"]
+    engine = Engine(tiny_llama(), env["tokenizer"], limits=ServeLimits(batch_wait_ms=0))
+    ids = env["tokenizer"](PROMPTS[0])["input_ids"]
+    try:
+        engine.load("x", str(root / "adapters" / "b"))
+        engine.pause()
+        queued = engine.submit(Job("r1", "x", ids, 4, Sampling()))
+        engine.unload("x")
+        engine.load("x", str(root / "extra" / "d"))
+        engine.resume()
+        with pytest.raises(Exception, match="'x' was unloaded \\(or replaced\\) before this request ran"):
+            queued.result(timeout=20)
+        assert len(engine.submit(Job("r2", "x", ids, 4, Sampling())).result(timeout=20).tokens) == 4  # queued now
+    finally:
+        engine.close()

@@ -100,6 +100,7 @@ class Job:
     sampling: Sampling
     stream: Optional[TokenStream] = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    loaded: Optional[int] = None  # which load of its adapter the request was queued for (set by Engine.submit)
 
     def group_key(self, solo: bool) -> tuple:
         """Jobs with equal keys may share one generate call."""
@@ -144,12 +145,14 @@ class Engine:
         self._solo: set[str] = set()  # adapters whose method cannot join a mixed batch (prompt methods)
         self._names: tuple[str, ...] = ()  # a snapshot the event loop reads while the lock holder changes adapters
         self._ids = itertools.count(1)
+        self._loads: dict[str, int] = {}  # adapter name -> the number of its current load (a reload gets a new one)
         self.stats = {"requests": 0, "batches": 0, "errors": 0, "max_batch_size": 0}
         self.batch_log: deque = deque(maxlen=256)  # {"size", "ids", "adapters"} per generate call
         if self.peft is not None:
             self.peft._activate([])  # see _classify
             for name in list(self.peft.peft_config):
                 self._classify(name)
+                self._loads[name] = next(self._ids)
             self._refresh_names()
         if adapters_dir:
             self._load_directory(adapters_dir)
@@ -200,6 +203,7 @@ class Engine:
             except Exception as exc:  # a load or probe that fails leaves nothing half-loaded behind
                 self._drop(name)
                 raise ServeError(400, f"could not load adapter {name!r} from {path!r}: {exc}", param="path") from exc
+            self._loads[name] = next(self._ids)
             self._refresh_names()
         return path
 
@@ -212,6 +216,7 @@ class Engine:
             self.peft.delete_adapter(name)
             self.peft._activate([])  # delete_adapter activates another one: see _classify
             self._solo.discard(name)
+            self._loads.pop(name, None)
             self._refresh_names()
 
     def _drop(self, name: str) -> None:
@@ -262,6 +267,7 @@ class Engine:
         with self._cond:
             if self._closing:
                 raise ServeError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            job.loaded = self._loads.get(job.adapter)
             self._pending.append(job)
             self._cond.notify()
         return job.future
@@ -330,9 +336,11 @@ class Engine:
         groups: dict[tuple, list[Job]] = {}
         with self.lock:
             for job in batch:
-                if job.adapter != BASE_ADAPTER and job.adapter not in self.adapter_names():
-                    _fail(job, ServeError(404, f"adapter {job.adapter!r} was unloaded before this request ran",
-                                          param="model", code="model_not_found"))
+                if job.adapter != BASE_ADAPTER and (job.adapter not in self.adapter_names()
+                                                    or self._loads.get(job.adapter) != job.loaded):
+                    # gone, or another adapter loaded under its name since: it would answer with other weights
+                    _fail(job, ServeError(404, f"adapter {job.adapter!r} was unloaded (or replaced) before this "
+                                               "request ran", param="model", code="model_not_found"))
                     continue
                 groups.setdefault(job.group_key(job.adapter in self._solo), []).append(job)
             for jobs in groups.values():
