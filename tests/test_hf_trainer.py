@@ -133,11 +133,12 @@ def test_label_smoothing_scores_a_causal_lm_against_the_next_token(tmp_path, tra
         smooth = LabelSmoother(epsilon=0.1)
         expected = smooth(outputs, batch["labels"], shift_labels=True, num_items_in_batch=count).item()
         unshifted = smooth(outputs, batch["labels"], num_items_in_batch=count).item()
-    compiled = {"torch_compile": True, "torch_compile_backend": "eager"} if "compiled" in trainer_cls else {}
+    settings = {"torch_compile": True, "torch_compile_backend": "eager"} if "compiled" in trainer_cls else {}
+    if trainer_cls == "Trainer":  # the README's plain-Trainer settings; PeftTrainer runs with Trainer's defaults
+        settings.update(remove_unused_columns=False, label_names=["labels"])
     trainer = {"PeftTrainer": PeftTrainer, "Trainer": Trainer}[trainer_cls.split()[0]](
         model=model, args=args(tmp_path, max_steps=1, logging_steps=1, label_smoothing_factor=0.1, save_strategy="no",
-                               remove_unused_columns=False, label_names=["labels"], **compiled),  # (the README's
-        train_dataset=rows)  # plain-Trainer settings)
+                               **settings), train_dataset=rows)
     trainer.train()
     logged = trainer.state.log_history[0]["loss"]
     assert logged == pytest.approx(expected, rel=1e-4) and abs(expected - unshifted) > 0.05
