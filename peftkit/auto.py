@@ -6,7 +6,9 @@ from typing import Optional, Union
 
 import torch
 
+from .checkpoint import find_adapter_dir, load_tensors
 from .config import PeftConfig
+from .inject import TASK_HEADS
 from .model import PeftModel
 
 
@@ -18,10 +20,16 @@ class _AutoPeftModel:
     def from_pretrained(cls, adapter_path: Union[str, os.PathLike], adapter_name: str = "default",
                         is_trainable: bool = False, dtype: Optional[torch.dtype] = None,
                         device_map: Optional[Union[str, dict]] = None, max_memory: Optional[dict] = None,
-                        allow_pickle: bool = False) -> PeftModel:
-        """Base from ``base_model_name_or_path`` (placed with device_map / max_memory), then the adapter."""
+                        allow_pickle: bool = False, *, torch_dtype: Optional[torch.dtype] = None,
+                        num_labels: Optional[int] = None, subfolder: Optional[str] = None) -> PeftModel:
+        """Base from ``base_model_name_or_path`` (placed with device_map / max_memory), then the adapter.
+
+        A classification adapter's head size (``num_labels``) is read off its saved head unless given; a tokenizer
+        saved with the adapter that holds more tokens than the base's embeddings resizes them first, as in PEFT.
+        ``torch_dtype`` is the older name of ``dtype``; ``subfolder``: the adapter's folder inside ``adapter_path``."""
         import transformers
 
+        adapter_path = find_adapter_dir(adapter_path, subfolder)
         config = PeftConfig.from_pretrained(adapter_path)
         if config.task_type is not None and config.task_type != cls.task_type:
             # as PEFT: e.g. a causal-LM adapter on a freshly initialised classification head would run silently
@@ -39,11 +47,35 @@ class _AutoPeftModel:
                 "and that directory does not exist. Load the base model from where it is now and call "
                 "PeftModel.from_pretrained(base, adapter_path), or correct base_model_name_or_path in the file")
         auto_class = getattr(transformers, cls.auto_class_name)
-        options = {k: v for k, v in {"dtype": dtype, "device_map": device_map, "max_memory": max_memory}.items()
-                   if v is not None}
+        if num_labels is None and cls.task_type in TASK_HEADS:
+            num_labels = _saved_head_rows(adapter_path, TASK_HEADS[cls.task_type], allow_pickle)
+        options = {k: v for k, v in {"dtype": dtype if dtype is not None else torch_dtype, "device_map": device_map,
+                                     "max_memory": max_memory, "num_labels": num_labels}.items() if v is not None}
         base = auto_class.from_pretrained(base_path, **options)
+        _fit_embeddings_to_saved_tokenizer(base, adapter_path)
         return PeftModel.from_pretrained(base, adapter_path, adapter_name=adapter_name, is_trainable=is_trainable,
                                          allow_pickle=allow_pickle)
+
+
+def _saved_head_rows(directory: str, heads: tuple[str, ...], allow_pickle: bool) -> Optional[int]:
+    """The output size of the task head saved with an adapter (its classes), or None where it saved none: a base
+    loaded with another num_labels has a head the saved one does not fit."""
+    tensors = load_tensors(directory, allow_pickle)
+    rows = {t.shape[0] for k, t in tensors.items() if k.endswith(tuple(f"{h}.weight" for h in heads)) and t.dim() == 2}
+    return rows.pop() if len(rows) == 1 else None
+
+
+def _fit_embeddings_to_saved_tokenizer(base, directory: str) -> None:
+    """A tokenizer saved beside the adapter with tokens added in training: the base's embeddings grow to it first
+    (the adapter's saved embedding rows then fit), as PEFT's AutoPeftModel does."""
+    if not os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
+        return
+    from transformers import AutoTokenizer
+
+    size = len(AutoTokenizer.from_pretrained(directory))
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    if embeddings is not None and size > embeddings.num_embeddings:
+        base.resize_token_embeddings(size)
 
 
 def _local_path(name: str) -> bool:

@@ -641,6 +641,8 @@ def refuse_quantized(model: nn.Module) -> None:
     if method and method.lower() != "gguf":
         raise ValueError(_quantized_message(method))
     for name, module in model.named_modules():
+        if isinstance(module, (nn.ParameterDict, nn.ModuleDict, nn.ParameterList)):
+            continue  # peftkit's own adapter dicts (a selective adapter named "weight" keys int64 indices so)
         for attr in ("weight", "qweight"):
             tensor = module._parameters.get(attr, module._buffers.get(attr))
             if tensor is not None and _packed(tensor):

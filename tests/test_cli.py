@@ -541,7 +541,9 @@ def test_a_full_disk_is_named_as_such():
     from peftkit.cli.errors import describe
 
     torch_full = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
-    for err in (torch_full, OSError(errno.ENOSPC, "No space left on device")):
+    safetensors_full = RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                                    "\"No space left on device\" }) (os error 28)")
+    for err in (torch_full, OSError(errno.ENOSPC, "No space left on device"), safetensors_full):
         message, code = describe(err)
         assert message.startswith("no space left on the device while writing") and code == 1
     assert describe(RuntimeError("unexpected pos in a tensor"))[0] == "unexpected pos in a tensor"  # not that

@@ -491,6 +491,41 @@ def test_auto_peft_model_with_base_path_set_in_config(tmp_path):
     torch.testing.assert_close(run_lm(loaded), run_lm(model), **EXACT)
 
 
+def test_auto_peft_model_takes_the_base_loading_options_of_a_saved_head_and_tokenizer(tmp_path):
+    """A 3-class adapter over a base saved with 2 labels could not load (no num_labels; now read off the saved head),
+    an adapter saved with a tokenizer that added tokens failed on the embedding shape (the base now grows to it, as
+    in PEFT), and torch_dtype (the older name of dtype) / subfolder were TypeErrors."""
+    from transformers import LlamaForSequenceClassification
+
+    import train_tiny
+
+    tiny_llama().save_pretrained(str(tmp_path / "base"))
+    three = LlamaForSequenceClassification.from_pretrained(str(tmp_path / "base"), num_labels=3)
+    three.config.pad_token_id = 0
+    classifier = get_peft_model(three, LoraConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS"), "tri")
+    randomize(classifier)
+    classifier.save_pretrained(str(tmp_path / "cls"))  # an adapter not named "default": in the subfolder "tri"
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "cls"), subfolder="tri",
+                                                                   torch_dtype=torch.float64)
+    ids = torch.randint(1, 60, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, classifier(input_ids=ids).logits.double())
+    tok = train_tiny.tokenizer()
+    tok.add_tokens([f"<new{i}>" for i in range(tiny_llama().config.vocab_size + 3 - len(tok))])  # 3 past the base
+    grown = tiny_llama()
+    grown.resize_token_embeddings(len(tok))
+    lm = get_peft_model(grown, LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"], task_type="CAUSAL_LM",
+                                          base_model_name_or_path=str(tmp_path / "base")))
+    randomize(lm)
+    lm.save_pretrained(str(tmp_path / "lm"))
+    tok.save_pretrained(str(tmp_path / "lm"))
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "lm"))
+    new_ids = torch.tensor([[1, len(tok) - 1, len(tok) - 2, 3]])
+    with torch.no_grad():  # (the output head's rows of the new tokens are fresh in each base: their logits differ)
+        torch.testing.assert_close(reloaded(input_ids=new_ids).logits[..., :64], lm(input_ids=new_ids).logits[..., :64],
+                                   **EXACT)
+
+
 def test_auto_peft_model_names_a_base_directory_that_is_gone(tmp_path):
     """base_model_name_or_path pointing at a local directory that no longer exists: an error that says where the
     path came from and what to do (transformers took it for a malformed hub id)."""

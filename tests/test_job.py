@@ -1,6 +1,7 @@
 """Whole runs (run_job) on a tiny saved model: outputs, output-dir safety, resume, job files, model loading errors."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -106,9 +107,16 @@ def test_a_replaced_run_goes_when_the_resumed_replacement_finishes(model_dir, da
         _interrupt_at(patch, 2)
         with pytest.raises(TrainingInterrupted):
             run_job(job(model_dir, data_dir), out, overwrite=True, progress=False, log=quiet)
-    assert [n for n in os.listdir(tmp_path) if n.startswith("run.replaced-") and n[-1].isdigit()]
+    aside = [n for n in os.listdir(tmp_path) if n.startswith("run.replaced-") and n[-1].isdigit()]
+    assert len(aside) == 1
     run_job(job(model_dir, data_dir), out, resume=True, progress=False, log=quiet)
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("run.replaced-")) == ["run.replaced-12-notours"]
+    # the other way out: the half-made run deleted and a new run started there; it set nothing aside, so the old run
+    # stays (a first version deleted every directory named like a set-aside, this one included)
+    shutil.rmtree(out)
+    (tmp_path / aside[0]).mkdir()
+    run_job(job(model_dir, data_dir), out, progress=False, log=quiet)
+    assert (tmp_path / aside[0]).is_dir()
 
 
 def _interrupt_at(monkeypatch, step_to_stop: int):

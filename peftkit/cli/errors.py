@@ -37,8 +37,8 @@ def describe(err: BaseException) -> tuple[str, int]:
         return f"invalid JSON: {err}", 1
     text = " ".join(str(err).split()) or type(err).__name__
     if _disk_full(err, text):  # torch.save on a full disk says only "[enforce fail ...] unexpected pos 64 vs 0"
-        return f"no space left on the device while writing ({text}); free some space or choose another " \
-               "--output-dir, then run again (a killed run goes on with --resume)", 1
+        return f"no space left on the device while writing ({text}); free some space or write elsewhere, then run " \
+               "again (a killed training run goes on with --resume)", 1
     if isinstance(err, (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, RuntimeError)):
         return text, 1
     return f"{type(err).__name__}: {text} (run with --debug for the traceback)", 1
@@ -47,5 +47,7 @@ def describe(err: BaseException) -> tuple[str, int]:
 def _disk_full(err: BaseException, text: str) -> bool:
     """Whether ``err`` is a write that ran out of disk: ENOSPC, or torch's archive writer's short-write assert."""
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    if "No space left on device" in text or "os error 28" in text:  # safetensors' SafetensorError, other wrappers
         return True
     return isinstance(err, RuntimeError) and "inline_container" in text and "unexpected pos" in text

@@ -309,11 +309,16 @@ def _check_template(template: str) -> None:
     """A prompt template is filled with str.format(text=...) per row: it must name the field text (a format spec such
     as {text:.200} is fine) and no other. '{{text}}' is a literal "{text}": every row rendered the same."""
     try:
-        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
-        template.format(text="")
-    except (KeyError, IndexError, ValueError) as err:
-        raise ValueError(f"prompt_template {template!r} cannot be filled in ({type(err).__name__}: {err}): {{text}} is "
-                         "its only field; write a literal brace as {{ or }}") from None
+        parsed = [(field, spec) for _, field, spec, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as err:
+        raise ValueError(f"prompt_template {template!r} cannot be filled in ({err}): {{text}} is its only field; "
+                         "write a literal brace as {{ or }}") from None
+    odd = [f if f != "text" else f"{f}:{spec}" for f, spec in parsed
+           if f != "text" or "{" in (spec or "")]  # {text.upper}, {text[0]}, {text:{text}}
+    if odd:
+        raise ValueError(f"prompt_template {template!r} has the field {{{odd[0]}}}: {{text}} (with a format spec such "
+                         "as {text:.200}) is its only field; write a literal brace as {{ or }}")
+    fields = [f for f, _ in parsed]
     if "text" not in fields:
         raise ValueError(f"prompt_template {template!r} has no {{text}} placeholder (a doubled {{{{text}}}} is a literal "
                          "brace pair); add one")

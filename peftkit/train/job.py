@@ -1,11 +1,11 @@
 """A whole run: plan, zero-shot test, training, final test, and the run directory (adapter, metrics, summary, report)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import random
-import re
 import resource
 import shutil
 import sys
@@ -28,6 +28,7 @@ from .trainer import TrainConfig, Trainer, TrainingInterrupted, seed_everything
 RUN_OUTPUTS = ("summary.json", "metrics.jsonl", "checkpoints", "adapter", "model", "adapter.tmp", "model.tmp",
                "report.md", "curves.png", "job.json")  # job.json last: set aside last, the run stays a run till then
 JOB_FILE = "job.json"  # the run's JobConfig, written when the run starts
+REPLACED_FILE = ".replaced-runs.json"  # the set-aside runs (--overwrite) to delete once this run finishes
 
 
 @dataclass
@@ -155,14 +156,22 @@ def _set_aside(output_dir: str) -> str:
             os.replace(os.path.join(aside, name), os.path.join(output_dir, name))
         os.rmdir(aside)
         raise
+    marker = os.path.join(output_dir, REPLACED_FILE)  # which set-asides this run (and its resumes) may delete
+    atomic_write_text(marker, json.dumps(_replaced_runs(output_dir) + [os.path.basename(aside)]))
     return aside
 
 
 def _replaced_runs(output_dir: str) -> list[str]:
-    """The set-aside directories of runs that --overwrite replaced in ``output_dir`` (named by _set_aside)."""
-    parent, base = os.path.split(output_dir.rstrip(os.sep))
-    pattern = re.compile(re.escape(base) + r"\.replaced-\d+(-\d+)?")
-    return [os.path.join(parent, name) for name in os.listdir(parent or ".") if pattern.fullmatch(name)]
+    """The set-aside directories (names beside ``output_dir``) of runs that --overwrite replaced with the run in
+    ``output_dir``, as _set_aside recorded them; deleted when that run finishes, also after a kill and --resume.
+    Only recorded ones: a user's own directory named like one, or one an earlier run left, is not touched."""
+    try:
+        with open(os.path.join(output_dir, REPLACED_FILE), encoding="utf-8") as fh:
+            names = json.load(fh)
+    except (OSError, ValueError):
+        return []
+    return [n for n in names if isinstance(n, str) and os.sep not in n and n not in (".", "..")] if isinstance(
+        names, list) else []
 
 
 def _tree_bytes(path: str) -> int:
@@ -315,7 +324,9 @@ def _run(job: JobConfig, output_dir: str, peft_config, resume: bool, overwrite: 
     summary["adapter_bytes"] = summary["checkpoint_bytes"]
     _write_outputs(summary, trainer.rows, output_dir, log)
     for replaced in _replaced_runs(output_dir):  # this run's set-aside, and one a killed run left for its resume
-        shutil.rmtree(replaced, ignore_errors=True)
+        shutil.rmtree(os.path.join(os.path.dirname(output_dir), replaced), ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(output_dir, REPLACED_FILE))
     return summary
 
 
