@@ -67,6 +67,12 @@ def _guard_init(config_cls: type) -> None:
     config_cls.__init__ = guarded
 
 
+def peft_only_field(key: str) -> bool:
+    """Whether ``key`` is a field of PEFT's configs that peftkit's lack (read past when off, refused when on)."""
+    return key in _UNSUPPORTED_FEATURES or key in _INIT_METHOD_FIELDS or key in _INFORMATIONAL_KEYS or key in (
+        "peft_type", "revision")
+
+
 def _check_foreign_field(config_cls: type, key: str, value: Any, names: frozenset) -> None:
     """Accept (drop) or refuse the keyword argument ``key`` that ``config_cls`` has no field for (_guard_init)."""
     where = f"{config_cls.__name__}({key}={value!r})"

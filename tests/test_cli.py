@@ -531,6 +531,8 @@ def test_inspect_task_and_a_bad_rank_name_what_is_wrong(capsys):
     assert code == 2 and "argument --task: invalid choice: 'foo'" in err
     code, _, err = run_cli(capsys, "train", "--r", "-2", "--print-config")
     assert code == 2 and "LoRA rank must be a positive integer: r=-2" in err
+    code, _, err = run_cli(capsys, "train", "--lr", "-1e-3", "--print-config")  # was "expected one argument"
+    assert code == 2 and "lr=-0.001 must be > 0" in err
 
 
 def test_a_full_disk_is_named_as_such():

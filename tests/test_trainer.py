@@ -304,6 +304,14 @@ def test_config_errors_say_what_to_do():
         wrap_model(train_tiny.llama(), "lorra", {}, "causal-label")
     with pytest.raises(ValueError, match=r"LORA has no setting\(s\) \['rank'\]"):
         wrap_model(train_tiny.llama(), "LoRA", {"rank": 4}, "causal-label")
+    # PEFT's own fields in a job's peft settings read as in an adapter_config.json: off is read past, on refused
+    assert wrap_model(train_tiny.llama(), "lora", {"lora_bias": False, "revision": None}, "causal-label") is not None
+    with pytest.raises(ValueError, match=r"LoraConfig\(lora_bias=True\) turns on a Hugging Face PEFT feature"):
+        wrap_model(train_tiny.llama(), "lora", {"lora_bias": True}, "causal-label")
+    quantized = train_tiny.llama()
+    quantized.quantization_method = "gptq"  # full fine-tuning too: requires_grad_ failed on packed weights, barely
+    with pytest.raises(ValueError, match="the base model is quantized"):
+        wrap_model(quantized, "full", {}, "causal-label")
 
 
 def test_peft_model_trains_inside_transformers_trainer(tmp_path):

