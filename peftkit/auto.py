@@ -47,10 +47,13 @@ class _AutoPeftModel:
                 "and that directory does not exist. Load the base model from where it is now and call "
                 "PeftModel.from_pretrained(base, adapter_path), or correct base_model_name_or_path in the file")
         auto_class = getattr(transformers, cls.auto_class_name)
-        if num_labels is None and cls.task_type in TASK_HEADS:
+        inferred = num_labels is None and cls.task_type in TASK_HEADS
+        if inferred:
             num_labels = _saved_head_rows(adapter_path, TASK_HEADS[cls.task_type], allow_pickle)
         options = {k: v for k, v in {"dtype": dtype if dtype is not None else torch_dtype, "device_map": device_map,
                                      "max_memory": max_memory, "num_labels": num_labels}.items() if v is not None}
+        if inferred and num_labels is not None:  # a classifier base of another size: its head is replaced by the saved
+            options["ignore_mismatched_sizes"] = True  # one (modules_to_save) all the same
         base = auto_class.from_pretrained(base_path, **options)
         _fit_embeddings_to_saved_tokenizer(base, adapter_path)
         return PeftModel.from_pretrained(base, adapter_path, adapter_name=adapter_name, is_trainable=is_trainable,
@@ -61,7 +64,7 @@ def _saved_head_rows(directory: str, heads: tuple[str, ...], allow_pickle: bool)
     """The output size of the task head saved with an adapter (its classes), or None where it saved none: a base
     loaded with another num_labels has a head the saved one does not fit."""
     tensors = load_tensors(directory, allow_pickle)
-    rows = {t.shape[0] for k, t in tensors.items() if k.endswith(tuple(f"{h}.weight" for h in heads)) and t.dim() == 2}
+    rows = {t.shape[0] for k, t in tensors.items() if k.endswith(tuple(f".{h}.weight" for h in heads)) and t.dim() == 2}
     return rows.pop() if len(rows) == 1 else None
 
 

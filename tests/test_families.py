@@ -510,6 +510,14 @@ def test_auto_peft_model_takes_the_base_loading_options_of_a_saved_head_and_toke
     ids = torch.randint(1, 60, (2, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, classifier(input_ids=ids).logits.double())
+    two = LlamaForSequenceClassification.from_pretrained(str(tmp_path / "base"), num_labels=2)
+    two.save_pretrained(str(tmp_path / "two"))  # a classifier base of another size: the saved head replaces its own
+    config_path = tmp_path / "cls" / "tri" / "adapter_config.json"
+    config_path.write_text(config_path.read_text().replace(str(tmp_path / "base"), str(tmp_path / "two")))
+    assert str(tmp_path / "two") in config_path.read_text()
+    on_two = AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "cls"), subfolder="tri")
+    with torch.no_grad():
+        torch.testing.assert_close(on_two(input_ids=ids).logits, classifier(input_ids=ids).logits, **EXACT)
     tok = train_tiny.tokenizer()
     tok.add_tokens([f"<new{i}>" for i in range(tiny_llama().config.vocab_size + 3 - len(tok))])  # 3 past the base
     grown = tiny_llama()

@@ -307,6 +307,24 @@ def test_local_paths_are_recorded_absolute(model_dir, data_dir, tmp_path, monkey
         "base_model_name_or_path"] == os.path.abspath(model_dir)
 
 
+def test_a_marker_left_in_a_cleared_directory_deletes_no_set_aside(model_dir, data_dir, tmp_path, monkeypatch):
+    """The set-aside record is a dotfile: a run directory cleared with rm -rf run/* kept it, and a fresh run there
+    then deleted the set-aside it named, which it had not made."""
+    out = str(tmp_path / "run")
+    run_job(job(model_dir, data_dir, epochs=1), out, progress=False, log=quiet)
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 2)
+        with pytest.raises(TrainingInterrupted):
+            run_job(job(model_dir, data_dir), out, overwrite=True, progress=False, log=quiet)
+    aside = [n for n in os.listdir(tmp_path) if n.startswith("run.replaced-")]
+    for name in os.listdir(out):  # rm -rf run/*: the dotfile stays
+        if not name.startswith("."):
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    run_job(job(model_dir, data_dir, epochs=1), out, progress=False, log=quiet)
+    assert len(aside) == 1 and (tmp_path / aside[0]).is_dir()
+
+
 def test_resume_takes_settings_that_restate_the_defaults(model_dir, data_dir, tmp_path, monkeypatch):
     """job.json records the settings that were given; a resume that spells out a default (or the method in another
     case) is the same job, and one that changes a resolved setting is not."""

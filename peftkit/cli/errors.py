@@ -48,6 +48,6 @@ def _disk_full(err: BaseException, text: str) -> bool:
     """Whether ``err`` is a write that ran out of disk: ENOSPC, or torch's archive writer's short-write assert."""
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         return True
-    if "No space left on device" in text or "os error 28" in text:  # safetensors' SafetensorError, other wrappers
-        return True
+    if ("No space left on device" in text or "os error 28" in text) and "shared memory" not in text:
+        return True  # safetensors' SafetensorError, other wrappers (not torch's shared-memory error: not the disk)
     return isinstance(err, RuntimeError) and "inline_container" in text and "unexpected pos" in text

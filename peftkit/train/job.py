@@ -296,6 +296,9 @@ def _run(job: JobConfig, output_dir: str, peft_config, resume: bool, overwrite: 
     aside = _set_aside(output_dir) if overwrite and holds_run(output_dir) else None
     if aside is not None:
         log(f"the previous run in {output_dir} moved to {aside}; it is deleted when this run finishes")
+    elif not resume:  # a marker left in a directory cleared by hand names set-asides this run did not make
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(output_dir, REPLACED_FILE))
     os.makedirs(output_dir, exist_ok=True)
     atomic_write_text(os.path.join(output_dir, JOB_FILE), json.dumps(job.to_dict(), indent=2))
     if not resume and zero_shot is not None:
