@@ -5,8 +5,9 @@ import os
 from typing import Optional, Union
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from .checkpoint import find_adapter_dir, load_tensors
+from .checkpoint import WEIGHTS_NAME, find_adapter_dir, load_tensors
 from .config import PeftConfig
 from .inject import TASK_HEADS
 from .model import PeftModel
@@ -62,9 +63,19 @@ class _AutoPeftModel:
 
 def _saved_head_rows(directory: str, heads: tuple[str, ...], allow_pickle: bool) -> Optional[int]:
     """The output size of the task head saved with an adapter (its classes), or None where it saved none: a base
-    loaded with another num_labels has a head the saved one does not fit."""
-    tensors = load_tensors(directory, allow_pickle)
-    rows = {t.shape[0] for k, t in tensors.items() if k.endswith(tuple(f".{h}.weight" for h in heads)) and t.dim() == 2}
+    loaded with another num_labels has a head the saved one does not fit. A safetensors file's shapes come from its
+    header (the tensors are read once, by the load that follows)."""
+    names = tuple(f".{h}.weight" for h in heads)
+    safe = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isfile(safe):
+        try:
+            with safe_open(safe, framework="pt") as fh:
+                shapes = {k: fh.get_slice(k).get_shape() for k in fh.keys() if k.endswith(names)}
+        except (SafetensorError, OSError):
+            return None  # a damaged file: the adapter's load says what is wrong with it
+    else:
+        shapes = {k: list(t.shape) for k, t in load_tensors(directory, allow_pickle).items() if k.endswith(names)}
+    rows = {shape[0] for shape in shapes.values() if len(shape) == 2}
     return rows.pop() if len(rows) == 1 else None
 
 

@@ -57,6 +57,7 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
     return parse
 
+
 def option_name(field_name: str) -> str:
     """``lora_alpha`` -> ``--lora-alpha``."""
     return "--" + field_name.replace("_", "-")

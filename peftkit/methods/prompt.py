@@ -11,6 +11,7 @@ loaded P-tuning adapter is plain embeddings (its encoder is not saved).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from dataclasses import dataclass
@@ -291,8 +292,6 @@ def lengths_past(inputs: dict, model: nn.Module, count: int) -> dict:
     a generation_config passed is moved in a copy of it (beside it, a keyword is deprecated in transformers).
     (Before transformers 5, whose GenerationConfig leaves lengths unset, a config's max_length of 20 was the
     default: there only the call's own values count as set, as transformers took them.)"""
-    import copy
-
     inputs = dict(inputs)
     passed = inputs.get("generation_config")
     configs = [passed, getattr(model, "generation_config", None)] if _lengths_unset_by_default() else []

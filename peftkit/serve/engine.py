@@ -146,13 +146,14 @@ class Engine:
         self._names: tuple[str, ...] = ()  # a snapshot the event loop reads while the lock holder changes adapters
         self._ids = itertools.count(1)
         self._loads: dict[str, int] = {}  # adapter name -> the number of its current load (a reload gets a new one)
+        self._load_numbers = itertools.count(1)
         self.stats = {"requests": 0, "batches": 0, "errors": 0, "max_batch_size": 0}
         self.batch_log: deque = deque(maxlen=256)  # {"size", "ids", "adapters"} per generate call
         if self.peft is not None:
             self.peft._activate([])  # see _classify
             for name in list(self.peft.peft_config):
                 self._classify(name)
-                self._loads[name] = next(self._ids)
+                self._loads[name] = next(self._load_numbers)
             self._refresh_names()
         if adapters_dir:
             self._load_directory(adapters_dir)
@@ -203,7 +204,7 @@ class Engine:
             except Exception as exc:  # a load or probe that fails leaves nothing half-loaded behind
                 self._drop(name)
                 raise ServeError(400, f"could not load adapter {name!r} from {path!r}: {exc}", param="path") from exc
-            self._loads[name] = next(self._ids)
+            self._loads[name] = next(self._load_numbers)
             self._refresh_names()
         return path
 

@@ -101,15 +101,14 @@ def load_model(name_or_path: str, task: str, *, labels: Optional[list[str]] = No
         model_kwargs["dtype"] = dtype
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # new-head and GGUF conversion chatter is expected here
-    hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = _auto_class(task).from_pretrained(source, **model_kwargs)
+        with hf_progress_off():
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = _auto_class(task).from_pretrained(source, **model_kwargs)
     except Exception as err:
         raise _load_error(name_or_path, gguf, local, err) from None
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
